@@ -1,0 +1,355 @@
+"""The ADEChallengeData2016-layout dataset, its resumable training sampler and the data loaders.
+
+The folder layout and label convention are those of the ADE20K scene-parsing benchmark
+(``images/{split}/*.jpg``, ``annotations/{split}/*.png`` holding ids 0..150, 0 = "other"), as
+read by mmsegmentation's ``ADE20KDataset`` with ``reduce_zero_label=True``. Training samples are
+addressed by ``(index, sample_seed)`` keys from ``TrainSampler``, a deterministic infinite stream
+(nanoGPT-style iteration counting rather than epochs), so a run resumed at iteration k sees exactly
+the batches an uninterrupted run would have seen. Validation is sharded without the duplicates a
+``DistributedSampler`` would add (see torchvision's segmentation reference).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from configs import UserError
+from data.transforms import NUM_ADE_CLASSES, TrainTransform, ValTransform, map_ade_labels
+
+CLASSES_CSV = Path(__file__).resolve().parent / "ade20k_classes.csv"
+SPLITS = ("training", "validation")
+OFFICIAL_COUNTS = {"training": 20210, "validation": 2000}
+POOL_MIN_FILES = 256  # check_layout reads smaller splits in-process
+LAYOUT_HELP = (
+    "ADEChallengeData2016/images/{training,validation}/*.jpg and "
+    "ADEChallengeData2016/annotations/{training,validation}/*.png"
+)
+
+
+def load_class_info() -> tuple[list[str], np.ndarray]:
+    """Return the 150 ADE20K class names (training label order) and their (150, 3) uint8 RGB palette."""
+    with CLASSES_CSV.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [row["name"] for row in rows]
+    palette = np.array([[int(row["r"]), int(row["g"]), int(row["b"])] for row in rows], dtype=np.uint8)
+    return names, palette
+
+
+def _read_label(path: Path) -> np.ndarray:
+    """Read an ADE annotation PNG as uint8 ids, raising UserError for anything outside 0..150."""
+    with Image.open(path) as im:
+        raw = np.array(im)
+    if raw.ndim != 2:
+        raise UserError(
+            f"annotation {path} has shape {raw.shape}; ADE20K annotations are single-channel PNGs of class "
+            f"ids 0..150. Replace the file with the one from ADEChallengeData2016.zip."
+        )
+    top = int(raw.max()) if raw.size else 0
+    if top > NUM_ADE_CLASSES:
+        raise UserError(
+            f"annotation {path} holds the label value {top}, but ADE20K ids are 0..{NUM_ADE_CLASSES} "
+            f"(0 = other). The file is corrupt or not an ADEChallengeData2016 annotation; run "
+            f"`python scripts/download_ade20k.py --check <root>` to list every such file and replace them."
+        )
+    return raw.astype(np.uint8)
+
+
+class SegmentationFolder(Dataset):
+    """Images and annotations in the ADEChallengeData2016 layout.
+
+    With a ``TrainTransform`` the dataset is indexed by ``(index, sample_seed)`` and returns
+    ``(image, label)`` crops; with a ``ValTransform`` it is indexed by ``index`` and returns
+    ``(resized image, label at the original size, file stem)``.
+
+    Args:
+        root: the ADEChallengeData2016 folder.
+        split: ``training`` or ``validation``.
+        transform: a ``TrainTransform`` or ``ValTransform``.
+        max_images: if > 0, keep only the first N files sorted by name.
+    """
+
+    def __init__(
+        self, root: str | Path, split: str, transform: TrainTransform | ValTransform, max_images: int = 0
+    ) -> None:
+        if not isinstance(transform, (TrainTransform, ValTransform)):
+            raise TypeError(f"transform must be a TrainTransform or ValTransform, got {type(transform).__name__}")
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.train = isinstance(transform, TrainTransform)
+        image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
+        images = sorted(image_dir.glob("*.jpg")) if image_dir.is_dir() else []
+        if not images:
+            raise UserError(
+                f"no images found in {image_dir} (the folder is missing or holds no .jpg files). The dataset "
+                f"must follow the layout {LAYOUT_HELP}; check data.root, or run "
+                f"`python scripts/download_ade20k.py --check {self.root}` to see what is wrong."
+            )
+        if max_images > 0:
+            images = images[:max_images]
+        labels = [label_dir / f"{p.stem}.png" for p in images]
+        missing = [str(p) for p, q in zip(images, labels) if not q.is_file()]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UserError(
+                f"{len(missing)} image(s) in {image_dir} have no annotation of the same name in {label_dir}: "
+                f"{shown}. Every images/{split}/X.jpg needs annotations/{split}/X.png; restore the missing files "
+                f"or run `python scripts/download_ade20k.py --check {self.root}` for a full report."
+            )
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """The RGB image and the mapped training label (0..149, 255) of file ``index``."""
+        with Image.open(self.images[index]) as im:
+            image = im.convert("RGB")
+        raw = _read_label(self.labels[index])
+        if raw.shape != (image.height, image.width):
+            raise UserError(
+                f"annotation {self.labels[index]} is {raw.shape[1]}x{raw.shape[0]} but its image "
+                f"{self.images[index]} is {image.width}x{image.height}; they must have the same size. "
+                f"Replace the pair with the originals from ADEChallengeData2016.zip."
+            )
+        return image, map_ade_labels(raw)
+
+    def __getitem__(self, key: Any) -> tuple:
+        if self.train:
+            if not isinstance(key, tuple):
+                raise TypeError("a training SegmentationFolder is indexed by (index, sample_seed) tuples")
+            index, sample_seed = key
+            image, label = self._load(int(index))
+            return self.transform(image, label, np.random.default_rng(int(sample_seed)))
+        image, label = self._load(int(key))
+        return self.transform(image), torch.from_numpy(label.astype(np.int64)), self.images[int(key)].stem
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for global sample ``position`` of a run seeded with ``seed``."""
+    state = np.random.SeedSequence([seed, position]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+class TrainSampler(Sampler):
+    """Infinite, resumable stream of ``(index, sample_seed)`` keys for one rank.
+
+    Global sample position ``p = it * global_batch + j`` belongs to epoch ``p // dataset_len`` and
+    reads ``permutation(seed, epoch)[p % dataset_len]``; rank r takes the slice
+    ``[r * B / W, (r + 1) * B / W)`` of every global batch. Starting at ``start_iter`` yields exactly
+    the continuation of a stream started at 0.
+
+    Args:
+        dataset_len: number of training images.
+        global_batch: the batch over all processes (``train.batch_size``).
+        rank: this process's rank.
+        world_size: number of processes.
+        seed: run seed (``seed`` in the config); the same on every rank.
+        start_iter: first iteration to produce.
+    """
+
+    def __init__(
+        self, dataset_len: int, global_batch: int, rank: int, world_size: int, seed: int, start_iter: int = 0
+    ) -> None:
+        if world_size < 1 or global_batch < 1 or global_batch % world_size:
+            raise UserError(
+                f"train.batch_size={global_batch} is the global batch and must be a positive multiple of the "
+                f"number of processes ({world_size}); set train.batch_size to a multiple of {world_size} "
+                f"or launch a number of processes that divides it."
+            )
+        if seed < 0:
+            raise UserError(f"config key 'seed' must be a non-negative integer, got {seed}.")
+        if dataset_len < 1:
+            raise ValueError("TrainSampler needs a non-empty dataset")
+        self.dataset_len = dataset_len
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.start_iter = start_iter
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, perm = -1, np.empty(0, dtype=np.int64)
+        it = self.start_iter
+        while True:
+            first = it * self.global_batch + self.rank * self.local_batch
+            for p in range(first, first + self.local_batch):
+                if p // self.dataset_len != epoch:
+                    epoch = p // self.dataset_len
+                    perm = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_len)
+                yield int(perm[p % self.dataset_len]), sample_seed(self.seed, p)
+            it += 1
+
+
+def _worker_init(worker_id: int) -> None:
+    """One intra-op thread per loader worker (the workers already run in parallel)."""
+    torch.set_num_threads(1)
+
+
+def build_train_loader(config: dict, rank: int, world_size: int, start_iter: int) -> DataLoader:
+    """Infinite loader of ``(images [B,3,C,C] float, labels [B,C,C] int64)``, B = batch_size // world_size."""
+    root = prepare_dataset_root(config)
+    data = config["data"]
+    dataset = SegmentationFolder(root, "training", TrainTransform(data))
+    batch = config["train"]["batch_size"]
+    sampler = TrainSampler(len(dataset), batch, rank, world_size, config["seed"], start_iter)
+    workers = data["num_workers"]
+    return DataLoader(
+        dataset,
+        batch_size=batch // world_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        worker_init_fn=_worker_init,
+    )
+
+
+def build_val_loader(config: dict, split: str, rank: int, world_size: int, max_images: int = 0) -> DataLoader:
+    """Loader of ``(image [1,3,h,w], label [1,H,W] int64, names [str])``; rank r takes files r, r+W, ..."""
+    root = prepare_dataset_root(config)
+    data = config["data"]
+    dataset = SegmentationFolder(root, split, ValTransform(data), max_images)
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(
+        shard,
+        batch_size=1,
+        shuffle=False,
+        num_workers=data["num_workers"],
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_init,
+    )
+
+
+def prepare_dataset_root(config: dict) -> Path:
+    """Return the dataset folder of ``config``, generating the demo dataset on first use.
+
+    For ``data.dataset: ade20k`` a missing or incomplete folder is a UserError that explains the
+    expected layout and how to download it. Relative roots are relative to the current directory.
+    """
+    data = config["data"]
+    kind, root = data["dataset"], Path(data["root"]).expanduser()
+    if kind == "demo":
+        from data.demo import ensure_demo_dataset
+
+        return ensure_demo_dataset(root).resolve()
+    if kind != "ade20k":
+        raise UserError(
+            f"config key 'data.dataset' is {kind!r}, but only 'ade20k' and 'demo' are known. "
+            f"Set data.dataset=ade20k or data.dataset=demo."
+        )
+    needed = [root / top / split for top in ("images", "annotations") for split in SPLITS]
+    missing = [p for p in needed if not p.is_dir()]
+    if missing:
+        hint = ""
+        if (root / "ADEChallengeData2016" / "images").is_dir():
+            hint = f" It looks like data.root should be {root / 'ADEChallengeData2016'}."
+        raise UserError(
+            f"the ADE20K dataset was not found: {missing[0]} does not exist (data.root={data['root']}, "
+            f"resolved to {root.resolve()}). Expected the layout {LAYOUT_HELP}.{hint} Download and check it "
+            f"with `python scripts/download_ade20k.py --root data` (about 923 MB), or point the config at an "
+            f"existing copy with the override data.root=/path/to/ADEChallengeData2016."
+        )
+    return root.resolve()
+
+
+def _check_pair(pair: tuple[str | None, str | None]) -> list[str]:
+    """Problems with one (image, annotation) pair: unreadable files, different sizes, ids > 150."""
+    image_path, label_path = pair
+    problems, sizes = [], []
+    if image_path is not None:
+        try:
+            with Image.open(image_path) as im:
+                im.load()
+                sizes.append(im.size)
+        except Exception as err:  # any decoder error means the file is unusable
+            problems.append(f"{image_path}: cannot read the image ({err})")
+    if label_path is not None:
+        try:
+            with Image.open(label_path) as im:
+                im.load()
+                sizes.append(im.size)
+                if im.mode not in ("L", "P"):
+                    problems.append(f"{label_path}: annotation has mode {im.mode}, expected a single-channel PNG")
+                else:
+                    top = int(np.asarray(im).max())
+                    if top > NUM_ADE_CLASSES:
+                        problems.append(f"{label_path}: label value {top} is outside 0..{NUM_ADE_CLASSES}")
+        except Exception as err:
+            problems.append(f"{label_path}: cannot read the annotation ({err})")
+    if len(sizes) == 2 and sizes[0] != sizes[1]:
+        problems.append(f"{image_path}: image is {sizes[0][0]}x{sizes[0][1]} but its annotation is "
+                        f"{sizes[1][0]}x{sizes[1][1]}")
+    return problems
+
+
+def _map_files(pairs: list[tuple[str | None, str | None]], desc: str, workers: int) -> list[list[str]]:
+    """``_check_pair`` over all pairs, in a process pool for big lists, with a tqdm bar if available."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional here
+        def tqdm(iterable, **kwargs):  # type: ignore[no-redef]
+            return iterable
+    if workers <= 1 or len(pairs) < POOL_MIN_FILES:
+        return [_check_pair(p) for p in tqdm(pairs, desc=desc, disable=len(pairs) < 256)]
+    with Pool(workers) as pool:
+        return list(tqdm(pool.imap(_check_pair, pairs, chunksize=32), total=len(pairs), desc=desc))
+
+
+def check_layout(root: Path, workers: int | None = None) -> tuple[list[str], list[str]]:
+    """Check an ADEChallengeData2016 folder completely.
+
+    Every image needs an annotation and vice versa, pairs must have the same size, labels must be
+    in 0..150 and every file must decode fully. All problems are collected.
+
+    Args:
+        root: the ADEChallengeData2016 folder.
+        workers: processes for reading files (default: up to 8, one per CPU).
+
+    Returns:
+        (problems, report): problems make the dataset unusable; the report lists counts and warnings.
+    """
+    root = Path(root)
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    if not root.is_dir():
+        return [f"{root}: the dataset folder does not exist (expected {LAYOUT_HELP})"], []
+    problems: list[str] = []
+    report = [f"checking {root}"]
+    for split in SPLITS:
+        image_dir, label_dir = root / "images" / split, root / "annotations" / split
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                problems.append(f"{folder}: folder is missing")
+        if not (image_dir.is_dir() and label_dir.is_dir()):
+            continue
+        images = {p.stem: p for p in image_dir.glob("*.jpg")}
+        labels = {p.stem: p for p in label_dir.glob("*.png")}
+        report.append(f"{split}: {len(images)} images, {len(labels)} annotations")
+        if len(images) != OFFICIAL_COUNTS[split]:
+            report.append(
+                f"WARNING: {split} has {len(images)} images, the official split has {OFFICIAL_COUNTS[split]:,} "
+                f"(fine for a subset)"
+            )
+        if not images:
+            problems.append(f"{image_dir}: no .jpg images")
+        for stem in sorted(images.keys() - labels.keys()):
+            problems.append(f"{images[stem]}: no annotation {label_dir / (stem + '.png')}")
+        for stem in sorted(labels.keys() - images.keys()):
+            problems.append(f"{labels[stem]}: annotation without an image {image_dir / (stem + '.jpg')}")
+        pairs = [
+            (str(images[s]) if s in images else None, str(labels[s]) if s in labels else None)
+            for s in sorted(images.keys() | labels.keys())
+        ]
+        for found in _map_files(pairs, f"checking {split}", workers):
+            problems.extend(found)
+    return problems, report

@@ -1,0 +1,1 @@
+"""Model code: the deformable convolution layer and the ResNet-50 FCN segmentation model."""

@@ -1,0 +1,486 @@
+"""Benchmark norm-conv, def-conv-v1 and def-conv-v2: training and inference speed, memory, the op, the data.
+
+Models: the config given with ``model.deform.version`` set to 0, 1 and 2 (random weights), run on
+synthetic inputs exactly as train.py runs them (aux head, ``compute_loss``, SGD step, channels_last
+and autocast on CUDA). Every time is the median of single iterations, each synchronised on CUDA,
+after untimed warm-up iterations; the median keeps a busy machine's hiccups out. ``--ops`` times
+torchvision's ``deform_conv2d`` against ``F.conv2d`` at the shapes of the model's deformable layers
+and checks it against a float64 reference; ``--data`` times the real ADE20K training pipeline in one
+process and says how many loader workers a GPU needs to be fed."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torchvision.ops import deform_conv2d  # noqa: E402
+
+from configs import UserError, load_config  # noqa: E402
+from models.segmentor import build_model, deformable_layers, parameter_groups  # noqa: E402
+
+VARIANTS = {"norm": ("norm-conv", 0), "v1": ("def-conv-v1", 1), "v2": ("def-conv-v2", 2)}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+H100_NORM_CONV_IMAGES_PER_S = 150.0  # measured training throughput of norm-conv on one H100 (batch 16, 512 crop)
+IGNORE_INDEX = 255
+GIB = 2**30
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        description=(
+            "Benchmark the norm-conv, def-conv-v1 and def-conv-v2 variants of a config on synthetic data: training "
+            "images/s (forward, loss, backward, SGD step as train.py), inference images/s and peak GPU memory, each "
+            "also relative to norm-conv. --ops times the deformable op against a plain conv at the model's layer "
+            "shapes and checks its accuracy; --data times the ADE20K training data pipeline per loader worker."
+        ),
+        epilog=(
+            "example: python scripts/benchmark.py --config def-conv-v2 --batch-size 16 --crop 512 --amp bf16 --ops "
+            "--data --json results/benchmark_h100.json"
+        ),
+    )
+    parser.add_argument("--config", required=True, help="config name in configs/ or a path; model.deform.version is varied")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16, the recipe's)")
+    parser.add_argument("--crop", type=int, default=512, help="square input size (default 512)")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), help="autocast dtype on CUDA (default: train.amp of the config); CPU runs without")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations; the median is reported (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing (default 5)")
+    parser.add_argument("--variants", default="norm,v1,v2", help="comma-separated subset of norm,v1,v2 (default all)")
+    parser.add_argument("--ops", action="store_true", help="also time deform_conv2d vs conv2d at the model's layer shapes")
+    parser.add_argument("--data", action="store_true", help="also time the ADE20K training data pipeline in one process")
+    parser.add_argument("--data-samples", type=int, default=64, help="samples timed by --data (default 64)")
+    parser.add_argument("--data-images", type=int, default=8, help="generated 683x512 image/label pairs for --data (default 8)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write all results as JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. model.deform.stages=[layer3,layer4]")
+    args = parser.parse_args(argv)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
+    """Validate the numbers and names on the command line; return the device and the variant keys."""
+    for name in ("batch_size", "crop", "iters", "data_samples", "data_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {args.warmup}.")
+    if args.crop % 8:
+        raise UserError(f"--crop must be a multiple of 8 (the model's output stride), got {args.crop}.")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if not variants or unknown or len(set(variants)) != len(variants):
+        raise UserError(f"--variants must list some of {', '.join(VARIANTS)} once each, got '{args.variants}'.")
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device here. Use --device cpu.")
+    return torch.device(device_name), [v for v in VARIANTS if v in variants]
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer read afterwards covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_each(step: Callable[[], Any], iters: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of single calls of ``step`` (each synchronised), after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(1000.0 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def autocast_context(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+
+def synthetic_batch(batch: int, crop: int, num_classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random normalised images and labels in 0..num_classes-1 with about 10% ignore (255) pixels."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, crop, crop, generator=gen)
+    labels = torch.randint(0, num_classes, (batch, crop, crop), generator=gen)
+    labels[torch.rand(batch, crop, crop, generator=gen) < 0.1] = IGNORE_INDEX
+    return images.to(device), labels.to(device)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def variant_config(config: dict[str, Any], version: int) -> dict[str, Any]:
+    """The config with ``model.deform.version`` set and no ImageNet download."""
+    config = copy.deepcopy(config)
+    config["model"]["deform"]["version"] = version
+    config["model"]["pretrained_backbone"] = False
+    return config
+
+
+def bench_model(
+    config: dict[str, Any], args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
+) -> dict[str, Any]:
+    """Training-step and inference images/s and peak memory of one model variant."""
+    from train import compute_loss  # the training loss exactly as train.py computes it
+
+    tcfg, mcfg = config["train"], config["model"]
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda and tcfg["channels_last"] else torch.contiguous_format
+    torch.manual_seed(0)
+    model, _ = build_model(config, load_pretrained=False)
+    model = model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, tcfg, mcfg["deform"]["offset_lr_mult"]), lr=tcfg["lr"], momentum=tcfg["momentum"]
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+    net = torch.compile(model) if tcfg["compile"] else model
+    images, labels = synthetic_batch(args.batch_size, args.crop, mcfg["num_classes"], device)
+    images = images.contiguous(memory_format=memory_format)
+
+    def train_step() -> None:
+        with autocast_context(device, amp_dtype):
+            outputs = net(images)
+        loss = compute_loss(outputs, labels, mcfg["aux_loss_weight"])["total"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast_context(device, amp_dtype):
+            logits = net(images)["out"]
+            F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    result: dict[str, Any] = {}
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        model.train()
+        result["train_images_per_s"] = 1000.0 * args.batch_size / time_each(train_step, args.iters, args.warmup, device)
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        model.eval()
+        result["infer_images_per_s"] = 1000.0 * args.batch_size / time_each(infer_step, args.iters, args.warmup, device)
+        result["infer_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"CUDA out of memory with --batch-size {args.batch_size} --crop {args.crop}. Use a smaller batch or crop, "
+            f"or --amp bf16."
+        ) from None
+    finally:
+        del model, net, optimizer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
+def add_ratios(models: list[dict[str, Any]]) -> None:
+    """``*_ratio`` = value / norm-conv's value (None without a norm-conv row or value)."""
+    ref = next((m for m in models if m["name"] == "norm-conv"), None)
+    for m in models:
+        for key, ratio in (("train_images_per_s", "train_ratio"), ("infer_images_per_s", "infer_ratio"), ("peak_mem_gib", "mem_ratio")):
+            ok = ref is not None and m[key] is not None and ref[key]
+            m[ratio] = m[key] / ref[key] if ok else None
+
+
+# --------------------------------------------------------------------------------------------------- ops
+def layer_shapes(config: dict[str, Any], crop: int, device: torch.device) -> list[dict[str, Any]]:
+    """Geometry of every deformable layer of the v2 model at a ``crop`` input, one entry per distinct shape."""
+    model, _ = build_model(variant_config(config, 2), load_pretrained=False)
+    model.to(device).eval()
+    found: dict[tuple, dict[str, Any]] = {}
+
+    def hook(name: str) -> Callable:
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            _, c, h, w = inputs[0].shape
+            key = (c, h, w, tuple(module.weight.shape), module.stride, module.padding, module.dilation, module.deform_groups)
+            found.setdefault(key, {
+                "in_shape": (c, h, w), "weight_shape": tuple(module.weight.shape), "stride": tuple(module.stride),
+                "padding": tuple(module.padding), "dilation": tuple(module.dilation),
+                "deform_groups": module.deform_groups, "layers": [],
+            })["layers"].append(name)
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in deformable_layers(model).items()]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, crop, crop, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    del model
+    return list(found.values())
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|`` in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def bench_ops(
+    config: dict[str, Any], args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
+) -> list[dict[str, Any]]:
+    """Forward and forward+backward ms of deform_conv2d (zero/random offsets, without/with mask) and conv2d.
+
+    Rows share one format, ``{op, impl, shape, offsets, fwd_ms, fwd_bwd_ms, max_rel_err, err_ref, layers}``;
+    another implementation of the op is another ``impl`` value. Errors are measured on the first image
+    of the batch against torchvision's op in float64 (conv2d rows: the op with zero offsets and mask 1
+    against float64 ``F.conv2d``, a check that both compute the same convolution).
+    """
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    channels_last = device.type == "cuda" and config["train"]["channels_last"]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the model's tensors
+    n = args.batch_size
+    for geo in layer_shapes(config, args.crop, device):
+        c, h, w = geo["in_shape"]
+        out_c, c_per_group, kh, kw = geo["weight_shape"]
+        stride, padding, dilation = geo["stride"], geo["padding"], geo["dilation"]
+        out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        taps = geo["deform_groups"] * kh * kw
+        x = torch.randn(n, c, h, w, generator=gen).to(device).contiguous(memory_format=memory_format)
+        weight = torch.randn(out_c, c_per_group, kh, kw, generator=gen) / math.sqrt(c_per_group * kh * kw)
+        weight = weight.to(device).contiguous(memory_format=memory_format)
+        offsets = {
+            "zero": torch.zeros(n, 2 * taps, out_h, out_w, device=device),
+            "random": (2.0 * torch.randn(n, 2 * taps, out_h, out_w, generator=gen)).to(device),  # a few pixels
+        }
+        mask = torch.sigmoid(torch.randn(n, taps, out_h, out_w, generator=gen)).to(device)
+        shape = f"{n} x {c} x {h} x {w}, k{kh} d{dilation[0]}" + (f" s{stride[0]}" if stride[0] != 1 else "")
+        common = {"shape": shape, "layers": geo["layers"]}
+        conv_args = {"stride": stride, "padding": padding, "dilation": dilation}
+
+        def timed(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> tuple[float, float]:
+            """(forward ms, forward+backward ms) of ``fn(*inputs)`` with gradients for every input."""
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            with torch.no_grad(), autocast_context(device, amp_dtype):
+                grad_out = torch.randn_like(fn(*inputs))
+
+            def forward() -> None:
+                with torch.no_grad(), autocast_context(device, amp_dtype):
+                    fn(*inputs)
+
+            def forward_backward() -> None:
+                for leaf in leaves:
+                    leaf.grad = None
+                with autocast_context(device, amp_dtype):
+                    out = fn(*leaves)
+                out.backward(grad_out)
+
+            return (time_each(forward, args.iters, args.warmup, device),
+                    time_each(forward_backward, args.iters, args.warmup, device))
+
+        conv = lambda x_, w_: F.conv2d(x_, w_, None, **conv_args)  # noqa: E731
+        fwd, fwd_bwd = timed(conv, [x, weight])
+        with torch.no_grad(), autocast_context(device, amp_dtype):
+            zero_op = deform_conv2d(x[:1], offsets["zero"][:1], weight, None, mask=torch.ones_like(mask[:1]), **conv_args)
+        reference = F.conv2d(x[:1].double(), weight.double(), None, **conv_args)
+        rows.append({"op": "conv2d", "impl": "conv2d", **common, "offsets": None, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                     "max_rel_err": max_rel_err(zero_op, reference),
+                     "err_ref": "deform_conv2d with zero offsets and mask 1 vs float64 conv2d"})
+        for offset_name, offset in offsets.items():
+            for impl, m in (("torchvision", None), ("torchvision+mask", mask)):
+                def op(x_: torch.Tensor, o_: torch.Tensor, w_: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+                    return deform_conv2d(x_, o_, w_, None, mask=rest[0] if rest else None, **conv_args)
+
+                inputs = [x, offset, weight] + ([m] if m is not None else [])
+                fwd, fwd_bwd = timed(op, inputs)
+                with torch.no_grad(), autocast_context(device, amp_dtype):
+                    out = op(*[t[:1] if t is not weight else t for t in inputs])
+                reference = op(*[(t[:1] if t is not weight else t).double() for t in inputs])
+                rows.append({"op": "deform_conv2d", "impl": impl, **common, "offsets": offset_name, "fwd_ms": fwd,
+                             "fwd_bwd_ms": fwd_bwd, "max_rel_err": max_rel_err(out, reference),
+                             "err_ref": "float64 torchvision deform_conv2d"})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- data
+def write_ade_like(root: Path, count: int, seed: int = 0) -> None:
+    """``count`` 683x512 JPEG/PNG pairs of smooth random content in the ADE20K layout (training split)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images" / "training").mkdir(parents=True)
+    (root / "annotations" / "training").mkdir(parents=True)
+    for i in range(count):
+        colours = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(colours).resize((683, 512), Image.BICUBIC)
+        noise = rng.normal(0, 12, (512, 683, 3))
+        image = Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+        classes = rng.choice(np.arange(0, 151), size=12, replace=False)  # 0 = "other", mapped to ignore
+        cells = rng.choice(classes, size=(9, 12)).astype(np.uint8)
+        label = Image.fromarray(cells).resize((683, 512), Image.NEAREST)
+        image.save(root / "images" / "training" / f"bench_{i:05d}.jpg", quality=90)
+        label.save(root / "annotations" / "training" / f"bench_{i:05d}.png")
+
+
+def bench_data(args: argparse.Namespace, models: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Samples/s of SegmentationFolder + TrainTransform (ADE20K recipe) in one process, one thread."""
+    from data.dataset import SegmentationFolder, sample_seed
+    from data.transforms import TrainTransform
+
+    data_cfg = load_config("ade20k-base")["data"]
+    recipe = {k: data_cfg[k] for k in ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric")}
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="bench_ade_") as tmp:
+        write_ade_like(Path(tmp), args.data_images)
+        dataset = SegmentationFolder(tmp, "training", TrainTransform(data_cfg))
+        torch.set_num_threads(1)  # as a loader worker (data.dataset._worker_init)
+        try:
+            dataset[(0, sample_seed(0, 0))]  # file cache, lazy imports
+            start = time.perf_counter()
+            for p in range(args.data_samples):
+                image, label = dataset[(p % len(dataset), sample_seed(1, p))]
+            seconds = time.perf_counter() - start
+        finally:
+            torch.set_num_threads(threads)
+    per_worker = args.data_samples / seconds
+    targets = [("norm-conv on one H100 (measured)", H100_NORM_CONV_IMAGES_PER_S)]
+    if device.type == "cuda":
+        targets += [(f"{m['name']} training, this run ({torch.cuda.get_device_name(device)})", m["train_images_per_s"]) for m in models]
+    return {
+        "recipe": recipe,
+        "images": args.data_images,
+        "image_size": [683, 512],
+        "samples": args.data_samples,
+        "sample_shape": [list(image.shape), list(label.shape)],
+        "samples_per_s_per_worker": per_worker,
+        "ms_per_sample": 1000.0 / per_worker,
+        "workers_needed": [
+            {"target": name, "images_per_s": rate, "workers": math.ceil(rate / per_worker)} for name, rate in targets
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ output
+def num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def report(result: dict[str, Any]) -> str:
+    """Markdown tables of the results."""
+    s = result["settings"]
+    lines = [
+        f"device {result['device']}{' (' + result['gpu'] + ')' if result['gpu'] else ''}, torch {result['torch']}, "
+        f"torchvision {result['torchvision']}; config {s['config']}, batch {s['batch_size']}, crop {s['crop']}, "
+        f"amp {s['amp']}, channels_last {s['channels_last']}, median of {s['iters']} timed iterations after {s['warmup']} "
+        f"warm-up ones",
+        "",
+        "| model | train img/s | × norm-conv | infer img/s | × norm-conv | peak mem GiB (train) | × norm-conv |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        lines.append(
+            f"| {m['name']} | {num(m['train_images_per_s'])} | {num(m['train_ratio'])} | {num(m['infer_images_per_s'])} | "
+            f"{num(m['infer_ratio'])} | {num(m['peak_mem_gib'])} | {num(m['mem_ratio'])} |"
+        )
+    if result["ops"]:
+        lines += ["", "| op | impl | input, kernel | offsets | fwd ms | fwd+bwd ms | max rel err |", "|---|---|---|---|---|---|---|"]
+        for r in result["ops"]:
+            lines.append(
+                f"| {r['op']} | {r['impl']} | {r['shape']} | {r['offsets'] or '-'} | {num(r['fwd_ms'], 3)} | "
+                f"{num(r['fwd_bwd_ms'], 3)} | {r['max_rel_err']:.1e} |"
+            )
+        lines.append("(conv2d rows' error: deform_conv2d with zero offsets and mask 1 vs float64 conv2d; others vs float64 deform_conv2d)")
+    if result["data"]:
+        d = result["data"]
+        lines += [
+            "",
+            f"data: SegmentationFolder + TrainTransform (ADE20K recipe, crop {d['recipe']['crop_size']}) on "
+            f"{d['images']} generated 683x512 images: {d['samples_per_s_per_worker']:.1f} samples/s per worker "
+            f"({d['ms_per_sample']:.1f} ms per sample, one process, one thread)",
+        ]
+        for t in d["workers_needed"]:
+            lines.append(f"- {t['target']}: {t['images_per_s']:.1f} img/s needs {t['workers']} loader workers (cores)")
+    return "\n".join(lines) + "\n"
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """Run the benchmarks the command line asks for; print and optionally write the results."""
+    device, variants = check_args(args)
+    config = load_config(args.config, args.overrides)
+    amp_name = args.amp or config["train"]["amp"]
+    if amp_name not in AMP_DTYPES:
+        raise UserError(f"config key 'train.amp' must be bf16, fp16 or none, got {amp_name!r}.")
+    if device.type != "cuda":
+        amp_name = "none"  # as train.py: autocast is CUDA only
+    amp_dtype = AMP_DTYPES[amp_name]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    result: dict[str, Any] = {
+        "device": device.type,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "settings": {
+            "config": config["config_name"], "overrides": args.overrides, "batch_size": args.batch_size,
+            "crop": args.crop, "amp": amp_name, "channels_last": device.type == "cuda" and config["train"]["channels_last"],
+            "compile": config["train"]["compile"], "aux_head": config["model"]["aux_head"],
+            "deform_stages": config["model"]["deform"]["stages"], "deform_blocks": config["model"]["deform"]["blocks"],
+            "iters": args.iters, "warmup": args.warmup, "timing": "median of single synchronised iterations",
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "models": [],
+        "ops": [],
+        "data": {},
+    }
+    for key in variants:
+        name, version = VARIANTS[key]
+        print(f"benchmarking {name} ...", file=sys.stderr)
+        record = {"name": name, "deform_version": version}
+        record.update(bench_model(variant_config(config, version), args, device, amp_dtype))
+        result["models"].append(record)
+    add_ratios(result["models"])
+    if args.ops:
+        print("benchmarking deform_conv2d vs conv2d ...", file=sys.stderr)
+        result["ops"] = bench_ops(config, args, device, amp_dtype)
+    if args.data:
+        print("benchmarking the data pipeline ...", file=sys.stderr)
+        result["data"] = bench_data(args, result["models"], device)
+    print(report(result), end="")
+    if args.json is not None:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            raise UserError(f"could not write {args.json}: {err}. Choose another --json path.") from None
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 with a message for user errors)."""
+    args = parse_args(argv)
+    try:
+        return benchmark(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Tests of the data pipeline: label mapping, paired transforms, the resumable sampler, loaders,
+the layout check and the generated demo dataset. Every dataset is a tiny tree made in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data.dataset as dataset_module
+import data.demo as demo_module
+from configs import UserError, load_config
+from data import IGNORE_INDEX
+from data.dataset import (
+    SegmentationFolder,
+    TrainSampler,
+    build_train_loader,
+    build_val_loader,
+    check_layout,
+    load_class_info,
+    prepare_dataset_root,
+)
+from data.demo import DEMO_CLASSES, ensure_demo_dataset, generate_demo_dataset
+from data.transforms import TrainTransform, ValTransform, denormalize, map_ade_labels, photometric_distortion
+
+# Far-apart colours so a bilinear blend is only ambiguous right at a block boundary.
+COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255]], np.uint8)
+
+
+def _data_cfg(**changes) -> dict:
+    cfg = {"scale": [160, 120], "ratio_range": [0.5, 1.5], "crop_size": 64, "cat_max_ratio": 0.75,
+           "photometric": False}
+    cfg.update(changes)
+    return cfg
+
+
+def _colour_coded_pair(seed: int = 0) -> tuple[Image.Image, np.ndarray]:
+    """A 160x120 image of 40x40 blocks whose colour encodes the block's label (0..5, no 255)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, len(COLOURS), (3, 4))
+    label = np.kron(blocks, np.ones((40, 40), np.int64)).astype(np.uint8)
+    return Image.fromarray(COLOURS[label], "RGB"), label
+
+
+def _config(root: Path, **data) -> dict:
+    overrides = [f"data.root={root}", "data.dataset=ade20k", "data.num_workers=0", "train.batch_size=4"]
+    config = load_config("demo", overrides)
+    config["data"].update(data)
+    return config
+
+
+# ---------------------------------------------------------------- labels and class info
+
+
+def test_map_ade_labels() -> None:
+    raw = np.array([[0, 1, 2], [75, 149, 150]], np.uint8)
+    mapped = map_ade_labels(raw)
+    assert mapped.dtype == np.uint8
+    assert mapped.tolist() == [[IGNORE_INDEX, 0, 1], [74, 148, 149]]
+
+
+def test_load_class_info() -> None:
+    names, palette = load_class_info()
+    assert len(names) == 150 and names[0] == "wall" and names[12] == "person" and names[149] == "flag"
+    assert palette.shape == (150, 3) and palette.dtype == np.uint8
+    assert len({tuple(c) for c in palette}) == 150
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_train_transform_keeps_image_and_label_aligned() -> None:
+    image, label = _colour_coded_pair()
+    transform = TrainTransform(_data_cfg())
+    agree = total = padded_samples = 0
+    for seed in range(40):
+        out_image, out_label = transform(image, label, np.random.default_rng(seed))
+        assert out_image.shape == (3, 64, 64) and out_image.dtype == torch.float32
+        assert out_label.shape == (64, 64) and out_label.dtype == torch.int64
+        valid = (out_label != IGNORE_INDEX).numpy()
+        rows, cols = valid.any(1).sum(), valid.any(0).sum()
+        assert valid[:rows, :cols].all() and not valid[rows:].any() and not valid[:, cols:].any()
+        padded_samples += rows < 64 or cols < 64
+        assert (out_image[:, ~torch.from_numpy(valid)] == 0).all()  # padding is 0 after normalisation
+        pixels = denormalize(out_image).astype(np.int64)
+        distance = ((pixels[:, :, None, :] - COLOURS[None, None].astype(np.int64)) ** 2).sum(-1)
+        decoded = distance.argmin(-1)
+        agree += (decoded[valid] == out_label.numpy()[valid]).sum()
+        total += valid.sum()
+    assert padded_samples > 0  # ratio 0.5 shrinks the image below the crop
+    assert agree / total > 0.97
+
+
+def test_cat_max_ratio_is_honoured() -> None:
+    label = np.zeros((200, 200), np.uint8)
+    label[:, 150:] = 1  # class 0 covers 75% of the image
+    label[:40, :40] = IGNORE_INDEX  # ignored pixels do not count
+    image = Image.fromarray(COLOURS[np.minimum(label, 5)], "RGB")
+
+    def satisfied(cat_max_ratio: float) -> float:
+        transform = TrainTransform(_data_cfg(scale=[200, 200], ratio_range=[1.0, 1.0], cat_max_ratio=cat_max_ratio))
+        hits = 0
+        for seed in range(40):
+            crop = transform(image, label, np.random.default_rng(seed))[1].numpy()
+            counts = np.bincount(crop[crop != IGNORE_INDEX], minlength=2)
+            counts = counts[counts > 0]
+            hits += len(counts) > 1 and counts.max() / counts.sum() < 0.75
+        return hits / 40
+
+    assert satisfied(0.75) >= 0.85  # 11 draws, each acceptable with probability ~1/4
+    assert satisfied(1.0) <= 0.5  # the check switched off
+
+
+def test_photometric_distortion_changes_colours_only() -> None:
+    image, label = _colour_coded_pair()
+    pixels = np.asarray(image)
+    changed = [not np.array_equal(photometric_distortion(pixels, np.random.default_rng(s)), pixels) for s in range(8)]
+    assert any(changed)
+    transform = TrainTransform(_data_cfg(photometric=True))
+    off = TrainTransform(_data_cfg(photometric=False))
+    for seed in range(5):
+        _, with_label = transform(image, label, np.random.default_rng(seed))
+        _, without_label = off(image, label, np.random.default_rng(seed))
+        assert torch.equal(with_label, without_label)  # photometric draws come after the geometry
+
+
+def test_val_transform_fits_scale_and_denormalize_round_trips() -> None:
+    image, _ = _colour_coded_pair()  # 160x120
+    out = ValTransform({"scale": [80, 80]})(image)
+    assert out.shape == (3, 60, 80)  # factor min(80/160, 80/120) = 0.5
+    up = ValTransform({"scale": [320, 320]})(image)
+    assert up.shape == (3, 240, 320)  # keep-ratio resize may upscale
+    same = ValTransform({"scale": [160, 120]})(image)
+    assert np.abs(denormalize(same).astype(int) - np.asarray(image).astype(int)).max() <= 1
+
+
+def test_bad_transform_config_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="data.scale"):
+        TrainTransform(_data_cfg(scale=[512]))
+    with pytest.raises(UserError, match="data.crop_size"):
+        TrainTransform(_data_cfg(crop_size=0))
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def test_val_dataset_returns_original_size_label(make_ade_tree) -> None:
+    root = make_ade_tree()
+    dataset = SegmentationFolder(root, "validation", ValTransform({"scale": [80, 64]}))
+    assert len(dataset) == 2
+    image, label, name = dataset[1]
+    assert image.shape == (3, 60, 80)  # 40x30 resized by min(80/40, 64/30) = 2
+    assert label.shape == (30, 40) and label.dtype == torch.int64
+    raw = np.array(Image.open(root / "annotations" / "validation" / "ADE_val_00000002.png"))
+    assert name == "ADE_val_00000002"
+    assert np.array_equal(label.numpy(), map_ade_labels(raw))
+
+
+def test_max_images_keeps_the_first_files(make_ade_tree) -> None:
+    dataset = SegmentationFolder(make_ade_tree(), "training", ValTransform({"scale": [40, 30]}), max_images=2)
+    assert [dataset[i][2] for i in range(len(dataset))] == ["ADE_train_00000001", "ADE_train_00000002"]
+
+
+def test_train_samples_are_pure_functions_of_the_key(make_ade_tree) -> None:
+    dataset = SegmentationFolder(make_ade_tree(), "training", TrainTransform(_data_cfg(photometric=True)))
+    first = dataset[(0, 123)]
+    np.random.seed(7)
+    torch.manual_seed(7)  # the global RNGs play no part
+    second = dataset[(0, 123)]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    others = [dataset[(0, seed)] for seed in range(1, 4)]
+    assert any(not torch.equal(first[1], other[1]) for other in others)
+    assert any(not torch.equal(first[0], other[0]) for other in others)
+
+
+def test_dataset_errors_name_the_file(make_ade_tree) -> None:
+    root = make_ade_tree()
+    with pytest.raises(UserError, match="no images found"):
+        SegmentationFolder(root, "testing", ValTransform({"scale": [40, 30]}))
+    bad = root / "annotations" / "validation" / "ADE_val_00000001.png"
+    Image.fromarray(np.full((30, 40), 200, np.uint8), "L").save(bad)
+    dataset = SegmentationFolder(root, "validation", ValTransform({"scale": [40, 30]}))
+    with pytest.raises(UserError, match="ADE_val_00000001.png.*200"):
+        dataset[0]
+    (root / "annotations" / "training" / "ADE_train_00000002.png").unlink()
+    with pytest.raises(UserError, match="ADE_train_00000002.jpg"):
+        SegmentationFolder(root, "training", ValTransform({"scale": [40, 30]}))
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def _take(sampler: TrainSampler, iterations: int) -> list[list[tuple[int, int]]]:
+    """The first ``iterations`` local batches of ``sampler``."""
+    stream = iter(sampler)
+    return [[next(stream) for _ in range(sampler.local_batch)] for _ in range(iterations)]
+
+
+def test_sampler_resumes_exactly() -> None:
+    full = _take(TrainSampler(7, 4, 0, 1, seed=3), 12)
+    assert _take(TrainSampler(7, 4, 0, 1, seed=3, start_iter=5), 7) == full[5:]
+    flat = [key for batch in full for key in batch]
+    assert sorted(index for index, _ in flat[:7]) == list(range(7))  # each epoch is a permutation
+    assert sorted(index for index, _ in flat[7:14]) == list(range(7))
+    assert len({seed for _, seed in flat}) == len(flat) and all(0 <= s < 2**63 for _, s in flat)
+    assert _take(TrainSampler(7, 4, 0, 1, seed=4), 12) != full
+
+
+def test_sampler_rank_shards_partition_the_global_batch() -> None:
+    single = _take(TrainSampler(10, 6, 0, 1, seed=0, start_iter=2), 5)
+    shards = [_take(TrainSampler(10, 6, rank, 3, seed=0, start_iter=2), 5) for rank in range(3)]
+    for it in range(5):
+        assert shards[0][it] + shards[1][it] + shards[2][it] == single[it]
+    with pytest.raises(UserError, match="train.batch_size"):
+        TrainSampler(10, 6, 0, 4, seed=0)
+
+
+# ---------------------------------------------------------------- loaders and dataset root
+
+
+def test_train_loader_batches_and_resumes(make_ade_tree) -> None:
+    config = _config(make_ade_tree())
+    loader = build_train_loader(config, rank=1, world_size=2, start_iter=0)
+    batches = [batch for _, batch in zip(range(3), loader)]
+    images, labels = batches[0]
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    assert labels.shape == (2, 64, 64) and labels.dtype == torch.int64
+    resumed = next(iter(build_train_loader(config, rank=1, world_size=2, start_iter=2)))
+    assert torch.equal(resumed[0], batches[2][0]) and torch.equal(resumed[1], batches[2][1])
+
+
+def test_train_loader_with_a_worker(make_ade_tree) -> None:
+    config = _config(make_ade_tree(), num_workers=1)
+    loader = build_train_loader(config, rank=0, world_size=1, start_iter=0)
+    stream = iter(loader)
+    images, labels = next(stream)
+    assert images.shape == (4, 3, 64, 64) and labels.shape == (4, 64, 64)
+    del stream, loader  # shuts the persistent worker down
+
+
+def test_val_loader_shards_without_duplicates(make_ade_tree) -> None:
+    config = _config(make_ade_tree(num_val=5))
+    seen = []
+    for rank in range(2):
+        for image, label, names in build_val_loader(config, "validation", rank, 2):
+            assert image.shape[:2] == (1, 3) and label.shape == (1, 30, 40) and label.dtype == torch.int64
+            seen.extend(names)
+    assert sorted(seen) == [f"ADE_val_{i:08d}" for i in range(1, 6)]
+    subset = build_val_loader(config, "training", 0, 1, max_images=2)
+    assert [names[0] for _, _, names in subset] == ["ADE_train_00000001", "ADE_train_00000002"]
+
+
+def test_missing_ade20k_root_explains_how_to_get_it(tmp_path: Path) -> None:
+    config = _config(tmp_path / "nowhere" / "ADEChallengeData2016")
+    with pytest.raises(UserError) as info:
+        prepare_dataset_root(config)
+    message = str(info.value)
+    assert "images/{training,validation}/*.jpg" in message and "annotations/{training,validation}/*.png" in message
+    assert "python scripts/download_ade20k.py --root data" in message
+    assert "data.root=/path/to/ADEChallengeData2016" in message
+    config["data"]["dataset"] = "cityscapes"
+    with pytest.raises(UserError, match="data.dataset"):
+        prepare_dataset_root(config)
+
+
+def test_prepare_dataset_root_generates_the_demo_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    calls = []
+
+    def small(root: Path) -> None:
+        calls.append(root)
+        generate_demo_dataset(root, num_train=2, num_val=1, size=32)
+
+    monkeypatch.setattr(demo_module, "generate_demo_dataset", small)
+    config = _config(tmp_path / "demo", dataset="demo")
+    root = prepare_dataset_root(config)
+    assert (root / "images" / "training" / "ADE_train_00000002.jpg").is_file()
+    assert "generating the demo dataset" in capsys.readouterr().out
+    assert prepare_dataset_root(config) == root and len(calls) == 1
+
+
+# ---------------------------------------------------------------- layout check
+
+
+def test_check_layout_accepts_a_valid_tree(make_ade_tree) -> None:
+    problems, report = check_layout(make_ade_tree())
+    assert problems == []
+    assert "training: 4 images, 4 annotations" in report
+    assert any(line.startswith("WARNING: training has 4 images") for line in report)
+
+
+def test_check_layout_collects_every_problem(make_ade_tree, monkeypatch) -> None:
+    monkeypatch.setattr(dataset_module, "POOL_MIN_FILES", 0)  # exercise the process pool
+    root = make_ade_tree()
+    (root / "annotations" / "training" / "ADE_train_00000001.png").unlink()
+    Image.fromarray(np.full((30, 40), 200, np.uint8), "L").save(root / "annotations" / "training" / "ADE_train_00000002.png")
+    jpg = root / "images" / "validation" / "ADE_val_00000002.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    problems, _ = check_layout(root, workers=2)
+    text = "\n".join(problems)
+    assert "ADE_train_00000001.jpg: no annotation" in text
+    assert "ADE_train_00000002.png: label value 200" in text
+    assert "ADE_val_00000002.jpg: cannot read" in text
+    assert len(problems) == 3
+    missing, _ = check_layout(root.parent / "absent")
+    assert len(missing) == 1 and "absent" in missing[0]
+
+
+# ---------------------------------------------------------------- demo dataset
+
+
+def test_demo_generation_is_deterministic(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    generate_demo_dataset(first, num_train=3, num_val=2, size=48, seed=1)
+    generate_demo_dataset(second, num_train=3, num_val=2, size=48, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary folders left
+    for rel in ("images/training/ADE_train_00000003.jpg", "annotations/training/ADE_train_00000003.png",
+                "images/validation/ADE_val_00000001.jpg", "annotations/validation/ADE_val_00000002.png"):
+        assert (first / rel).read_bytes() == (second / rel).read_bytes()
+    assert "demo" in (first / "README.txt").read_text().lower()
+    ids = set()
+    for png in first.glob("annotations/*/*.png"):
+        ids |= set(np.unique(np.array(Image.open(png))).tolist())
+    assert ids <= {0} | set(DEMO_CLASSES) and len(ids) >= 3
+    problems, _ = check_layout(first)
+    assert problems == []
+    with pytest.raises(UserError, match="not empty"):
+        generate_demo_dataset(first, num_train=1, num_val=1, size=32)
+    assert ensure_demo_dataset(first) == first  # already there: nothing to do

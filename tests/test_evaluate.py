@@ -1,0 +1,258 @@
+"""evaluate.py end to end on a tiny ADE-format tree: the ADE20K rule on saved PNGs, errors, inference modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import UserError, load_config  # noqa: E402
+from evaluate import build_model_from_checkpoint, load_checkpoint, main, predict_logits  # noqa: E402
+from models.segmentor import build_model  # noqa: E402
+
+# (width, height) of the images of each split; the 64x64 data.scale resizes them up.
+SIZES = {"validation": [(48, 40), (40, 56), (52, 44)], "training": [(48, 40), (44, 48), (40, 40)]}
+
+
+def make_ade_tree(root: Path) -> None:
+    """A small ADEChallengeData2016 tree: random JPEGs and blocky annotations of ADE ids 0..150."""
+    rng = np.random.default_rng(0)
+    for split, sizes in SIZES.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            name = f"ADE_{split[:5]}_{i:08d}"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / split / f"{name}.jpg")
+            blocks = rng.integers(0, 151, (h // 4 + 1, w // 4 + 1)).astype(np.uint8)
+            label = np.kron(blocks, np.ones((4, 4), dtype=np.uint8))[:h, :w]
+            label[:6, :6] = 0  # always some "other" pixels
+            Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
+    make_ade_tree(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def config(tree: Path) -> dict:
+    overrides = [
+        "model.pretrained_backbone=false",
+        f"data.root={tree}",
+        "data.dataset=ade20k",
+        "data.num_workers=0",
+        "data.scale=[64,64]",
+    ]
+    return load_config("demo.yaml", overrides)  # a def-conv-v2 model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model, _ = build_model(config, load_pretrained=False)
+    path = tmp_path_factory.mktemp("ckpt") / "def-conv-v2.pt"
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": None,
+            "scheduler": None,
+            "scaler": None,
+            "iteration": 0,
+            "rng": {"torch": torch.get_rng_state()},
+            "best_miou": 0.0,
+            "config": config,
+            "versions": {"torch": str(torch.__version__)},  # TorchVersion is not weights_only-safe
+        },
+        path,
+    )
+    return path
+
+
+def ade_challenge_metrics(pred_dir: Path, anno_dir: Path) -> tuple[float, float]:
+    """mIoU and pixel accuracy (percent) by the ADE20K challenge rule, from submission PNGs.
+
+    As the devkit: annotation 0 is unlabelled and not scored, predictions hold 1..150, intersection
+    and union of each class are summed over the whole set, and the mean runs over classes with a
+    non-empty union. Unlike the devkit we count every class exactly: its np.histogram(bins=150,
+    range=(1, 150)) puts classes 149 and 150 into one last bin.
+    """
+    inter, union = np.zeros(151), np.zeros(151)
+    correct = labelled = 0
+    for anno_path in sorted(anno_dir.glob("*.png")):
+        anno = np.array(Image.open(anno_path)).astype(np.int64)
+        with Image.open(pred_dir / anno_path.name) as im:
+            assert im.mode == "L" and im.size == (anno.shape[1], anno.shape[0])
+            pred = np.array(im).astype(np.int64)
+        assert pred.min() >= 1 and pred.max() <= 150
+        pred = pred * (anno > 0)
+        correct += int(np.sum((pred == anno) & (anno > 0)))
+        labelled += int(np.sum(anno > 0))
+        for c in range(1, 151):
+            inter[c] += np.sum((pred == c) & (anno == c))
+            union[c] += np.sum((pred == c) | (anno == c))
+    present = union[1:] > 0
+    return 100.0 * float(np.mean(inter[1:][present] / union[1:][present])), 100.0 * correct / labelled
+
+
+def test_json_and_saved_pngs_follow_the_ade20k_rule(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    second = tmp_path / "copy.pt"
+    os.link(checkpoint, second)  # a second checkpoint name without copying 150 MB
+    out, json_path = tmp_path / "pred", tmp_path / "res.json"
+    args = ["--checkpoint", str(checkpoint), str(second), "--device", "cpu"]
+    assert main(args + ["--save-predictions", str(out), "--json", str(json_path)]) == 0
+    results = json.loads(json_path.read_text())
+    assert isinstance(results, list) and [r["checkpoint"] for r in results] == [str(checkpoint), str(second)]
+    for result, sub in zip(results, ["def-conv-v2", "copy"]):
+        assert result["num_images"] == 3 and result["split"] == "validation"
+        assert len(result["per_class"]) == 150 and result["per_class"][0]["name"]
+        assert result["config"]["model"]["deform"]["version"] == 2
+        m_iou, a_acc = ade_challenge_metrics(out / sub, tree / "annotations" / "validation")
+        assert result["mIoU"] == pytest.approx(m_iou, rel=1e-9)
+        assert result["aAcc"] == pytest.approx(a_acc, rel=1e-9)
+        assert result["score"] == pytest.approx((m_iou + a_acc) / 2, rel=1e-9)
+    assert results[0]["mIoU"] == results[1]["mIoU"]
+
+
+def test_training_split_max_images(tree: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    json_path = tmp_path / "res.json"
+    args = ["--checkpoint", str(checkpoint), "--split", "training", "--max-images", "2", "--data-root", str(tree)]
+    assert main(args + ["--json", str(json_path), "--device", "cpu"]) == 0
+    result = json.loads(json_path.read_text())
+    assert isinstance(result, dict)
+    assert result["num_images"] == 2 and result["split"] == "training"
+    assert result["mode"] == "whole" and result["flip"] is False and result["scales"] == [1.0]
+    shown = capsys.readouterr().out
+    assert "mIoU" in shown and "wall" in shown  # summary table and per-class table (class "wall")
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoints(checkpoint: Path, config: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Command lines that must fail cleanly, with the file names their message must hold."""
+    folder = tmp_path_factory.mktemp("broken")
+    truncated, no_model = folder / "truncated.pt", folder / "no_model.pt"
+    data = checkpoint.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    torch.save({"config": config, "iteration": 0}, no_model)
+    missing = folder / "missing.pt"
+    return {
+        "missing": (["--checkpoint", str(missing)], [str(missing)]),
+        "truncated": (["--checkpoint", str(truncated)], [str(truncated)]),
+        "no_model": (["--checkpoint", str(no_model)], [str(no_model)]),
+        "other_model": (["--checkpoint", str(checkpoint), "--config", "norm-conv.yaml"], [str(checkpoint), "norm-conv"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "no_model", "other_model"])
+def test_bad_checkpoints_are_user_errors(case: str, broken_checkpoints: dict, capsys) -> None:
+    args, names = broken_checkpoints[case]
+    assert main(args + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for name in names:
+        assert name in err
+
+
+def test_bad_checkpoints_show_no_traceback_from_the_command_line(broken_checkpoints: dict) -> None:
+    # One interpreter runs evaluate.py as __main__ once per case (importing torch four times would
+    # take ~20 s on 2 cores); anything uncaught would print a traceback and end the process.
+    script = (
+        "import runpy, sys\n"
+        "for argv in sys.argv[1].split('\\n'):\n"
+        "    sys.argv = ['evaluate.py'] + argv.split('\\t') + ['--device', 'cpu']\n"
+        "    try:\n"
+        "        runpy.run_path('evaluate.py', run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        print(f'exit {e.code}', flush=True)\n"
+        "        print('--- end of case', file=sys.stderr, flush=True)\n"
+    )
+    cases = list(broken_checkpoints.values())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "\n".join("\t".join(args) for args, _ in cases)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.returncode == 0 and proc.stdout.split() == ["exit", "2"] * len(cases), proc.stdout + proc.stderr
+    messages = proc.stderr.split("--- end of case\n")[:-1]
+    assert len(messages) == len(cases)
+    for message, (_, names) in zip(messages, cases):
+        assert message.startswith("error: ") and message.count("\n") == 1  # one paragraph
+        for name in names:
+            assert name in message
+
+
+@pytest.mark.parametrize("change", ["removed", "added"])
+def test_state_dict_mismatch_is_never_loaded_partially(checkpoint: Path, change: str) -> None:
+    saved = load_checkpoint(checkpoint)
+    state = dict(saved["model"])
+    if change == "removed":
+        key = "head.4.weight"
+        del state[key]
+    else:
+        key = "head.9.weight"
+        state[key] = torch.zeros(1)
+    with pytest.raises(UserError) as info:
+        build_model_from_checkpoint({**saved, "model": state}, checkpoint, None)
+    assert str(checkpoint) in str(info.value) and key in str(info.value)
+
+
+class Pointwise(nn.Module):
+    """A stand-in model of 1x1 convs: full resolution, or 1/8 after 8x8 average pooling."""
+
+    def __init__(self, num_classes: int = 5, pool: bool = True) -> None:
+        super().__init__()
+        self.pool = pool
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.net(nn.functional.avg_pool2d(x, 8) if self.pool else x)}
+
+
+def test_whole_and_slide_agree_when_one_crop_covers_the_image() -> None:
+    torch.manual_seed(0)
+    model = Pointwise(pool=True)  # logits at 1/8, as the segmentation model
+    image = torch.randn(1, 3, 40, 48)
+    with torch.inference_mode():
+        whole = predict_logits(model, image, (45, 51), mode="whole", num_classes=5)
+        slide = predict_logits(model, image, (45, 51), mode="slide", crop=64, stride=32, num_classes=5)
+        tiles = predict_logits(model, image, (45, 51), mode="slide", crop=24, stride=16, num_classes=5)
+    assert whole.shape == slide.shape == tiles.shape == (1, 5, 45, 51)
+    assert torch.allclose(whole, slide, atol=1e-6)
+    assert not torch.allclose(whole, tiles, atol=1e-3)  # smaller crops do see less context
+
+
+def test_slide_averages_overlapping_crops() -> None:
+    torch.manual_seed(0)
+    model = Pointwise(pool=False)  # every pixel's logits are independent of the crop it is in
+    image = torch.randn(1, 3, 50, 70)
+    with torch.inference_mode():
+        whole = predict_logits(model, image, (50, 70), mode="whole", num_classes=5)
+        slide = predict_logits(model, image, (50, 70), mode="slide", crop=32, stride=12, num_classes=5)
+    assert torch.allclose(whole, slide, atol=1e-5)
+
+
+def test_flip_tta_of_a_flip_equivariant_model() -> None:
+    torch.manual_seed(0)
+    model = Pointwise(pool=True)  # pooling over aligned 8x8 cells commutes with flipping a 64-wide image
+    image = torch.randn(1, 3, 48, 64)
+    with torch.inference_mode():
+        plain = predict_logits(model, image, (37, 61), num_classes=5)
+        flipped = predict_logits(model, image, (37, 61), flip=True, num_classes=5)
+        multi = predict_logits(model, image, (37, 61), scales=(0.5, 1.0, 1.5), flip=True, num_classes=5)
+    assert plain.shape == flipped.shape == multi.shape == (1, 5, 37, 61)
+    assert torch.allclose(flipped, 2 * plain.softmax(1), atol=1e-5)  # sum of softmax over 2 views
+    assert torch.equal(flipped.argmax(1), plain.argmax(1))
+    assert torch.allclose(multi.sum(1), torch.full((1, 37, 61), 6.0), atol=1e-4)

@@ -1,0 +1,234 @@
+"""train.py on a tiny ADE-format tree: logging, checkpoints, resume after SIGTERM, DDP, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+from configs import load_config  # noqa: E402
+from evaluate import load_checkpoint  # noqa: E402
+from models.segmentor import build_model, parameter_groups  # noqa: E402
+
+
+def tiny_overrides(tree: Path, iters: int = 6) -> list[str]:
+    """A def-conv-v2 run (demo.yaml) on 32x32 crops of a tiny ADE tree: seconds per run on a CPU."""
+    return [
+        f"data.root={tree}",
+        "data.dataset=ade20k",
+        "data.num_workers=0",
+        "data.scale=[48,48]",
+        "data.crop_size=32",
+        "train.batch_size=2",
+        f"train.iters={iters}",
+        "train.log_interval=1",
+        "train.val_interval=2",
+        "train.ckpt_interval=2",
+        "train.tb_images=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
+    for split, count in (("training", 6), ("validation", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(count):
+            rng = np.random.default_rng([len(split), i])
+            blocks = rng.choice([0, 1, 3, 13, 21], size=(5, 6))
+            label = np.kron(blocks, np.ones((8, 8), np.int64)).astype(np.uint8)
+            image = np.clip(rng.integers(0, 256, (256, 3))[label] + rng.normal(0, 5, (*label.shape, 3)), 0, 255)
+            Image.fromarray(image.astype(np.uint8)).save(root / "images" / split / f"x_{i}.jpg", quality=95)
+            Image.fromarray(label).save(root / "annotations" / split / f"x_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 6-iteration run, shared by the tests that inspect a finished run."""
+    work_dir = tmp_path_factory.mktemp("runs") / "reference"
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)]) == 0
+    return work_dir
+
+
+def test_checkpoints_hold_the_full_training_state(reference_run: Path) -> None:
+    last = load_checkpoint(reference_run / "last.pt")  # weights_only=True inside
+    assert last["iteration"] == 6
+    assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "iteration", "rng", "best_miou", "config", "versions"}
+    assert last["config"]["model"]["deform"]["version"] == 2
+    best = load_checkpoint(reference_run / "best.pt")
+    assert best["best_miou"] == pytest.approx(last["best_miou"])
+    assert not list(reference_run.glob("*.tmp"))
+    # the poly schedule ends at min_lr
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(last["config"]["train"]["min_lr"])
+
+
+def test_tensorboard_holds_the_logged_scalars(reference_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference_run / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/loss_main", "train/loss_aux", "train/lr", "train/images_per_s",
+                "train/data_wait_share", "val/mIoU", "val/aAcc", "val/mAcc"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4, 6]
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.02
+    assert any(t.startswith("val_class_iou/") for t in tags["scalars"])
+    assert any(t.startswith("val_panels/") for t in tags["images"])
+    assert sum(t.startswith("offset_magnitude/") for t in tags["histograms"]) == 3
+    assert sum(t.startswith("mask/") for t in tags["histograms"]) == 3
+    assert "offsets/sampling_locations" in tags["images"]
+
+
+def test_resume_after_sigterm_equals_the_uninterrupted_run(tree: Path, reference_run: Path, tmp_path: Path) -> None:
+    work_dir = tmp_path / "interrupted"
+    command = [sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (work_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # somewhere after iteration 2, wherever the loop is
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped_at = load_checkpoint(work_dir / "last.pt")["iteration"]
+    assert stopped_at < 6, "the run finished before the signal; the test did not interrupt anything"
+    assert f"stopped by SIGTERM at iteration {stopped_at}" in out
+
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(work_dir / "last.pt")
+    b = load_checkpoint(reference_run / "last.pt")
+    assert a["iteration"] == b["iteration"] == 6
+    for key, value in b["model"].items():
+        if value.is_floating_point():
+            scale = value.abs().max().clamp(min=1e-12)
+            assert ((a["model"][key] - value).abs().max() / scale) < 1e-4, key
+        else:
+            assert torch.equal(a["model"][key], value), key
+
+
+def test_nonfinite_loss_stops_with_the_iteration_and_keeps_last_good(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_loss, calls = train.compute_loss, []
+
+    def loss_that_breaks(outputs, labels, aux_weight):  # type: ignore[no-untyped-def]
+        losses = real_loss(outputs, labels, aux_weight)
+        calls.append(1)
+        if len(calls) == 3:  # the third iteration
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train, "compute_loss", loss_that_breaks)
+    work_dir = tmp_path / "nan"
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "non-finite" in err and "iteration 3" in err and "Traceback" not in err
+    assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
+
+
+def test_torchrun_two_processes_on_cpu(tree: Path, tmp_path: Path) -> None:
+    work_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree, iters=2),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(work_dir / "last.pt")
+    assert checkpoint["iteration"] == 2
+    assert not any(k.startswith("module.") for k in checkpoint["model"])
+    assert result.stdout.count("2 process(es)") == 1  # rank 0 alone prints
+
+
+def test_work_dir_of_another_run_is_refused(tree: Path, reference_run: Path, capsys: pytest.CaptureFixture) -> None:
+    code = train.main(["--config", "norm-conv.yaml", "--work-dir", str(reference_run), *tiny_overrides(tree)])
+    err = capsys.readouterr().err
+    assert code == 2 and "different config" in err and "--resume" in err
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(reference_run), *tiny_overrides(tree)])
+    assert code == 2 and "already holds a run of this config" in capsys.readouterr().err
+
+
+def test_missing_dataset_root_names_layout_and_download(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    overrides = [f"data.root={tmp_path / 'nowhere'}", "data.dataset=ade20k"]
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "download_ade20k.py" in err and "annotations" in err and "Traceback" not in err
+
+
+def test_overfitting_a_tiny_batch_reaches_90_percent_pixel_accuracy(tree: Path) -> None:
+    torch.manual_seed(0)
+    config = load_config("demo.yaml", tiny_overrides(tree))
+    model, _ = build_model(config)
+    model.train()
+    optimizer = torch.optim.SGD(parameter_groups(model, config["train"], 1.0), lr=0.01, momentum=0.9)
+    from data.dataset import build_train_loader
+
+    images, labels = next(iter(build_train_loader(config, 0, 1, start_iter=0)))
+    for _ in range(60):
+        outputs = model(images)
+        loss = train.compute_loss(outputs, labels, aux_weight=0.4)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    logits = F.interpolate(outputs["out"], size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    valid = labels != 255
+    accuracy = (logits.argmax(1) == labels)[valid].float().mean().item()
+    assert accuracy > 0.9, accuracy
+
+
+def test_poly_schedule_follows_the_recipe() -> None:
+    cfg = {"lr": 0.01, "min_lr": 1e-4, "iters": 100, "poly_power": 0.9}
+    assert train.poly_factor(0, cfg) == pytest.approx(1.0)
+    assert train.poly_factor(100, cfg) * 0.01 == pytest.approx(1e-4)
+    assert train.poly_factor(50, cfg) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+
+
+def test_loss_ignores_255_and_survives_an_all_ignored_batch() -> None:
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    labels = torch.full((1, 8, 8), 255)
+    assert train.segmentation_loss(logits, labels).item() == 0.0
+    labels[0, :4] = 1
+    up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = F.cross_entropy(up, labels, ignore_index=255)
+    assert train.segmentation_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bad_label_found_by_a_loader_worker_is_one_clean_message(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    bad_tree = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(tree, bad_tree)
+    for png in (bad_tree / "annotations" / "training").glob("*.png"):
+        Image.fromarray(np.full((40, 48), 200, np.uint8)).save(png)
+    overrides = [*tiny_overrides(bad_tree), "data.num_workers=1"]
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "200" in err and "x_" in err and "Traceback" not in err and err.count("\n") == 1
