@@ -381,10 +381,15 @@ def _fmt(value: float | None) -> str:
 
 
 def _class_table(title: str, class_names: list[str], iou: list, acc: list) -> str:
+    """Per-class rows for the classes present in ground truth or prediction (the others are counted)."""
     width = max(len(n) for n in class_names)
     lines = [title, f"{'id':>4}  {'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
     for i, (name, v, a) in enumerate(zip(class_names, iou, acc)):
-        lines.append(f"{i:>4}  {name:<{width}}  {_fmt(v):>6}  {_fmt(a):>6}")
+        if v is not None:
+            lines.append(f"{i:>4}  {name:<{width}}  {_fmt(v):>6}  {_fmt(a):>6}")
+    absent = sum(v is None for v in iou)
+    if absent:
+        lines.append(f"({absent} classes appear in neither ground truth nor prediction: not shown, not in mIoU)")
     return "\n".join(lines)
 
 

@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16, the recipe's)")
     parser.add_argument("--crop", type=int, default=512, help="square input size (default 512)")
-    parser.add_argument("--amp", choices=list(AMP_DTYPES), help="autocast dtype on CUDA (default: train.amp of the config); CPU runs without")
+    parser.add_argument(
+        "--amp", choices=list(AMP_DTYPES), help="autocast dtype on CUDA (default: train.amp of the config); CPU runs without"
+    )
     parser.add_argument("--iters", type=int, default=20, help="timed iterations; the median is reported (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing (default 5)")
     parser.add_argument("--variants", default="norm,v1,v2", help="comma-separated subset of norm,v1,v2 (default all)")
@@ -69,7 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-samples", type=int, default=64, help="samples timed by --data (default 64)")
     parser.add_argument("--data-images", type=int, default=8, help="generated 683x512 image/label pairs for --data (default 8)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write all results as JSON here")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. model.deform.stages=[layer3,layer4]")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. model.deform.stages=[layer3,layer4]"
+    )
     args = parser.parse_args(argv)
     return args
 
@@ -136,76 +140,153 @@ def variant_config(config: dict[str, Any], version: int) -> dict[str, Any]:
     return config
 
 
-def bench_model(
-    config: dict[str, Any], args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
-) -> dict[str, Any]:
-    """Training-step and inference images/s and peak memory of one model variant."""
-    from train import compute_loss  # the training loss exactly as train.py computes it
+class ModelBench:
+    """One model variant set up as train.py sets it up, with its optimizer and a synthetic batch."""
 
-    tcfg, mcfg = config["train"], config["model"]
+    def __init__(
+        self, name: str, config: dict[str, Any], args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
+    ) -> None:
+        tcfg, mcfg = config["train"], config["model"]
+        self.name, self.device, self.amp_dtype, self.mcfg = name, device, amp_dtype, mcfg
+        cuda = device.type == "cuda"
+        memory_format = torch.channels_last if cuda and tcfg["channels_last"] else torch.contiguous_format
+        torch.manual_seed(0)
+        model, _ = build_model(config, load_pretrained=False)
+        self.model = model.to(device, memory_format=memory_format)
+        self.optimizer = torch.optim.SGD(
+            parameter_groups(self.model, tcfg, mcfg["deform"]["offset_lr_mult"]), lr=tcfg["lr"], momentum=tcfg["momentum"]
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+        self.net = torch.compile(self.model) if tcfg["compile"] else self.model
+        images, self.labels = synthetic_batch(args.batch_size, args.crop, mcfg["num_classes"], device)
+        self.images = images.contiguous(memory_format=memory_format)
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + [self.images, self.labels]
+        self.static_bytes = sum(t.numel() * t.element_size() for t in tensors)  # what inference needs resident
+
+    def held_bytes(self) -> int:
+        """Bytes this variant holds between training steps: weights, inputs, gradients, optimizer state."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return self.static_bytes + sum(t.numel() * t.element_size() for t in grads + state)
+
+    def train_step(self) -> None:
+        """Forward with the aux head, train.py's loss, backward and an SGD step."""
+        from train import compute_loss  # the training loss exactly as train.py computes it
+
+        with autocast_context(self.device, self.amp_dtype):
+            outputs = self.net(self.images)
+        loss = compute_loss(outputs, self.labels, self.mcfg["aux_loss_weight"])["total"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def infer_step(self) -> None:
+        """Eval-mode logits upsampled to the input size, as evaluation does."""
+        with torch.inference_mode(), autocast_context(self.device, self.amp_dtype):
+            logits = self.net(self.images)["out"]
+            F.interpolate(logits, size=self.images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def run_steps(bench: ModelBench, step: Callable[[], None], count: int, own_bytes: int) -> tuple[list[float], int | None]:
+    """Run ``step`` ``count`` times; return the milliseconds of each and this variant's peak CUDA bytes (None on CPU).
+
+    ``own_bytes`` is what the variant holds resident before the steps. The other variants stay on the
+    GPU meanwhile; what they hold is constant during these steps and is subtracted.
+    """
+    device = bench.device
     cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda and tcfg["channels_last"] else torch.contiguous_format
-    torch.manual_seed(0)
-    model, _ = build_model(config, load_pretrained=False)
-    model = model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(
-        parameter_groups(model, tcfg, mcfg["deform"]["offset_lr_mult"]), lr=tcfg["lr"], momentum=tcfg["momentum"]
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
-    net = torch.compile(model) if tcfg["compile"] else model
-    images, labels = synthetic_batch(args.batch_size, args.crop, mcfg["num_classes"], device)
-    images = images.contiguous(memory_format=memory_format)
+    sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        others = torch.cuda.memory_allocated(device) - own_bytes
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(1000.0 * (time.perf_counter() - start))
+    return times, (torch.cuda.max_memory_allocated(device) - others if cuda else None)
 
-    def train_step() -> None:
-        with autocast_context(device, amp_dtype):
-            outputs = net(images)
-        loss = compute_loss(outputs, labels, mcfg["aux_loss_weight"])["total"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
 
-    def infer_step() -> None:
-        with torch.inference_mode(), autocast_context(device, amp_dtype):
-            logits = net(images)["out"]
-            F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+def bench_models(
+    configs: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
+) -> list[dict[str, Any]]:
+    """Training and inference images/s and peak memory of every variant.
 
-    result: dict[str, Any] = {}
+    All variants are built first; after each one's warm-up the timed iterations go round-robin (one
+    iteration of each variant in turn), so a change in machine load hits every variant alike and the
+    ratios stay fair. Images/s is the batch size over the median iteration time.
+    """
     try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        model.train()
-        result["train_images_per_s"] = 1000.0 * args.batch_size / time_each(train_step, args.iters, args.warmup, device)
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        model.eval()
-        result["infer_images_per_s"] = 1000.0 * args.batch_size / time_each(infer_step, args.iters, args.warmup, device)
-        result["infer_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
+        benches = [ModelBench(name, config, args, device, amp_dtype) for name, config in configs]
+        results = {b.name: {"name": b.name, "train_ms": [], "infer_ms": []} for b in benches}
+        peaks: dict[str, dict[str, int]] = {b.name: {"train": 0, "infer": 0} for b in benches}
+        for mode in ("train", "infer"):
+            for b in benches:
+                b.model.train(mode == "train")
+
+            def run(b: ModelBench, count: int) -> list[float]:
+                # Training counts gradients and momentum as the variant's own; inference only weights and inputs.
+                step, own = (b.train_step, b.held_bytes()) if mode == "train" else (b.infer_step, b.static_bytes)
+                times, peak = run_steps(b, step, count, own)
+                peaks[b.name][mode] = max(peaks[b.name][mode], peak or 0)
+                return times
+
+            for b in benches:
+                run(b, args.warmup)
+            for _ in range(args.iters):
+                for b in benches:
+                    results[b.name][f"{mode}_ms"] += run(b, 1)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
-            f"CUDA out of memory with --batch-size {args.batch_size} --crop {args.crop}. Use a smaller batch or crop, "
-            f"or --amp bf16."
+            f"CUDA out of memory with --batch-size {args.batch_size} --crop {args.crop} and {len(configs)} variants "
+            f"resident. Use a smaller batch or crop, --amp bf16, or fewer --variants per run."
         ) from None
     finally:
-        del model, net, optimizer
+        benches, b = [], None  # free the models before the next part
         gc.collect()
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-    return result
+    records = []
+    for name, r in results.items():
+        cuda = device.type == "cuda"
+        records.append({
+            "name": name,
+            "train_images_per_s": 1000.0 * args.batch_size / statistics.median(r["train_ms"]),
+            "infer_images_per_s": 1000.0 * args.batch_size / statistics.median(r["infer_ms"]),
+            "peak_mem_gib": peaks[name]["train"] / GIB if cuda else None,
+            "infer_peak_mem_gib": peaks[name]["infer"] / GIB if cuda else None,
+            "train_ms": r["train_ms"],
+            "infer_ms": r["infer_ms"],
+        })
+    return records
 
 
 def add_ratios(models: list[dict[str, Any]]) -> None:
     """``*_ratio`` = value / norm-conv's value (None without a norm-conv row or value)."""
     ref = next((m for m in models if m["name"] == "norm-conv"), None)
     for m in models:
-        for key, ratio in (("train_images_per_s", "train_ratio"), ("infer_images_per_s", "infer_ratio"), ("peak_mem_gib", "mem_ratio")):
+        pairs = (("train_images_per_s", "train_ratio"), ("infer_images_per_s", "infer_ratio"), ("peak_mem_gib", "mem_ratio"))
+        for key, ratio in pairs:
             ok = ref is not None and m[key] is not None and ref[key]
             m[ratio] = m[key] / ref[key] if ok else None
 
 
 # --------------------------------------------------------------------------------------------------- ops
+def torchvision_deform(
+    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, **conv_args: Any
+) -> torch.Tensor:
+    """torchvision's deformable conv (v1 without ``mask``, v2 with it), no bias."""
+    return deform_conv2d(x, offset, weight, None, mask=mask, **conv_args)
+
+
+# Implementations of the deformable op timed by --ops, by the name in the rows' ``impl`` ("+mask" added
+# for v2). Each takes (input, offset, weight, mask or None, stride=, padding=, dilation=) like
+# torchvision's op; another implementation is one more entry here.
+DEFORM_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"torchvision": torchvision_deform}
+
+
 def layer_shapes(config: dict[str, Any], crop: int, device: torch.device) -> list[dict[str, Any]]:
     """Geometry of every deformable layer of the v2 model at a ``crop`` input, one entry per distinct shape."""
     model, _ = build_model(variant_config(config, 2), load_pretrained=False)
@@ -303,18 +384,27 @@ def bench_ops(
                      "max_rel_err": max_rel_err(zero_op, reference),
                      "err_ref": "deform_conv2d with zero offsets and mask 1 vs float64 conv2d"})
         for offset_name, offset in offsets.items():
-            for impl, m in (("torchvision", None), ("torchvision+mask", mask)):
-                def op(x_: torch.Tensor, o_: torch.Tensor, w_: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-                    return deform_conv2d(x_, o_, w_, None, mask=rest[0] if rest else None, **conv_args)
+            for impl_name, impl in DEFORM_IMPLS.items():
+                for m in (None, mask):
+                    def op(
+                        x_: torch.Tensor, o_: torch.Tensor, w_: torch.Tensor, *rest: torch.Tensor, fn: Callable = impl
+                    ) -> torch.Tensor:
+                        return fn(x_, o_, w_, rest[0] if rest else None, **conv_args)
 
-                inputs = [x, offset, weight] + ([m] if m is not None else [])
-                fwd, fwd_bwd = timed(op, inputs)
-                with torch.no_grad(), autocast_context(device, amp_dtype):
-                    out = op(*[t[:1] if t is not weight else t for t in inputs])
-                reference = op(*[(t[:1] if t is not weight else t).double() for t in inputs])
-                rows.append({"op": "deform_conv2d", "impl": impl, **common, "offsets": offset_name, "fwd_ms": fwd,
-                             "fwd_bwd_ms": fwd_bwd, "max_rel_err": max_rel_err(out, reference),
-                             "err_ref": "float64 torchvision deform_conv2d"})
+                    def reference_op(x_: torch.Tensor, o_: torch.Tensor, w_: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+                        return torchvision_deform(x_, o_, w_, rest[0] if rest else None, **conv_args)
+
+                    inputs = [x, offset, weight] + ([m] if m is not None else [])
+                    fwd, fwd_bwd = timed(op, inputs)
+                    first = [t[:1] if t is not weight else t for t in inputs]  # the error on the first image
+                    with torch.no_grad(), autocast_context(device, amp_dtype):
+                        out = op(*first)
+                    reference = reference_op(*[t.double() for t in first])
+                    rows.append({
+                        "op": "deform_conv2d", "impl": impl_name + ("+mask" if m is not None else ""), **common,
+                        "offsets": offset_name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                        "max_rel_err": max_rel_err(out, reference), "err_ref": "float64 torchvision deform_conv2d",
+                    })
     return rows
 
 
@@ -361,7 +451,8 @@ def bench_data(args: argparse.Namespace, models: list[dict[str, Any]], device: t
     per_worker = args.data_samples / seconds
     targets = [("norm-conv on one H100 (measured)", H100_NORM_CONV_IMAGES_PER_S)]
     if device.type == "cuda":
-        targets += [(f"{m['name']} training, this run ({torch.cuda.get_device_name(device)})", m["train_images_per_s"]) for m in models]
+        gpu = torch.cuda.get_device_name(device)
+        targets += [(f"{m['name']} training, this run ({gpu})", m["train_images_per_s"]) for m in models]
     return {
         "recipe": recipe,
         "images": args.data_images,
@@ -399,13 +490,16 @@ def report(result: dict[str, Any]) -> str:
             f"{num(m['infer_ratio'])} | {num(m['peak_mem_gib'])} | {num(m['mem_ratio'])} |"
         )
     if result["ops"]:
-        lines += ["", "| op | impl | input, kernel | offsets | fwd ms | fwd+bwd ms | max rel err |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| op | impl | input, kernel | offsets | fwd ms | fwd+bwd ms | max rel err |", "|" + "---|" * 7]
         for r in result["ops"]:
             lines.append(
                 f"| {r['op']} | {r['impl']} | {r['shape']} | {r['offsets'] or '-'} | {num(r['fwd_ms'], 3)} | "
                 f"{num(r['fwd_bwd_ms'], 3)} | {r['max_rel_err']:.1e} |"
             )
-        lines.append("(conv2d rows' error: deform_conv2d with zero offsets and mask 1 vs float64 conv2d; others vs float64 deform_conv2d)")
+        lines.append(
+            "(max rel err: conv2d rows, deform_conv2d with zero offsets and mask 1 vs float64 conv2d; others vs float64 "
+            "torchvision deform_conv2d on the same inputs)"
+        )
     if result["data"]:
         d = result["data"]
         lines += [
@@ -441,19 +535,19 @@ def benchmark(args: argparse.Namespace) -> int:
             "crop": args.crop, "amp": amp_name, "channels_last": device.type == "cuda" and config["train"]["channels_last"],
             "compile": config["train"]["compile"], "aux_head": config["model"]["aux_head"],
             "deform_stages": config["model"]["deform"]["stages"], "deform_blocks": config["model"]["deform"]["blocks"],
-            "iters": args.iters, "warmup": args.warmup, "timing": "median of single synchronised iterations",
+            "iters": args.iters, "warmup": args.warmup,
+            "timing": "median of single synchronised iterations, variants interleaved",
             "cpu_threads": torch.get_num_threads(),
         },
         "models": [],
         "ops": [],
         "data": {},
     }
-    for key in variants:
-        name, version = VARIANTS[key]
-        print(f"benchmarking {name} ...", file=sys.stderr)
-        record = {"name": name, "deform_version": version}
-        record.update(bench_model(variant_config(config, version), args, device, amp_dtype))
-        result["models"].append(record)
+    print(f"benchmarking {', '.join(VARIANTS[v][0] for v in variants)} ...", file=sys.stderr)
+    configs = [(VARIANTS[v][0], variant_config(config, VARIANTS[v][1])) for v in variants]
+    result["models"] = bench_models(configs, args, device, amp_dtype)
+    for record, key in zip(result["models"], variants):
+        record["deform_version"] = VARIANTS[key][1]
     add_ratios(result["models"])
     if args.ops:
         print("benchmarking deform_conv2d vs conv2d ...", file=sys.stderr)

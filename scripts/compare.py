@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by train.py")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="also write comparison.md, comparison.json, curves.png, final_miou.png here")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="also write comparison.md, comparison.json, curves.png, final_miou.png here"
+    )
     parser.add_argument(
         "--no-eval", action="store_true",
         help="do not run evaluate.py: use saved eval JSONs, else the checkpoint's best_miou (marked *)",
@@ -264,7 +266,8 @@ def group_runs(runs: list[Run], ignored: list[str]) -> list[Group]:
     for group in result:
         name = str(group.config.get("config_name", group.runs[0].path.name))
         same_name = [g for g in result if g.config.get("config_name") == group.config.get("config_name")]
-        diffs = sorted({k for g in same_name for k in set(g.config) | set(group.config) if g.config.get(k) != group.config.get(k)})
+        keys = {k for g in same_name for k in g.config}
+        diffs = sorted(k for k in keys if any(g.config.get(k) != group.config.get(k) for g in same_name))
         if len(same_name) > 1 and diffs:
             shown = ", ".join(f"{k}={group.config.get(k)}" for k in diffs[:3]) + (", ..." if len(diffs) > 3 else "")
             name = f"{name} ({shown})"
@@ -402,7 +405,7 @@ def markdown(summary: dict[str, Any], val_images: int = 0) -> str:
             text += "seed spread (pooled std) 0.00: the seeds gave identical numbers"
         else:
             ratio = abs(g["delta_val_miou"]) / spread
-            verdict = "exceeds the spread" if ratio > 2 else "within the seed noise" if ratio < 1 else "not clearly above the spread"
+            verdict = "exceeds the spread" if ratio > 2 else "not clearly above the spread" if ratio >= 1 else "within the seed noise"
             text += f"seed spread (pooled std) {spread:.2f} → difference {ratio:.1f}x the spread ({verdict})"
             if single:
                 text += f"; n=1 for {', '.join(single)}: run more seeds"
@@ -465,7 +468,8 @@ def plot(groups: list[Group], summary: dict[str, Any], out: Path) -> None:
         ax.annotate(f"{means[i]:.2f}", (i, means[i] + errs[i]), xytext=(0, 4), textcoords="offset points", ha="center")
     ticks = [g["label"].replace(" (", "\n(").replace(", ", ",\n") + f"\nn={g['n']}" for g in records]
     ax.set_xticks(x, ticks, fontsize=9)
-    top = max([m + e for m, e in zip(means, errs)] + [v for g in records for v in g["val_miou"]["values"] if v is not None] + [1.0])
+    singles = [v for g in records for v in g["val_miou"]["values"] if v is not None]
+    top = max([m + e for m, e in zip(means, errs)] + singles + [1.0])
     ax.set_ylim(0, top * 1.3)
     marked = any(g["val_miou_from_checkpoint"] for g in records)
     ax.set(title="Final validation mIoU per model" + (" (* from checkpoint best_miou)" if marked else ""),

@@ -10,7 +10,9 @@ for three. In the ResNet-50 FCN at output stride 8 the layers between the deform
 convs, so a position carries over unchanged; strides between layers are handled through each
 layer's cumulative stride. For DCNv2 (Zhu et al. 2019) each location is weighted by the product of
 the modulation masks along its path. With several deformable groups the offsets and masks are
-averaged over the groups.
+averaged over the groups. Each position's panel zooms to the region its locations occupy (on small
+images, where they reach far beyond the image, it shows the image and the padding around it); the
+overview marks these regions with numbered rectangles.
 
 Example:
     python scripts/visualize_offsets.py --checkpoint runs/def-conv-v2/best.pt \\
@@ -38,6 +40,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.collections import PathCollection  # noqa: E402
@@ -56,6 +59,9 @@ DEFAULT_POINTS = 5  # with the overview, two full rows of three panels
 OUTPUT_COLOUR = "#39ff14"  # the output position, as the green point of DCNv1 Fig. 5
 V1_COLOUR = "#ff2a2a"
 PADDING_COLOUR = "#e4e4e4"  # outside the image, where the convolutions read zeros
+MAX_PADDING = 0.6  # views reach at most this many image sizes into the padding, so the image stays legible
+ZOOM_MARGIN = 0.15  # a point panel shows its locations' bounding box grown by this part of its longer side
+ZOOM_MIN = 0.25  # ... and at least this part of the image's shorter side, so tiny spreads are not blown up
 # plasma without its darkest quarter, so weak locations stay visible on the dimmed photo
 MASK_CMAP = ListedColormap(matplotlib.colormaps["plasma"](np.linspace(0.22, 1.0, 256)), name="plasma_light")
 
@@ -378,26 +384,79 @@ def _cloud_view(geo: _Geometry, fields: list[LayerField], traces: list[list[tupl
     """Axis limits (left, right, bottom, top) showing the image and (nearly) all sampling locations.
 
     Locations can fall far beyond a small image, into the zero padding; the view grows to hold
-    99% of them, by at most 0.6 image sizes on each side (the image stays legible).
+    99% of them, by at most MAX_PADDING image sizes on each side.
     """
     xy = np.concatenate([geo.to_image(t[-1][0], fields[0].in_stride) for t in traces])
     left, right, bottom, top = box
     width, height = right - left, bottom - top
     lo, hi = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
     pad = 0.03 * max(width, height)
-    new_left = max(min(left, lo[0] - pad), left - 0.6 * width)
-    new_right = min(max(right, hi[0] + pad), right + 0.6 * width)
-    new_top = max(min(top, lo[1] - pad), top - 0.6 * height)
-    new_bottom = min(max(bottom, hi[1] + pad), bottom + 0.6 * height)
+    new_left = max(min(left, lo[0] - pad), left - MAX_PADDING * width)
+    new_right = min(max(right, hi[0] + pad), right + MAX_PADDING * width)
+    new_top = max(min(top, lo[1] - pad), top - MAX_PADDING * height)
+    new_bottom = min(max(bottom, hi[1] + pad), bottom + MAX_PADDING * height)
     return new_left, new_right, new_bottom, new_top
 
 
+def _zoom_view(xy: np.ndarray, image_box: tuple[float, float, float, float],
+               canvas: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """Axis limits (left, right, bottom, top) of one point panel: the region its sampling locations occupy.
+
+    The bounding box of ``xy`` (one position's locations and the position itself, image pixels) grows
+    by ZOOM_MARGIN of its longer side on each side, then to the image's aspect ratio and to at least
+    ZOOM_MIN of the image's shorter side. It is moved, not shrunk, to lie within the padded canvas of
+    this position: the image and the grown bounding box, at most MAX_PADDING image sizes beyond the
+    image; so it shows the zero padding only around locations that fall into it. A box as large as
+    the image would zoom nothing: then the panel keeps ``canvas``, the widened view (``_cloud_view``)
+    shared by all positions, as on small images whose locations reach far beyond them.
+    """
+    left, right, bottom, top = image_box
+    img_w, img_h = right - left, bottom - top
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    margin = ZOOM_MARGIN * (hi - lo).max()
+    lo, hi = lo - margin, hi + margin
+    aspect = img_w / img_h
+    width = max(hi[0] - lo[0], (hi[1] - lo[1]) * aspect, ZOOM_MIN * min(img_w, img_h) * max(aspect, 1.0))
+    if width >= img_w:
+        return canvas
+    half = np.array([width, width / aspect]) / 2
+    reach = MAX_PADDING * np.array([img_w, img_h])
+    inner_lo = np.maximum(np.minimum([left, top], lo), np.array([left, top]) - reach) + half
+    inner_hi = np.minimum(np.maximum([right, bottom], hi), np.array([right, bottom]) + reach) - half
+    cx, cy = np.clip((lo + hi) / 2, inner_lo, np.maximum(inner_lo, inner_hi))
+    return float(cx - half[0]), float(cx + half[0]), float(cy + half[1]), float(cy - half[1])
+
+
+def _covers(box: tuple[float, float, float, float], image_box: tuple[float, float, float, float]) -> bool:
+    """Whether the view ``box`` holds all of ``image_box`` (both as left, right, bottom, top)."""
+    return box[0] <= image_box[0] and box[1] >= image_box[1] and box[2] >= image_box[2] and box[3] <= image_box[3]
+
+
 def _draw_overview(ax: Axes, geo: _Geometry, pred: np.ndarray | None, palette: np.ndarray, stride: float,
-                   feats: list[tuple[int, int]]) -> None:
-    """The image with the predicted classes and the numbered output positions (cell centres)."""
+                   feats: list[tuple[int, int]], zooms: list[tuple[float, float, float, float]]) -> None:
+    """The image with the predicted classes, the numbered output positions (cell centres) and zoom regions.
+
+    ``zooms`` are the views of the point panels; those smaller than the image are drawn as thin numbered
+    rectangles.
+    """
     if pred is not None:
         colours = palette[np.clip(pred, 0, len(palette) - 1)]
         ax.imshow(colours, extent=geo.extent(stride, pred.shape), alpha=0.45, interpolation="nearest")
+    left, right, bottom, top = ax.get_xlim() + ax.get_ylim()
+    step = 14.0 / _points_per_pixel(ax)  # a label's width, in image pixels
+    placed: list[tuple[float, float]] = []
+    for k, box in enumerate(zooms):
+        if _covers(box, (left, right, bottom, top)):
+            continue
+        ax.add_patch(Rectangle((box[0], box[3]), box[1] - box[0], box[2] - box[3], fill=False, ec="white", lw=1.2,
+                               zorder=2, path_effects=[patheffects.withStroke(linewidth=2.6, foreground="black")]))
+        x, y = max(box[0], left), max(box[3], top)  # the top left corner, inside the panel
+        while any(abs(x - px) < step and abs(y - py) < step for px, py in placed):
+            x += step  # boxes often share a corner of the image
+        placed.append((x, y))
+        ax.annotate(str(k + 1), (x, y), xytext=(2.5, -2.5), textcoords="offset points", ha="left", va="top",
+                    fontsize=8, fontweight="bold", zorder=4,
+                    bbox=dict(boxstyle="square,pad=0.12", fc="white", ec="none", alpha=0.85))
     for k, (x, y) in enumerate(geo.to_image(np.array(feats, dtype=np.float64).reshape(-1, 2), stride)):
         ax.plot(x, y, marker="*", ms=17, mfc=OUTPUT_COLOUR, mec="black", mew=1.2, ls="none")
         ax.annotate(str(k + 1), (x, y), xytext=(8, 6), textcoords="offset points", fontsize=11, fontweight="bold",
@@ -410,7 +469,7 @@ def _draw_point(ax: Axes, geo: _Geometry, fields: list[LayerField], levels: list
     """One output position: its 9^L sampling locations, the last layer's own 9 samples, the position itself."""
     locs, weights = levels[-1]
     xy = geo.to_image(locs, fields[0].in_stride)
-    size = float(np.clip(2600.0 / len(locs), 3.0, 60.0))
+    size = _dot_size(ax, xy)
     if fields[0].mask is not None:
         order = np.argsort(weights, kind="stable")  # strongest on top
         dots = ax.scatter(xy[order, 0], xy[order, 1], c=weights[order], s=size, cmap=MASK_CMAP, vmin=0.0,
@@ -422,6 +481,24 @@ def _draw_point(ax: Axes, geo: _Geometry, fields: list[LayerField], levels: list
         ax.scatter(first[:, 0], first[:, 1], s=55, facecolors="none", edgecolors="white", linewidths=1.4, zorder=4)
     ax.plot(out_xy[0], out_xy[1], marker="*", ms=18, mfc=OUTPUT_COLOUR, mec="black", mew=1.2, ls="none", zorder=5)
     return dots
+
+
+def _points_per_pixel(ax: Axes) -> float:
+    """Typographic points per image pixel in the panel ``ax`` at its current limits (equal aspect)."""
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    pos, (fig_w, fig_h) = ax.get_position(), ax.figure.get_size_inches()
+    return min(pos.width * fig_w / (right - left), pos.height * fig_h / (bottom - top)) * 72
+
+
+def _dot_size(ax: Axes, xy: np.ndarray) -> float:
+    """Marker area (points^2) that keeps the dots at ``xy`` apart at the zoom of the panel ``ax``.
+
+    The diameter is about half the mean spacing of the locations on screen (their central 90% spread
+    over their number), between 1.6 and 6 points.
+    """
+    lo, hi = np.percentile(xy, [5.0, 95.0], axis=0)
+    spacing = np.sqrt(max(float(np.prod(hi - lo)), 1.0) / (0.81 * len(xy))) * _points_per_pixel(ax)
+    return float(np.clip(0.5 * spacing, 1.6, 6.0) ** 2)
 
 
 def _add_colorbar(fig: Figure, ax: Axes, mappable: Any, label: str | None = None) -> None:
@@ -517,12 +594,17 @@ def offset_figure(
     background = _dimmed(original_rgb)
     image_box = (-0.5, orig_w - 0.5, orig_h - 0.5, -0.5)
     cloud_box = _cloud_view(geo, fields, traces, image_box)
+    zooms = []
+    for feat, levels in zip(feats, traces):
+        out_xy = geo.to_image(np.array(feat, float), last.out_stride)
+        zooms.append(_zoom_view(np.vstack([geo.to_image(levels[-1][0], fields[0].in_stride), out_xy]), image_box,
+                                cloud_box))
     row, point_bar = 0, False
     for section in sections:
         for idx, panel in enumerate(section):
             ax = fig.add_subplot(grid[row + idx // ncols, idx % ncols])
             ax.imshow(background, extent=image_box, interpolation="bilinear")
-            box = cloud_box if panel != "overview" and panel[0] == "point" else image_box
+            box = zooms[panel[1]] if panel != "overview" and panel[0] == "point" else image_box
             ax.set_xlim(box[0], box[1])
             ax.set_ylim(box[2], box[3])
             if box != image_box:  # locations beyond the border fall in the zero padding
@@ -531,7 +613,7 @@ def offset_figure(
             ax.set_xticks([])
             ax.set_yticks([])
             if panel == "overview":
-                _draw_overview(ax, geo, pred, palette, last.out_stride, feats)
+                _draw_overview(ax, geo, pred, palette, last.out_stride, feats, zooms)
                 continue
             kind, i = panel
             if kind == "point":

@@ -216,6 +216,83 @@ def test_choose_points_spreads_over_classes() -> None:
     assert len(vo.choose_points(np.zeros((12, 12), np.int64), n=5)) == 5  # one class: filled up
 
 
+def synthetic_fields(h: int, w: int, scale: float, seed: int = 0) -> list:
+    """Three layer4-like fields (dilations 2, 4, 4; stride 8) on an h x w grid with smooth random offsets."""
+    g = torch.Generator().manual_seed(seed)
+    fields = []
+    for i, d in enumerate((2, 4, 4)):
+        coarse = torch.randn(1, 18, 3, 4, generator=g, dtype=torch.float64) * scale
+        offsets = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear")[0].reshape(9, 2, h, w).numpy()
+        fields.append(vo.LayerField(
+            name=f"layer4.{i}.conv2", version=1, groups=1, offsets=offsets, mask=None,
+            magnitude=np.linalg.norm(offsets, axis=1).mean(0), kernel=(3, 3), stride=(1, 1), padding=(d, d),
+            dilation=(d, d), in_stride=8.0, out_stride=8.0,
+        ))
+    return fields
+
+
+def zoom_boxes(orig_w: int, orig_h: int, net_w: int, net_h: int, scale: float,
+               feats: list[tuple[int, int]]) -> tuple[list, list, tuple, tuple]:
+    """The point panels' views as offset_figure computes them, with each point's image-pixel locations."""
+    fields = synthetic_fields(net_h // 8, net_w // 8, scale)
+    geo = vo._Geometry(orig_w, orig_h, net_w, net_h)
+    image_box = (-0.5, orig_w - 0.5, orig_h - 0.5, -0.5)
+    traces = [vo.trace(fields, p) for p in feats]
+    canvas = vo._cloud_view(geo, fields, traces, image_box)
+    clouds = [np.vstack([geo.to_image(t[-1][0], 8.0), geo.to_image(np.array(p, float), 8.0)])
+              for p, t in zip(feats, traces)]
+    return [vo._zoom_view(xy, image_box, canvas) for xy in clouds], clouds, image_box, canvas
+
+
+def test_zoom_box_holds_its_locations_within_the_padded_canvas() -> None:
+    """On a photo-sized image each point panel zooms to its 729 locations, padded only where they go."""
+    feats = [(0, 0), (2, 45), (32, 24), (63, 47), (63, 3), (15, 38)]  # corners, border, centre (grid 48x64)
+    zooms, clouds, image_box, canvas = zoom_boxes(1024, 768, 512, 384, scale=1.0, feats=feats)
+    left, right, bottom, top = image_box
+    img_w, img_h = right - left, bottom - top
+    zoomed = 0
+    for (b_left, b_right, b_bottom, b_top), xy in zip(zooms, clouds):
+        assert len(xy) == 9**3 + 1
+        # holds every location and the output position, with a margin
+        assert b_left < xy[:, 0].min() and b_right > xy[:, 0].max()
+        assert b_top < xy[:, 1].min() and b_bottom > xy[:, 1].max()
+        # the image's aspect ratio, at least a quarter of its shorter side, and smaller than the image
+        width, height = b_right - b_left, b_bottom - b_top
+        assert math.isclose(width / height, img_w / img_h, rel_tol=1e-9)
+        assert height >= 0.25 * img_h - 1e-9 and width < img_w
+        # within the padded canvas: the image, and the padding only as far as this point's locations reach
+        spread = (xy.max(0) - xy.min(0)).max()
+        assert b_left >= min(left, xy[:, 0].min() - 0.15 * spread) - 1e-9
+        assert b_right <= max(right, xy[:, 0].max() + 0.15 * spread) + 1e-9
+        assert b_top >= min(top, xy[:, 1].min() - 0.15 * spread) - 1e-9
+        assert b_bottom <= max(bottom, xy[:, 1].max() + 0.15 * spread) + 1e-9
+        assert b_left >= left - vo.MAX_PADDING * img_w and b_right <= right + vo.MAX_PADDING * img_w
+        assert b_top >= top - vo.MAX_PADDING * img_h and b_bottom <= bottom + vo.MAX_PADDING * img_h
+        zoomed += int(xy[:, 0].min() >= left and xy[:, 0].max() <= right)
+    assert zoomed >= 2  # some clouds lie inside the image: their boxes show no padding at all
+    inside = [z for z, xy in zip(zooms, clouds) if xy[:, 0].min() >= left and xy[:, 0].max() <= right
+              and xy[:, 1].min() >= top and xy[:, 1].max() <= bottom]
+    for box in inside:
+        assert box[0] >= left and box[1] <= right and box[3] >= top and box[2] <= bottom
+
+
+def test_zoom_keeps_the_widened_view_when_the_spread_exceeds_the_image() -> None:
+    """The 96-pixel demo: the locations reach far beyond the image, so the panels keep the shared widened view."""
+    zooms, clouds, image_box, canvas = zoom_boxes(96, 96, 96, 96, scale=0.5, feats=[(0, 0), (5, 6), (11, 2)])
+    assert all(z == canvas for z in zooms)
+    assert canvas[0] < image_box[0] and canvas[1] > image_box[1]  # the padding around the image
+
+
+def test_tiny_spreads_are_not_blown_up() -> None:
+    image_box = (-0.5, 683.5, 511.5, -0.5)
+    xy = np.array([[300.0, 200.0], [302.0, 201.0], [301.0, 203.0]])
+    left, right, bottom, top = vo._zoom_view(xy, image_box, image_box)
+    assert math.isclose(bottom - top, 0.25 * 512) and math.isclose(right - left, 0.25 * 684)
+    assert left < 300 < 302 < right and top < 200 < 203 < bottom
+    near_corner = vo._zoom_view(xy - [298.0, 198.0], image_box, image_box)  # moved inside the image, not shrunk
+    assert near_corner[0] == -0.5 and near_corner[3] == -0.5 and math.isclose(near_corner[1], -0.5 + 0.25 * 684)
+
+
 def test_plain_model_is_a_user_error(image: torch.Tensor) -> None:
     model = demo_model(["model.deform.version=0"])
     with pytest.raises(UserError, match="no deformable layers"):
