@@ -136,6 +136,17 @@ def load_config(name: str, overrides: list[str] | None = None) -> dict[str, Any]
     return config
 
 
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config to ``{"a.b": value}`` (the dotted keys that overrides use)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def check_same_model(saved: dict[str, Any], wanted: dict[str, Any], saved_name: str, wanted_name: str) -> None:
     """Raise UserError if two configs describe different models (the ``model`` section differs)."""
     keys = ("num_classes", "aux_head", "deform")

@@ -33,12 +33,13 @@ import torchvision  # noqa: E402
 from torchvision.ops import deform_conv2d  # noqa: E402
 
 from configs import UserError, load_config  # noqa: E402
+from data import IGNORE_INDEX  # noqa: E402
 from models.segmentor import build_model, deformable_layers, parameter_groups  # noqa: E402
 
 VARIANTS = {"norm": ("norm-conv", 0), "v1": ("def-conv-v1", 1), "v2": ("def-conv-v2", 2)}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-H100_NORM_CONV_IMAGES_PER_S = 150.0  # measured training throughput of norm-conv on one H100 (batch 16, 512 crop)
-IGNORE_INDEX = 255
+# reference: norm-conv training on one H100 (torch 2.11, batch 16, 512 crop, bf16), from the issue tracker
+H100_NORM_CONV_IMAGES_PER_S = 150.0
 GIB = 2**30
 
 
@@ -449,7 +450,7 @@ def bench_data(args: argparse.Namespace, models: list[dict[str, Any]], device: t
         finally:
             torch.set_num_threads(threads)
     per_worker = args.data_samples / seconds
-    targets = [("norm-conv on one H100 (measured)", H100_NORM_CONV_IMAGES_PER_S)]
+    targets = [("norm-conv on one H100 (reference figure, torch 2.11, bf16)", H100_NORM_CONV_IMAGES_PER_S)]
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         targets += [(f"{m['name']} training, this run ({gpu})", m["train_images_per_s"]) for m in models]

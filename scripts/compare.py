@@ -30,11 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from configs import UserError  # noqa: E402
+from configs import UserError, flatten  # noqa: E402
 from models.segmentor import build_model, count_parameters  # noqa: E402
 
 # Config keys that do not change what a run learns: runs differing only in these are seeds of one group.
-IGNORED_KEYS = ("seed", "data.num_workers", "data.root", "train.log_interval", "train.ckpt_interval", "train.tb_images")
+IGNORED_KEYS = (
+    "seed", "data.num_workers", "data.root", "train.log_interval", "train.ckpt_interval", "train.tb_images",
+    "train.val_interval", "train.val_max_images",
+)
 VAL_JSON, TRAIN_JSON = "eval_validation.json", "eval_training.json"
 NO_EVAL_MARK = "*"
 
@@ -244,16 +247,6 @@ def fill_params(runs: list[Run]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ grouping
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict to ``{"a.b": value}``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
 
 def group_runs(runs: list[Run], ignored: list[str]) -> list[Group]:
     """Group runs whose configs agree outside ``ignored`` keys; label groups by config name (+ differing keys)."""
@@ -375,7 +368,7 @@ def markdown(summary: dict[str, Any], val_images: int = 0) -> str:
     ref = summary["reference"] or "norm-conv"
     header = (
         "| model | runs | val mIoU | train mIoU | Δ val vs norm-conv | Δ train vs norm-conv | params | added params "
-        f"| train img/s | val img/s |"
+        "| train img/s | val img/s |"
     )
     lines = [header, "|" + "---|" * 10]
     for g in summary["groups"]:
@@ -450,9 +443,10 @@ def plot(groups: list[Group], summary: dict[str, Any], out: Path) -> None:
     handles, labels = axes[1].get_legend_handles_labels()
     if not handles:
         handles, labels = axes[0].get_legend_handles_labels()
+    columns = min(3 if max(map(len, labels), default=0) <= 40 else 1, max(len(labels), 1))
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / 3), 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / columns), 1, 1))
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
 

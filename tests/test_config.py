@@ -12,20 +12,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs import CONFIG_DIR, UserError, check_same_model, load_config, resolve_config_path  # noqa: E402
+from configs import CONFIG_DIR, UserError, check_same_model, flatten, load_config, resolve_config_path  # noqa: E402
 
 BASE_YAML = CONFIG_DIR / "ade20k-base.yaml"
 
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {dotted key: leaf value}."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @pytest.mark.parametrize(

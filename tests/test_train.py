@@ -232,3 +232,16 @@ def test_bad_label_found_by_a_loader_worker_is_one_clean_message(
     err = capsys.readouterr().err
     assert code == 2
     assert "200" in err and "x_" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cuda_out_of_memory_suggests_a_smaller_batch(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def out_of_memory(self, images, labels):  # type: ignore[no-untyped-def]
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "train_step", out_of_memory)
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "oom"), *tiny_overrides(tree)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "out of memory" in err and "train.batch_size=" in err and "Traceback" not in err
