@@ -92,7 +92,7 @@ def check_work_dir(work_dir: Path, config: dict[str, Any], resume: bool) -> None
         if not last.is_file():
             raise UserError(f"--resume was given but {last} does not exist. Start without --resume, or name the run's folder with --work-dir.")
         return
-    if not saved_path.is_file() and not last.is_file():
+    if not last.is_file():  # nothing saved yet (say, a start that failed on a missing dataset)
         return
     saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None
     what = "a run of this config" if saved == config else f"a run of a different config ({saved_path})"
@@ -179,7 +179,8 @@ class Trainer:
         if self.master:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(work_dir / "tb"), purge_step=self.iteration if resume else None)
+            # purge_step hides events past the checkpoint (or all of them for a new run) left by a run that died
+            self.writer = SummaryWriter(str(work_dir / "tb"), purge_step=self.iteration)
 
     # ----------------------------------------------------------------------------------------- steps
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

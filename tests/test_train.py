@@ -175,6 +175,9 @@ def test_missing_dataset_root_names_layout_and_download(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert code == 2
     assert "download_ade20k.py" in err and "annotations" in err and "Traceback" not in err
+    # the failed start saved no checkpoint, so the same work dir may be used once the data is there
+    config = load_config("demo.yaml", overrides)
+    train.check_work_dir(tmp_path / "run", config, resume=False)
 
 
 def test_overfitting_a_tiny_batch_reaches_90_percent_pixel_accuracy(tree: Path) -> None:
