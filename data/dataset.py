@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 from collections.abc import Iterator
 from multiprocessing import Pool
 from pathlib import Path
@@ -192,8 +193,15 @@ class TrainSampler(Sampler):
 
 
 def _worker_init(worker_id: int) -> None:
-    """One intra-op thread per loader worker (the workers already run in parallel)."""
+    """One intra-op thread per loader worker, and no reaction to SIGINT/SIGTERM.
+
+    Ctrl-C in a terminal or a scheduler's SIGTERM reaches the whole process group; the training
+    process saves last.pt and then shuts its workers down, which it cannot do if they died first.
+    Workers still exit with their parent (PyTorch's worker watchdog).
+    """
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_loader(config: dict, rank: int, world_size: int, start_iter: int) -> DataLoader:

@@ -248,3 +248,20 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(
     err = capsys.readouterr().err
     assert code == 2
     assert "out of memory" in err and "train.batch_size=" in err and "Traceback" not in err
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers(tree: Path, tmp_path: Path) -> None:
+    """A scheduler signals every process of the job: the workers must outlive the final save."""
+    work_dir = tmp_path / "group"
+    command = [sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir),
+               *tiny_overrides(tree, iters=20), "data.num_workers=2"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (work_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped_at = load_checkpoint(work_dir / "last.pt")["iteration"]
+    assert 2 <= stopped_at < 20 and f"stopped by SIGTERM at iteration {stopped_at}" in out
