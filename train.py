@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import torchvision
 import yaml
 from PIL import Image
+from tqdm import tqdm
 
 from configs import UserError, check_same_model, error_message, load_config
 from data import IGNORE_INDEX
@@ -247,11 +248,12 @@ class Trainer:
             for name, iou in zip(names, metrics["iou"]):
                 if iou is not None:
                     w.add_scalar(f"val_class_iou/{name}", iou, self.iteration)
-            self.log_panels(val_loader, palette)
-            self.log_offsets(val_loader)
+            samples = self.fixed_val_images(val_loader)
+            self.log_panels(samples, palette)
+            self.log_offsets(samples)
             is_best = metrics["mIoU"] > self.best_miou
             self.best_miou = max(self.best_miou, metrics["mIoU"])
-            tqdm_write(
+            tqdm.write(
                 f"iter {self.iteration}: val mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  "
                 f"mAcc {metrics['mAcc']:.2f}  ({seconds:.0f}s){'  new best' if is_best else ''}"
             )
@@ -264,10 +266,10 @@ class Trainer:
         return [val_loader.dataset[i][:2] for i in range(n)]
 
     @torch.no_grad()
-    def log_panels(self, val_loader: torch.utils.data.DataLoader, palette: np.ndarray) -> None:
+    def log_panels(self, samples: list[tuple[torch.Tensor, torch.Tensor]], palette: np.ndarray) -> None:
         """A few fixed validation images as input | ground truth | prediction panels."""
         self.model.eval()
-        for i, (image, label) in enumerate(self.fixed_val_images(val_loader)):
+        for i, (image, label) in enumerate(samples):
             logits = predict_logits(self.model, image[None].to(self.device), tuple(label.shape), num_classes=self.mcfg["num_classes"])
             pred = logits.argmax(1)[0].cpu().numpy()
             rgb = np.asarray(Image.fromarray(denormalize(image)).resize(label.shape[::-1], Image.BILINEAR))
@@ -276,7 +278,7 @@ class Trainer:
         self.model.train()
 
     @torch.no_grad()
-    def log_offsets(self, val_loader: torch.utils.data.DataLoader) -> None:
+    def log_offsets(self, samples: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Per-layer histograms of offset magnitude (and of the v2 mask) on the fixed validation images,
         and the sampling-location figure of scripts/visualize_offsets.py for the first of them."""
         layers = deformable_layers(self.model)
@@ -289,13 +291,13 @@ class Trainer:
         ]
         self.model.eval()
         try:
-            for image, _ in self.fixed_val_images(val_loader):
+            for image, _ in samples:
                 self.model(image[None].to(self.device))
         finally:
             for hook in hooks:
                 hook.remove()
             self.model.train()
-        image, label = self.fixed_val_images(val_loader)[0]
+        image, label = samples[0]
         rgb = np.asarray(Image.fromarray(denormalize(image)).resize(label.shape[::-1], Image.BILINEAR))
         figure = offset_figure(self.model, image, rgb, iteration=self.iteration)
         self.writer.add_image("offsets/sampling_locations", figure, self.iteration, dataformats="HWC")
@@ -309,16 +311,24 @@ class Trainer:
                 self.writer.add_histogram(f"mask/{name}", masks.cpu(), self.iteration)
 
 
-def tqdm_write(text: str) -> None:
-    from tqdm import tqdm
+def checked_losses(window: list[dict[str, torch.Tensor]], iteration: int, world_size: int, last_good: int) -> torch.Tensor:
+    """The (total, main, aux) losses of the window's iterations averaged over ranks, on the CPU.
 
-    tqdm.write(text)
+    One sync per window; raises NonFiniteLoss naming the first bad iteration, so nothing after it is saved.
+    """
+    stacked = torch.stack([torch.stack([w["total"], w["main"], w.get("aux", w["main"])]) for w in window])
+    if world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size
+    stacked = stacked.cpu()
+    bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
+    if len(bad):
+        raise NonFiniteLoss(iteration - len(window) + int(bad[0]) + 1, last_good)
+    return stacked
 
 
 def run(trainer: Trainer) -> int:
     """The training loop; returns the process exit code."""
-    from tqdm import tqdm
-
     cfg, tcfg = trainer.config, trainer.tcfg
     train_loader = build_train_loader(cfg, trainer.rank, trainer.world_size, start_iter=trainer.iteration)
     val_loader = build_val_loader(cfg, "validation", trainer.rank, trainer.world_size, max_images=tcfg["val_max_images"])
@@ -337,7 +347,17 @@ def run(trainer: Trainer) -> int:
     metrics: dict[str, Any] | None = None
     while trainer.iteration < tcfg["iters"]:
         t0 = time.perf_counter()
-        images, labels = next(data_iter)
+        try:
+            images, labels = next(data_iter)
+        except RuntimeError:  # loader workers gone: the stop signal reached them too (process group)
+            if trainer.stop_signal is None:
+                raise
+            if window:
+                checked_losses(window, trainer.iteration, trainer.world_size, last_good)
+            trainer.save("last.pt")
+            if trainer.master:
+                print(f"stopped by {trainer.stop_signal} at iteration {trainer.iteration}; last.pt saved. Continue with --resume.")
+            return 0
         images = images.to(trainer.device, non_blocking=True).contiguous(memory_format=trainer.memory_format)
         labels = labels.to(trainer.device, non_blocking=True)
         data_time += time.perf_counter() - t0
@@ -354,16 +374,7 @@ def run(trainer: Trainer) -> int:
         stop = trainer.stop_requested()
         boundary = it % tcfg["log_interval"] == 0 or it % tcfg["ckpt_interval"] == 0 or it % tcfg["val_interval"] == 0
         if boundary or stop or it == tcfg["iters"]:
-            # One sync per window: the losses of all ranks, checked for non-finite values before anything is saved.
-            stacked = torch.stack([torch.stack([w["total"], w["main"], w.get("aux", w["main"])]) for w in window])
-            if trainer.world_size > 1:
-                dist.all_reduce(stacked)
-                stacked /= trainer.world_size
-            stacked = stacked.cpu()
-            bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
-            if len(bad):
-                bad_iter = it - len(window) + int(bad[0]) + 1
-                raise NonFiniteLoss(bad_iter, last_good)
+            stacked = checked_losses(window, it, trainer.world_size, last_good)
             elapsed = time.perf_counter() - window_start
             mean = stacked.mean(0)
             lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_mult"]
@@ -380,11 +391,11 @@ def run(trainer: Trainer) -> int:
                     w.add_scalar("train/gpu_mem_gib", torch.cuda.max_memory_allocated(trainer.device) / 2**30, it)
                 bar.set_postfix(loss=f"{mean[0].item():.3f}", lr=f"{lr:.2e}")
             window, data_time, window_start = [], 0.0, time.perf_counter()
+            if it % tcfg["val_interval"] == 0 or it == tcfg["iters"]:
+                metrics = trainer.validate(val_loader)  # before saving, so last.pt holds the best mIoU so far
             if it % tcfg["ckpt_interval"] == 0 or it == tcfg["iters"] or stop:
                 trainer.save("last.pt")
                 last_good = it
-            if it % tcfg["val_interval"] == 0 or it == tcfg["iters"]:
-                metrics = trainer.validate(val_loader)
             if stop:
                 bar.close()
                 if trainer.master:

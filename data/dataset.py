@@ -192,16 +192,20 @@ class TrainSampler(Sampler):
             it += 1
 
 
-def _worker_init(worker_id: int) -> None:
-    """One intra-op thread per loader worker, and no reaction to SIGINT/SIGTERM.
+def _exit_quietly(signum: int, frame: Any) -> None:
+    os._exit(0)
 
-    Ctrl-C in a terminal or a scheduler's SIGTERM reaches the whole process group; the training
-    process saves last.pt and then shuts its workers down, which it cannot do if they died first.
-    Workers still exit with their parent (PyTorch's worker watchdog).
+
+def _worker_init(worker_id: int) -> None:
+    """One intra-op thread per loader worker; Ctrl-C left to the main process, SIGTERM a quiet exit.
+
+    Ctrl-C in a terminal or a scheduler's SIGTERM reaches the whole process group. A worker killed
+    by a signal makes PyTorch raise in the training process at once, before it can save last.pt;
+    a worker that exits with status 0 does not, and the training process then stops on its own signal.
     """
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
 
 
 def build_train_loader(config: dict, rank: int, world_size: int, start_iter: int) -> DataLoader:

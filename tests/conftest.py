@@ -10,31 +10,35 @@ import pytest
 from PIL import Image
 
 
+def write_ade_tree(root: Path, num_train: int = 4, num_val: int = 2, size: tuple[int, int] = (40, 30)) -> Path:
+    """Write a small ADE20K-format tree at ``root``; return it.
+
+    Annotations hold 10x10 blocks of ADE ids (0 = other, 1..150); images are noisy colours of their blocks.
+    """
+    width, height = size
+    for split_id, (split, prefix, count) in enumerate(
+        (("training", "ADE_train", num_train), ("validation", "ADE_val", num_val))
+    ):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rng = np.random.default_rng([split_id, i])
+            blocks = rng.choice([0, 1, 3, 5, 13, 21, 150], size=(-(-height // 10), -(-width // 10)))
+            label = np.kron(blocks, np.ones((10, 10), np.int64))[:height, :width].astype(np.uint8)
+            colours = rng.integers(0, 256, (256, 3))
+            image = np.clip(colours[label] + rng.normal(0, 5, (height, width, 3)), 0, 255).astype(np.uint8)
+            name = f"{prefix}_{i + 1:08d}"
+            Image.fromarray(image, "RGB").save(root / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(label, "L").save(root / "annotations" / split / f"{name}.png")
+    return root
+
+
 @pytest.fixture
 def make_ade_tree(tmp_path: Path) -> Callable[..., Path]:
-    """Factory writing a small ADE20K-format tree; returns its root.
-
-    Call as ``make_ade_tree(root=None, num_train=4, num_val=2, size=(40, 30))``. Annotations hold
-    10x10 blocks of ADE ids (0 = other, 1..150); images are noisy colours of their blocks.
-    """
+    """Factory writing a small ADE20K-format tree (``write_ade_tree``); the root defaults to tmp_path."""
 
     def make(root: Path | None = None, num_train: int = 4, num_val: int = 2, size: tuple[int, int] = (40, 30)) -> Path:
         root = Path(root) if root is not None else tmp_path / "ADEChallengeData2016"
-        width, height = size
-        for split_id, (split, prefix, count) in enumerate(
-            (("training", "ADE_train", num_train), ("validation", "ADE_val", num_val))
-        ):
-            (root / "images" / split).mkdir(parents=True, exist_ok=True)
-            (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                rng = np.random.default_rng([split_id, i])
-                blocks = rng.choice([0, 1, 3, 5, 13, 21, 150], size=(-(-height // 10), -(-width // 10)))
-                label = np.kron(blocks, np.ones((10, 10), np.int64))[:height, :width].astype(np.uint8)
-                colours = rng.integers(0, 256, (256, 3))
-                image = np.clip(colours[label] + rng.normal(0, 5, (height, width, 3)), 0, 255).astype(np.uint8)
-                name = f"{prefix}_{i + 1:08d}"
-                Image.fromarray(image, "RGB").save(root / "images" / split / f"{name}.jpg", quality=95)
-                Image.fromarray(label, "L").save(root / "annotations" / split / f"{name}.png")
-        return root
+        return write_ade_tree(root, num_train, num_val, size)
 
     return make

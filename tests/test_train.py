@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from conftest import write_ade_tree  # noqa: E402
 from configs import load_config  # noqa: E402
 from evaluate import load_checkpoint  # noqa: E402
 from models.segmentor import build_model, parameter_groups  # noqa: E402
@@ -41,21 +42,7 @@ def tiny_overrides(tree: Path, iters: int = 6) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
-    for split, count in (("training", 6), ("validation", 2)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(count):
-            rng = np.random.default_rng([len(split), i])
-            blocks = rng.choice([0, 1, 3, 13, 21], size=(5, 6))
-            label = np.kron(blocks, np.ones((8, 8), np.int64)).astype(np.uint8)
-            image = np.clip(rng.integers(0, 256, (256, 3))[label] + rng.normal(0, 5, (*label.shape, 3)), 0, 255)
-            Image.fromarray(image.astype(np.uint8)).save(root / "images" / split / f"x_{i}.jpg", quality=95)
-            Image.fromarray(label).save(root / "annotations" / split / f"x_{i}.png")
-    return root
+    return write_ade_tree(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +221,7 @@ def test_bad_label_found_by_a_loader_worker_is_one_clean_message(
     code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *overrides])
     err = capsys.readouterr().err
     assert code == 2
-    assert "200" in err and "x_" in err and "Traceback" not in err and err.count("\n") == 1
+    assert "200" in err and "ADE_train_" in err and "Traceback" not in err and err.count("\n") == 1
 
 
 def test_cuda_out_of_memory_suggests_a_smaller_batch(
