@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Without a GPU, the Triton kernels (models/triton_*.py) run in Triton's CPU interpreter, so the tests check
+# their numerics on any machine. This must be set before those modules are imported (triton.jit reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def write_ade_tree(root: Path, num_train: int = 4, num_val: int = 2, size: tuple[int, int] = (40, 30)) -> Path:
