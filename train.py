@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchvision
 import yaml
 from PIL import Image
@@ -34,6 +33,7 @@ from data import IGNORE_INDEX
 from data.dataset import build_train_loader, build_val_loader, load_class_info, prepare_dataset_root
 from data.transforms import denormalize
 from evaluate import evaluate_loader, init_distributed, load_checkpoint, predict_logits
+from models import triton_deform, triton_loss
 from models.segmentor import build_model, count_parameters, deformable_layers, parameter_groups
 from scripts.visualize_offsets import offset_figure
 
@@ -57,21 +57,36 @@ def poly_factor(iteration: int, train_cfg: dict[str, Any]) -> float:
     return (1.0 - progress) ** train_cfg["poly_power"] * (1.0 - floor) + floor
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the bilinearly upsampled logits, averaged over labelled pixels (0 if there are none)."""
-    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+# Implementations of the segmentation loss (bilinear upsample + cross-entropy averaged over labelled pixels), by
+# the name config key ``train.loss_op`` uses. Same value and gradient; "triton" never makes the full-size logits.
+LOSS_OPS = {"reference": triton_loss.reference_upsample_cross_entropy, "triton": triton_loss.upsample_cross_entropy}
 
 
-def compute_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor, aux_weight: float) -> dict[str, torch.Tensor]:
+def compute_loss(
+    outputs: dict[str, torch.Tensor], labels: torch.Tensor, aux_weight: float, loss_op: str = "reference"
+) -> dict[str, torch.Tensor]:
     """The training loss: main head plus ``aux_weight`` times the auxiliary head (when present)."""
-    losses = {"main": segmentation_loss(outputs["out"], labels)}
+    loss = LOSS_OPS[loss_op]
+    losses = {"main": loss(outputs["out"], labels, IGNORE_INDEX)}
     losses["total"] = losses["main"]
     if "aux" in outputs:
-        losses["aux"] = segmentation_loss(outputs["aux"], labels)
+        losses["aux"] = loss(outputs["aux"], labels, IGNORE_INDEX)
         losses["total"] = losses["main"] + aux_weight * losses["aux"]
     return losses
+
+
+def op_summary(config: dict[str, Any], device: torch.device) -> str:
+    """Which implementations of the deformable op and of the loss will run on ``device``, in words."""
+    parts = []
+    for key, chosen, reference, available in (
+        ("model.deform_op", config["model"]["deform_op"], "torchvision", triton_deform.triton_available(device)),
+        ("train.loss_op", config["train"]["loss_op"], "reference", triton_loss.triton_available(device)),
+    ):
+        if chosen == "triton" and not available:
+            parts.append(f"{key}=triton falls back to {reference} (Triton runs on CUDA only)")
+        else:
+            parts.append(f"{key}={chosen}")
+    return ", ".join(parts)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -133,6 +148,8 @@ class Trainer:
             raise UserError(f"config key 'train.amp' must be bf16, fp16 or none, got {self.tcfg['amp']!r}.")
         if not cuda:
             self.amp_dtype = None  # autocast on CPU is slow and not part of the recipe
+        if self.tcfg["loss_op"] not in LOSS_OPS:
+            raise UserError(f"config key 'train.loss_op' must be one of {list(LOSS_OPS)}, got {self.tcfg['loss_op']!r}.")
         self.memory_format = torch.channels_last if cuda and self.tcfg["channels_last"] else torch.contiguous_format
 
         # Rank 0 checks the dataset (and generates the demo data) before anything slow happens.
@@ -190,7 +207,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with autocast:
             outputs = self.train_model(images)
-        losses = compute_loss(outputs, labels, self.mcfg["aux_loss_weight"])
+        losses = compute_loss(outputs, labels, self.mcfg["aux_loss_weight"], self.tcfg["loss_op"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total"]).backward()
         self.scaler.step(self.optimizer)
@@ -337,7 +354,8 @@ def run(trainer: Trainer) -> int:
         print(
             f"{cfg['config_name']}: {info['params']:,} parameters (inference), {info['deform_params']:,} in offset/mask "
             f"predictors; deformable layers: {', '.join(trainer.deform_names) or 'none'}; "
-            f"{trainer.world_size} process(es) on {trainer.device.type}, global batch {tcfg['batch_size']}"
+            f"{trainer.world_size} process(es) on {trainer.device.type}, global batch {tcfg['batch_size']}; "
+            f"{op_summary(cfg, trainer.device)}"
         )
     data_iter = iter(train_loader)
     trainer.model.train()

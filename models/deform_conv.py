@@ -16,6 +16,11 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
+from models import triton_deform
+
+# Implementations of the op, by the name config key ``model.deform_op`` uses; same signature and results.
+DEFORM_OPS = {"torchvision": deform_conv2d, "triton": triton_deform.deform_conv2d}
+
 
 class DeformConv2d(nn.Module):
     """A conv layer whose sampling grid is shifted by learned offsets (v1) and weighted by a mask (v2).
@@ -25,6 +30,8 @@ class DeformConv2d(nn.Module):
         bias: whether the main convolution has a bias.
         version: 1 for offsets only, 2 for offsets and a modulation mask in [0, 1].
         deform_groups: number of offset sets; input channels are split into this many groups.
+        op: "torchvision" (``torchvision.ops.deform_conv2d``) or "triton" (``models.triton_deform``, the
+            fused GPU kernels; torchvision's op where Triton cannot run).
     """
 
     def __init__(
@@ -39,10 +46,14 @@ class DeformConv2d(nn.Module):
         bias: bool = False,
         version: int = 1,
         deform_groups: int = 1,
+        op: str = "torchvision",
     ) -> None:
         super().__init__()
         if version not in (1, 2):
             raise ValueError(f"deformable conv version must be 1 or 2, got {version}")
+        if op not in DEFORM_OPS:
+            raise ValueError(f"deformable conv op must be one of {list(DEFORM_OPS)}, got {op!r}")
+        self.op = op
         if in_channels % deform_groups:
             raise ValueError(f"in_channels {in_channels} is not divisible by deform_groups {deform_groups}")
         self.stride, self.padding, self.dilation = stride, padding, dilation
@@ -59,7 +70,7 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.offset_conv.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, version: int, deform_groups: int = 1) -> "DeformConv2d":
+    def from_conv(cls, conv: nn.Conv2d, version: int, deform_groups: int = 1, op: str = "torchvision") -> "DeformConv2d":
         """Build a deformable layer that starts from ``conv``'s weights and geometry."""
         layer = cls(
             conv.in_channels,
@@ -72,6 +83,7 @@ class DeformConv2d(nn.Module):
             bias=conv.bias is not None,
             version=version,
             deform_groups=deform_groups,
+            op=op,
         )
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
@@ -89,7 +101,7 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask = self.offsets_and_mask(x)
-        return deform_conv2d(
+        return DEFORM_OPS[self.op](
             x,
             offset,
             self.weight,
@@ -104,5 +116,5 @@ class DeformConv2d(nn.Module):
         out_c, in_c, kh, kw = self.weight.shape
         return (
             f"{in_c}, {out_c}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}, "
-            f"dilation={self.dilation}, version={self.version}, deform_groups={self.deform_groups}"
+            f"dilation={self.dilation}, version={self.version}, deform_groups={self.deform_groups}, op={self.op}"
         )

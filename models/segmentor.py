@@ -20,7 +20,7 @@ from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.models.segmentation.fcn import FCNHead
 
 from configs import UserError
-from models.deform_conv import DeformConv2d
+from models.deform_conv import DEFORM_OPS, DeformConv2d
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -51,8 +51,8 @@ class SegmentationModel(nn.Module):
         return result
 
 
-def swap_deformable(model: SegmentationModel, deform_cfg: dict[str, Any]) -> list[str]:
-    """Replace the chosen bottlenecks' ``conv2`` by ``DeformConv2d``; return the swapped module names."""
+def swap_deformable(model: SegmentationModel, deform_cfg: dict[str, Any], op: str = "torchvision") -> list[str]:
+    """Replace the chosen bottlenecks' ``conv2`` by ``DeformConv2d`` running ``op``; return their module names."""
     version = deform_cfg["version"]
     if version not in (0, 1, 2):
         raise UserError(f"config key 'model.deform.version' must be 0, 1 or 2, got {version}.")
@@ -64,6 +64,8 @@ def swap_deformable(model: SegmentationModel, deform_cfg: dict[str, Any]) -> lis
     for key in ("stages", "blocks"):
         if len(set(deform_cfg[key])) != len(deform_cfg[key]):
             raise UserError(f"config key 'model.deform.{key}' lists an entry twice: {deform_cfg[key]}.")
+    if op not in DEFORM_OPS:
+        raise UserError(f"config key 'model.deform_op' must be one of {list(DEFORM_OPS)}, got {op!r}.")
     groups = deform_cfg["groups"]
     if groups < 1:
         raise UserError(f"config key 'model.deform.groups' must be at least 1, got {groups}.")
@@ -82,7 +84,7 @@ def swap_deformable(model: SegmentationModel, deform_cfg: dict[str, Any]) -> lis
                     f"config key 'model.deform.groups' is {groups}, which does not divide the "
                     f"{block.conv2.in_channels} input channels of {stage}.{i}.conv2; use a power of 2."
                 )
-            block.conv2 = DeformConv2d.from_conv(block.conv2, version, groups)
+            block.conv2 = DeformConv2d.from_conv(block.conv2, version, groups, op)
             swapped.append(f"backbone.{stage}.{i}.conv2")
     return swapped
 
@@ -125,7 +127,7 @@ def build_model(config: dict[str, Any], load_pretrained: bool = True) -> tuple[S
     model = SegmentationModel(cfg["num_classes"], cfg["aux_head"])
     if cfg["pretrained_backbone"] and load_pretrained:
         load_imagenet_backbone(model)
-    deform_layers = swap_deformable(model, cfg["deform"])
+    deform_layers = swap_deformable(model, cfg["deform"], cfg["deform_op"])
     return model, deform_layers
 
 

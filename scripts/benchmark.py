@@ -34,10 +34,16 @@ from torchvision.ops import deform_conv2d  # noqa: E402
 
 from configs import UserError, load_config  # noqa: E402
 from data import IGNORE_INDEX  # noqa: E402
+from models import triton_deform, triton_loss  # noqa: E402
 from models.segmentor import build_model, deformable_layers, parameter_groups  # noqa: E402
 
 VARIANTS = {"norm": ("norm-conv", 0), "v1": ("def-conv-v1", 1), "v2": ("def-conv-v2", 2)}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+# Code paths the model benchmark can time, by name: the config keys each sets. "fast" is the Triton kernels.
+PATHS = {
+    "reference": {"deform_op": "torchvision", "loss_op": "reference"},
+    "fast": {"deform_op": "triton", "loss_op": "triton"},
+}
 # reference: norm-conv training on one H100 (torch 2.11, batch 16, 512 crop, bf16), from the issue tracker
 H100_NORM_CONV_IMAGES_PER_S = 150.0
 GIB = 2**30
@@ -67,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20, help="timed iterations; the median is reported (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing (default 5)")
     parser.add_argument("--variants", default="norm,v1,v2", help="comma-separated subset of norm,v1,v2 (default all)")
+    parser.add_argument(
+        "--paths",
+        help="comma-separated subset of reference,fast: reference = torchvision's deform op and the unfused loss, "
+        "fast = the Triton kernels (model.deform_op=triton, train.loss_op=triton; CUDA only). Default: both on CUDA, "
+        "reference elsewhere",
+    )
     parser.add_argument("--ops", action="store_true", help="also time deform_conv2d vs conv2d at the model's layer shapes")
     parser.add_argument("--data", action="store_true", help="also time the ADE20K training data pipeline in one process")
     parser.add_argument("--data-samples", type=int, default=64, help="samples timed by --data (default 64)")
@@ -79,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
-    """Validate the numbers and names on the command line; return the device and the variant keys."""
+def check_args(args: argparse.Namespace) -> tuple[torch.device, list[str], list[str]]:
+    """Validate the numbers and names on the command line; return the device, the variant keys and the paths."""
     for name in ("batch_size", "crop", "iters", "data_samples", "data_images"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -95,7 +107,17 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device here. Use --device cpu.")
-    return torch.device(device_name), [v for v in VARIANTS if v in variants]
+    device = torch.device(device_name)
+    can_fast = triton_deform.triton_available(device) and triton_loss.triton_available(device)
+    paths = [p.strip() for p in (args.paths or ("reference,fast" if can_fast else "reference")).split(",") if p.strip()]
+    if not paths or any(p not in PATHS for p in paths) or len(set(paths)) != len(paths):
+        raise UserError(f"--paths must list some of {', '.join(PATHS)} once each, got '{args.paths}'.")
+    if "fast" in paths and not can_fast:
+        raise UserError(
+            f"--paths fast needs the Triton kernels, which run on CUDA (Triton installed) and not on {device_name} "
+            f"here. Use --paths reference, or run on a GPU."
+        )
+    return device, [v for v in VARIANTS if v in variants], [p for p in PATHS if p in paths]
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -133,11 +155,13 @@ def synthetic_batch(batch: int, crop: int, num_classes: int, device: torch.devic
 
 
 # ------------------------------------------------------------------------------------------------ models
-def variant_config(config: dict[str, Any], version: int) -> dict[str, Any]:
-    """The config with ``model.deform.version`` set and no ImageNet download."""
+def variant_config(config: dict[str, Any], version: int, path: str = "reference") -> dict[str, Any]:
+    """The config with ``model.deform.version`` and the ops of ``path`` set, and no ImageNet download."""
     config = copy.deepcopy(config)
     config["model"]["deform"]["version"] = version
     config["model"]["pretrained_backbone"] = False
+    config["model"]["deform_op"] = PATHS[path]["deform_op"]
+    config["train"]["loss_op"] = PATHS[path]["loss_op"]
     return config
 
 
@@ -148,7 +172,7 @@ class ModelBench:
         self, name: str, config: dict[str, Any], args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
     ) -> None:
         tcfg, mcfg = config["train"], config["model"]
-        self.name, self.device, self.amp_dtype, self.mcfg = name, device, amp_dtype, mcfg
+        self.name, self.device, self.amp_dtype, self.mcfg, self.loss_op = name, device, amp_dtype, mcfg, tcfg["loss_op"]
         cuda = device.type == "cuda"
         memory_format = torch.channels_last if cuda and tcfg["channels_last"] else torch.contiguous_format
         torch.manual_seed(0)
@@ -176,7 +200,7 @@ class ModelBench:
 
         with autocast_context(self.device, self.amp_dtype):
             outputs = self.net(self.images)
-        loss = compute_loss(outputs, self.labels, self.mcfg["aux_loss_weight"])["total"]
+        loss = compute_loss(outputs, self.labels, self.mcfg["aux_loss_weight"], self.loss_op)["total"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -265,13 +289,16 @@ def bench_models(
 
 
 def add_ratios(models: list[dict[str, Any]]) -> None:
-    """``*_ratio`` = value / norm-conv's value (None without a norm-conv row or value)."""
-    ref = next((m for m in models if m["name"] == "norm-conv"), None)
+    """``*_ratio`` = value / the value of norm-conv on the same path; ``train_path_speedup`` = training images/s
+    over the same variant's on the reference path (None where a row or value is missing)."""
     for m in models:
+        ref = next((r for r in models if r["deform_version"] == 0 and r["path"] == m["path"]), None)
         pairs = (("train_images_per_s", "train_ratio"), ("infer_images_per_s", "infer_ratio"), ("peak_mem_gib", "mem_ratio"))
         for key, ratio in pairs:
             ok = ref is not None and m[key] is not None and ref[key]
             m[ratio] = m[key] / ref[key] if ok else None
+        base = next((r for r in models if r["deform_version"] == m["deform_version"] and r["path"] == "reference"), None)
+        m["train_path_speedup"] = m["train_images_per_s"] / base["train_images_per_s"] if base else None
 
 
 # --------------------------------------------------------------------------------------------------- ops
@@ -282,10 +309,26 @@ def torchvision_deform(
     return deform_conv2d(x, offset, weight, None, mask=mask, **conv_args)
 
 
+def triton_deform_op(
+    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, **conv_args: Any
+) -> torch.Tensor:
+    """The Triton deformable conv (models/triton_deform.py), no bias."""
+    return triton_deform.deform_conv2d(x, offset, weight, None, mask=mask, **conv_args)
+
+
 # Implementations of the deformable op timed by --ops, by the name in the rows' ``impl`` ("+mask" added
 # for v2). Each takes (input, offset, weight, mask or None, stride=, padding=, dilation=) like
-# torchvision's op; another implementation is one more entry here.
-DEFORM_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"torchvision": torchvision_deform}
+# torchvision's op; another implementation is one more entry here. "triton" is timed where Triton runs.
+DEFORM_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"torchvision": torchvision_deform, "triton": triton_deform_op}
+# The same for the training loss (upsample + cross-entropy), by config value of train.loss_op.
+LOSS_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": triton_loss.reference_upsample_cross_entropy, "triton": triton_loss.upsample_cross_entropy,
+}
+
+
+def runnable(impls: dict[str, Callable[..., torch.Tensor]], device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
+    """The implementations that really run on ``device`` (the Triton ones fall back to the reference elsewhere)."""
+    return {name: fn for name, fn in impls.items() if name != "triton" or triton_deform.triton_available(device)}
 
 
 def layer_shapes(config: dict[str, Any], crop: int, device: torch.device) -> list[dict[str, Any]]:
@@ -318,7 +361,7 @@ def layer_shapes(config: dict[str, Any], crop: int, device: torch.device) -> lis
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|b|`` in float64."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -385,7 +428,7 @@ def bench_ops(
                      "max_rel_err": max_rel_err(zero_op, reference),
                      "err_ref": "deform_conv2d with zero offsets and mask 1 vs float64 conv2d"})
         for offset_name, offset in offsets.items():
-            for impl_name, impl in DEFORM_IMPLS.items():
+            for impl_name, impl in runnable(DEFORM_IMPLS, device).items():
                 for m in (None, mask):
                     def op(
                         x_: torch.Tensor, o_: torch.Tensor, w_: torch.Tensor, *rest: torch.Tensor, fn: Callable = impl
@@ -406,6 +449,49 @@ def bench_ops(
                         "offsets": offset_name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
                         "max_rel_err": max_rel_err(out, reference), "err_ref": "float64 torchvision deform_conv2d",
                     })
+    return rows + bench_loss_ops(config, args, device, amp_dtype, memory_format)
+
+
+def bench_loss_ops(
+    config: dict[str, Any], args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None,
+    memory_format: torch.memory_format,
+) -> list[dict[str, Any]]:
+    """Rows of the training loss (one head's logits at 1/8 of the crop, upsampled to it) for each implementation.
+
+    The error is the larger of the loss's and the logits gradient's, against the reference loss in float64 on
+    the same logits.
+    """
+    num_classes, side = config["model"]["num_classes"], args.crop // 8
+    logits_dtype = amp_dtype or torch.float32  # the heads' logits come out of autocast in its dtype
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(args.batch_size, num_classes, side, side, generator=gen).to(device, logits_dtype)
+    logits = logits.contiguous(memory_format=memory_format)
+    _, labels = synthetic_batch(args.batch_size, args.crop, num_classes, device)
+    reference_leaf = logits.detach().double().requires_grad_(True)
+    reference = triton_loss.reference_upsample_cross_entropy(reference_leaf, labels, IGNORE_INDEX)
+    reference.backward()
+    rows = []
+    for impl_name, impl in runnable(LOSS_IMPLS, device).items():
+        leaf = logits.detach().clone().requires_grad_(True)
+
+        def forward(fn: Callable = impl) -> None:
+            with torch.no_grad():
+                fn(logits, labels, IGNORE_INDEX)
+
+        def forward_backward(fn: Callable = impl) -> None:
+            leaf.grad = None
+            fn(leaf, labels, IGNORE_INDEX).backward()
+
+        loss = impl(leaf, labels, IGNORE_INDEX)
+        loss.backward()
+        rows.append({
+            "op": "upsample_cross_entropy", "impl": impl_name, "offsets": None, "layers": ["classifier", "aux_classifier"],
+            "shape": f"{args.batch_size} x {num_classes} x {side} x {side} -> {args.crop} x {args.crop}",
+            "fwd_ms": time_each(forward, args.iters, args.warmup, device),
+            "fwd_bwd_ms": time_each(forward_backward, args.iters, args.warmup, device),
+            "max_rel_err": max(max_rel_err(loss, reference), max_rel_err(leaf.grad, reference_leaf.grad)),
+            "err_ref": "float64 F.interpolate + F.cross_entropy on the same logits: loss and gradient",
+        })
     return rows
 
 
@@ -482,14 +568,16 @@ def report(result: dict[str, Any]) -> str:
         f"amp {s['amp']}, channels_last {s['channels_last']}, median of {s['iters']} timed iterations after {s['warmup']} "
         f"warm-up ones",
         "",
-        "| model | train img/s | × norm-conv | infer img/s | × norm-conv | peak mem GiB (train) | × norm-conv |",
-        "|---|---|---|---|---|---|---|",
+        "| model | train img/s | × norm-conv | × reference path | infer img/s | × norm-conv | peak mem GiB (train) "
+        "| × norm-conv |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in result["models"]:
         lines.append(
-            f"| {m['name']} | {num(m['train_images_per_s'])} | {num(m['train_ratio'])} | {num(m['infer_images_per_s'])} | "
-            f"{num(m['infer_ratio'])} | {num(m['peak_mem_gib'])} | {num(m['mem_ratio'])} |"
+            f"| {m['name']} | {num(m['train_images_per_s'])} | {num(m['train_ratio'])} | {num(m['train_path_speedup'])} | "
+            f"{num(m['infer_images_per_s'])} | {num(m['infer_ratio'])} | {num(m['peak_mem_gib'])} | {num(m['mem_ratio'])} |"
         )
+    lines.append("(× norm-conv: against norm-conv on the same path; (fast): the Triton kernels, models/triton_*.py)")
     if result["ops"]:
         lines += ["", "| op | impl | input, kernel | offsets | fwd ms | fwd+bwd ms | max rel err |", "|" + "---|" * 7]
         for r in result["ops"]:
@@ -498,8 +586,9 @@ def report(result: dict[str, Any]) -> str:
                 f"{num(r['fwd_bwd_ms'], 3)} | {r['max_rel_err']:.1e} |"
             )
         lines.append(
-            "(max rel err: conv2d rows, deform_conv2d with zero offsets and mask 1 vs float64 conv2d; others vs float64 "
-            "torchvision deform_conv2d on the same inputs)"
+            "(max rel err: conv2d rows, deform_conv2d with zero offsets and mask 1 vs float64 conv2d; deform_conv2d rows "
+            "vs float64 torchvision deform_conv2d on the same inputs; upsample_cross_entropy rows, loss and gradient vs "
+            "the float64 reference)"
         )
     if result["data"]:
         d = result["data"]
@@ -516,7 +605,7 @@ def report(result: dict[str, Any]) -> str:
 
 def benchmark(args: argparse.Namespace) -> int:
     """Run the benchmarks the command line asks for; print and optionally write the results."""
-    device, variants = check_args(args)
+    device, variants, paths = check_args(args)
     config = load_config(args.config, args.overrides)
     amp_name = args.amp or config["train"]["amp"]
     if amp_name not in AMP_DTYPES:
@@ -536,7 +625,7 @@ def benchmark(args: argparse.Namespace) -> int:
             "crop": args.crop, "amp": amp_name, "channels_last": device.type == "cuda" and config["train"]["channels_last"],
             "compile": config["train"]["compile"], "aux_head": config["model"]["aux_head"],
             "deform_stages": config["model"]["deform"]["stages"], "deform_blocks": config["model"]["deform"]["blocks"],
-            "iters": args.iters, "warmup": args.warmup,
+            "iters": args.iters, "warmup": args.warmup, "paths": paths,
             "timing": "median of single synchronised iterations, variants interleaved",
             "cpu_threads": torch.get_num_threads(),
         },
@@ -544,14 +633,16 @@ def benchmark(args: argparse.Namespace) -> int:
         "ops": [],
         "data": {},
     }
-    print(f"benchmarking {', '.join(VARIANTS[v][0] for v in variants)} ...", file=sys.stderr)
-    configs = [(VARIANTS[v][0], variant_config(config, VARIANTS[v][1])) for v in variants]
+    runs = [(v, p) for p in paths for v in variants]
+    names = [VARIANTS[v][0] + ("" if p == "reference" else f" ({p})") for v, p in runs]
+    print(f"benchmarking {', '.join(names)} ...", file=sys.stderr)
+    configs = [(name, variant_config(config, VARIANTS[v][1], p)) for name, (v, p) in zip(names, runs)]
     result["models"] = bench_models(configs, args, device, amp_dtype)
-    for record, key in zip(result["models"], variants):
-        record["deform_version"] = VARIANTS[key][1]
+    for record, (v, p) in zip(result["models"], runs):
+        record["deform_version"], record["path"] = VARIANTS[v][1], p
     add_ratios(result["models"])
     if args.ops:
-        print("benchmarking deform_conv2d vs conv2d ...", file=sys.stderr)
+        print("benchmarking deform_conv2d vs conv2d, and the loss ...", file=sys.stderr)
         result["ops"] = bench_ops(config, args, device, amp_dtype)
     if args.data:
         print("benchmarking the data pipeline ...", file=sys.stderr)

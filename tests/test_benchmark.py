@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +23,18 @@ import benchmark  # noqa: E402
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
-    """JSON and stdout of a tiny CPU benchmark with --ops and --data (batch 1, crop 64)."""
+    """JSON and stdout of a tiny CPU benchmark with --ops and --data (batch 1, crop 64).
+
+    Without TRITON_INTERPRET, as a user's CPU run: the Triton kernels cannot run, so only the reference path is timed
+    (the interpreter would take minutes at the model's 512 channels; test_loss_rows_with_triton covers those rows).
+    """
     path = tmp_path_factory.mktemp("bench") / "x.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--config", "demo.yaml", "--device", "cpu", "--batch-size", "1",
          "--crop", "64", "--iters", "2", "--warmup", "1", "--ops", "--data", "--data-samples", "2",
          "--data-images", "2", "--json", str(path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(path.read_text()), proc.stdout
@@ -39,7 +46,9 @@ def test_models_and_ratios(result: tuple[dict, str]) -> None:
     assert data["settings"]["batch_size"] == 1 and data["settings"]["crop"] == 64 and data["settings"]["amp"] == "none"
     models = {m["name"]: m for m in data["models"]}
     assert list(models) == ["norm-conv", "def-conv-v1", "def-conv-v2"]
+    assert data["settings"]["paths"] == ["reference"] and {m["path"] for m in models.values()} == {"reference"}
     assert models["norm-conv"]["train_ratio"] == 1.0 and models["norm-conv"]["infer_ratio"] == 1.0
+    assert all(m["train_path_speedup"] == 1.0 for m in models.values())
     for m in models.values():
         assert m["train_images_per_s"] > 0 and m["infer_images_per_s"] > 0
         assert m["peak_mem_gib"] is None  # CPU: not measured
@@ -48,7 +57,7 @@ def test_models_and_ratios(result: tuple[dict, str]) -> None:
 
 
 def test_ops_rows_agree_with_the_float64_reference(result: tuple[dict, str]) -> None:
-    ops = result[0]["ops"]
+    ops = [r for r in result[0]["ops"] if r["op"] != "upsample_cross_entropy"]
     # demo.yaml: layer4.0.conv2 (dilation 2) and layer4.1/.2.conv2 (dilation 4) at 1/8 of the 64 crop.
     shapes = sorted({r["shape"] for r in ops})
     assert shapes == ["1 x 512 x 8 x 8, k3 d2", "1 x 512 x 8 x 8, k3 d4"]
@@ -64,6 +73,41 @@ def test_ops_rows_agree_with_the_float64_reference(result: tuple[dict, str]) -> 
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         assert 0 <= r["max_rel_err"] < 1e-4, r
     assert [r["layers"] for r in ops if r["op"] == "conv2d"][1] == ["backbone.layer4.1.conv2", "backbone.layer4.2.conv2"]
+    loss_rows = [r for r in result[0]["ops"] if r["op"] == "upsample_cross_entropy"]
+    assert [(r["impl"], r["shape"]) for r in loss_rows] == [("reference", "1 x 150 x 8 x 8 -> 64 x 64")]
+    assert loss_rows[0]["max_rel_err"] < 1e-5 and loss_rows[0]["fwd_bwd_ms"] > 0
+    assert "| upsample_cross_entropy | reference |" in result[1]
+
+
+def test_loss_rows_with_triton() -> None:
+    """Where Triton runs (here its interpreter), --ops adds a triton row that agrees with the float64 reference."""
+    config = benchmark.load_config("demo.yaml")
+    args = argparse.Namespace(batch_size=2, crop=32, iters=1, warmup=0)
+    rows = benchmark.bench_loss_ops(config, args, torch.device("cpu"), None, torch.channels_last)
+    assert [r["impl"] for r in rows] == ["reference", "triton"]
+    for r in rows:
+        assert r["shape"] == "2 x 150 x 4 x 4 -> 32 x 32" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        assert r["max_rel_err"] < 1e-5, r
+
+
+def test_ratios_are_per_path() -> None:
+    """× norm-conv compares within a path; the path speedup compares a variant's fast path to its reference."""
+    rows = [
+        {"deform_version": v, "path": p, "train_images_per_s": t, "infer_images_per_s": 1.0, "peak_mem_gib": None}
+        for v, p, t in ((0, "reference", 100.0), (2, "reference", 60.0), (0, "fast", 200.0), (2, "fast", 190.0))
+    ]
+    benchmark.add_ratios(rows)
+    assert [r["train_ratio"] for r in rows] == [1.0, 0.6, 1.0, 0.95]
+    assert [r["train_path_speedup"] for r in rows] == [1.0, 1.0, 2.0, 190.0 / 60.0]
+    assert all(r["mem_ratio"] is None for r in rows)
+
+
+def test_fast_path_without_triton_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmark.triton_deform, "triton_available", lambda device: False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--paths", "reference,fast"])
+    assert code == 2 and "--paths fast needs the Triton kernels" in err.getvalue()
 
 
 def test_data_section(result: tuple[dict, str]) -> None:
@@ -79,6 +123,7 @@ def test_data_section(result: tuple[dict, str]) -> None:
     "argv, message",
     [
         (["--variants", "norm,v3"], "--variants"),
+        (["--paths", "quick"], "--paths"),
         (["--crop", "60"], "multiple of 8"),
         (["--iters", "0"], "--iters"),
         (["--config", "no-such-config"], "no-such-config"),

@@ -161,6 +161,14 @@ def test_bad_deform_settings_raise_user_error(override: str) -> None:
         build("def-conv-v2", [override])
 
 
+def test_deform_op_is_chosen_by_config() -> None:
+    model, _ = build("def-conv-v2", ["model.deform_op=triton"])
+    assert {layer.op for layer in deformable_layers(model).values()} == {"triton"}
+    assert {layer.op for layer in deformable_layers(build("def-conv-v2")[0]).values()} == {"torchvision"}
+    with pytest.raises(UserError, match=r"model\.deform_op.*'cuda'"):
+        build("def-conv-v2", ["model.deform_op=cuda"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The deformable layer
 

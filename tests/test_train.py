@@ -117,8 +117,8 @@ def test_nonfinite_loss_stops_with_the_iteration_and_keeps_last_good(
 ) -> None:
     real_loss, calls = train.compute_loss, []
 
-    def loss_that_breaks(outputs, labels, aux_weight):  # type: ignore[no-untyped-def]
-        losses = real_loss(outputs, labels, aux_weight)
+    def loss_that_breaks(outputs, labels, aux_weight, loss_op):  # type: ignore[no-untyped-def]
+        losses = real_loss(outputs, labels, aux_weight, loss_op)
         calls.append(1)
         if len(calls) == 3:  # the third iteration
             losses["total"] = losses["total"] * float("nan")
@@ -195,14 +195,46 @@ def test_poly_schedule_follows_the_recipe() -> None:
     assert train.poly_factor(50, cfg) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
 
 
-def test_loss_ignores_255_and_survives_an_all_ignored_batch() -> None:
+def test_op_choices_are_checked_and_reported(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "a"), *tiny_overrides(tree), "train.loss_op=fused"])
+    assert code == 2 and "train.loss_op" in capsys.readouterr().err
+    # Where Triton cannot run (a CPU without TRITON_INTERPRET), asking for it says that the references run instead.
+    monkeypatch.setattr(train.triton_deform, "triton_available", lambda device: False)
+    monkeypatch.setattr(train.triton_loss, "triton_available", lambda device: False)
+    overrides = [*tiny_overrides(tree, iters=1), "model.deform_op=triton", "train.loss_op=triton"]
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "b"), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "model.deform_op=triton falls back to torchvision" in out and "train.loss_op=triton falls back to reference" in out
+
+
+@pytest.mark.parametrize("loss_op", list(train.LOSS_OPS))
+def test_loss_ignores_255_and_survives_an_all_ignored_batch(loss_op: str) -> None:
+    loss = train.LOSS_OPS[loss_op]
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)
     labels = torch.full((1, 8, 8), 255)
-    assert train.segmentation_loss(logits, labels).item() == 0.0
+    assert loss(logits, labels).item() == 0.0
     labels[0, :4] = 1
     up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
     expected = F.cross_entropy(up, labels, ignore_index=255)
-    assert train.segmentation_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_fused_training_loss_equals_the_reference() -> None:
+    """compute_loss with train.loss_op=triton: same total loss and head gradients as the reference."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 150, (2, 32, 32), generator=gen)
+    labels[:, :5] = 255
+    results = []
+    for loss_op in ("reference", "triton"):
+        outputs = {k: torch.randn(2, 150, 4, 4, generator=torch.Generator().manual_seed(i)).requires_grad_()
+                   for i, k in enumerate(("out", "aux"))}
+        losses = train.compute_loss(outputs, labels, aux_weight=0.4, loss_op=loss_op)
+        losses["total"].backward()
+        results.append([losses["total"].detach(), outputs["out"].grad, outputs["aux"].grad])
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_label_found_by_a_loader_worker_is_one_clean_message(
