@@ -14,37 +14,23 @@ mask, conv groups, offset groups, stride, padding, dilation). It exists for spee
   mask gradient. ``_deform_grad_weight`` re-samples the columns and accumulates ``grad_out^T @ columns``.
   Nothing of size (N*H'*W') x (C*K) is ever written to memory.
 
-The Triton path runs for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
-interpreter: slow, used by the tests to check the numerics with no GPU). Otherwise, and for float64 on
-the GPU or tensors of 2**31 elements or more, ``deform_conv2d`` calls torchvision's op. Gradients use
+The Triton path runs where ``models.triton_support.triton_available`` says (CUDA tensors, or CPU tensors
+in Triton's interpreter, which the tests use to check the numerics with no GPU). Otherwise, and for
+float64 on the GPU or tensors of 2**31 elements or more, ``deform_conv2d`` calls torchvision's op. Gradients use
 atomics, so like torchvision's CUDA op they are not bitwise deterministic.
 """
 
-from __future__ import annotations
-
-import os
+# No "from __future__ import annotations": older Tritons then miss the kernels' tl.constexpr annotations.
 
 import torch
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only torch builds do not ship Triton
-    HAVE_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether ``deform_conv2d`` runs the Triton kernels for tensors on ``device``."""
-    return HAVE_TRITON and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
-
+from models.triton_support import HAVE_TRITON, INTERPRET, triton_available
 
 if HAVE_TRITON:
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def _tap_sampling(
@@ -107,9 +93,12 @@ if HAVE_TRITON:
         return og, seg_lo + (pid_c % NBLK) * BK, seg_hi
 
     @triton.jit
-    def _mma(acc, a, b, DOT_DT: tl.constexpr, IEEE: tl.constexpr):
-        """acc += a @ b with operands in DOT_DT; fp32 operands use exact (non-TF32) products."""
-        if IEEE:
+    def _mma(acc, a, b, DOT_DT: tl.constexpr, MODE: tl.constexpr):
+        """acc += a @ b with operands in DOT_DT. MODE 0: tensor-core dot; 1: exact fp32 dot (no TF32);
+        2: broadcast multiply and sum, for float64, which ``tl.dot`` does not take before Triton 3.4 or so."""
+        if MODE == 2:
+            return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        if MODE == 1:
             return acc + tl.dot(a.to(DOT_DT), b.to(DOT_DT), input_precision="ieee")
         return acc + tl.dot(a.to(DOT_DT), b.to(DOT_DT))
 
@@ -120,7 +109,7 @@ if HAVE_TRITON:
         sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w, sm_n, sm_c, sm_h, sm_w,
         sw_o, sw_c, sw_h, sw_w, sy_n, sy_c, sy_h, sy_w,
         K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        CDT: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
+        CDT: tl.constexpr, DOT_DT: tl.constexpr, MODE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
         """out[rows, out-channel block] of conv group program_id(2), rows = flattened (n, h', w')."""
@@ -153,7 +142,7 @@ if HAVE_TRITON:
                     val = (1 - ly2) * ((1 - lx2) * v00 + lx2 * v01) + ly2 * ((1 - lx2) * v10 + lx2 * v11)
                     cols = val * mod[:, None]
                     wt = tl.load(w_tap + (cs - gi * CG)[:, None] * sw_c, mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
-                    acc = _mma(acc, cols, wt, DOT_DT, IEEE)
+                    acc = _mma(acc, cols, wt, DOT_DT, MODE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + gi * OG + ocs, mask=oc_ok, other=0.0).to(CDT)[None, :]
         out = out_ptr + (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + ((gi * OG + ocs) * sy_c)[None, :]
@@ -167,7 +156,7 @@ if HAVE_TRITON:
         sw_o, sw_c, sw_h, sw_w, sy_n, sy_c, sy_h, sy_w,
         sgx_n, sgx_c, sgx_h, sgx_w, sgo_n, sgo_c, sgo_h, sgo_w, sgm_n, sgm_c, sgm_h, sgm_w,
         K: tl.constexpr, HAS_MASK: tl.constexpr,
-        CDT: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
+        CDT: tl.constexpr, DOT_DT: tl.constexpr, MODE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
         """Input, offset and mask gradients from one (rows x channels) tile of one tap's columns."""
@@ -191,7 +180,7 @@ if HAVE_TRITON:
                 oc_ok = ocs < OG
                 g = tl.load(gy_rows + ((gi * OG + ocs) * sy_c)[None, :], mask=row_ok[:, None] & oc_ok[None, :], other=0.0)
                 wt = tl.load(w_cols + ((gi * OG + ocs) * sw_o)[:, None], mask=oc_ok[:, None] & c_ok[None, :], other=0.0)
-                gcol = _mma(gcol, g, wt, DOT_DT, IEEE)
+                gcol = _mma(gcol, g, wt, DOT_DT, MODE)
             y0, x0, ly, lx, inside, mod = _tap_sampling(
                 off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, so_n, so_c, so_h, so_w,
                 sm_n, sm_c, sm_h, sm_w, H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
@@ -236,7 +225,7 @@ if HAVE_TRITON:
         sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w, sm_n, sm_c, sm_h, sm_w,
         sy_n, sy_c, sy_h, sy_w, sgw_o, sgw_c, sgw_h, sgw_w,
         K: tl.constexpr, HAS_MASK: tl.constexpr,
-        CDT: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
+        CDT: tl.constexpr, DOT_DT: tl.constexpr, MODE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
         """grad_weight[out-channel block, channel block, tap] += grad_out^T @ columns over one split of rows."""
@@ -273,7 +262,7 @@ if HAVE_TRITON:
                     gy_ptr + ((gi * OG + ocs) * sy_c)[:, None] + (n * sy_n + ho * sy_h + wo * sy_w)[None, :],
                     mask=oc_ok[:, None] & row_ok[None, :], other=0.0,
                 )
-                acc = _mma(acc, g_t, cols, DOT_DT, IEEE)
+                acc = _mma(acc, g_t, cols, DOT_DT, MODE)
             gw = gw_ptr + ((gi * OG + ocs) * sgw_o)[:, None] + ((cs - gi * CG) * sgw_c)[None, :]
             gw += (tap // KW) * sgw_h + (tap % KW) * sgw_w
             tl.atomic_add(gw, acc, mask=oc_ok[:, None] & c_ok[None, :])
@@ -316,35 +305,35 @@ class _Geometry:
 
 
 def _dtypes(dtype: torch.dtype) -> tuple:
-    """(accumulation dtype, tl.dot operand dtype, exact-fp32 flag) for tensors of ``dtype``."""
+    """(accumulation dtype, matmul operand dtype, ``_mma`` mode) for tensors of ``dtype``."""
     if dtype == torch.float64:
-        return tl.float64, tl.float64, False
+        return tl.float64, tl.float64, 2
     if dtype == torch.float32:
-        return tl.float32, tl.float32, True
+        return tl.float32, tl.float32, 1
     # bf16/fp16 products are exact in fp32; the interpreter's tl.dot mishandles bf16 operands.
     low = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return (tl.float32, tl.float32, True) if INTERPRET else (tl.float32, low, False)
+    return (tl.float32, tl.float32, 1) if INTERPRET else (tl.float32, low, 0)
 
 
 def _forward(x, offset, mask, weight, bias, geo: _Geometry) -> torch.Tensor:
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((geo.n, geo.o, geo.ho, geo.wo), device=x.device, dtype=x.dtype, memory_format=memory_format)
-    cdt, dot_dt, ieee = _dtypes(x.dtype)
+    cdt, dot_dt, mode = _dtypes(x.dtype)
     m = mask if mask is not None else offset  # any tensor: never read when HAS_MASK is False
     grid = (triton.cdiv(geo.rows, BLOCK_ROWS), triton.cdiv(geo.og, geo.block_out), geo.groups)
     _deform_forward[grid](
         x, offset, m, weight, bias if bias is not None else weight, out,
         geo.rows, geo.ho, geo.wo, geo.h, geo.w, geo.cg, geo.og, geo.cpog, geo.segments, geo.blocks_per_segment,
         *geo.conv_args(), *x.stride(), *offset.stride(), *m.stride(), *weight.stride(), *out.stride(),
-        K=geo.k, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CDT=cdt, DOT_DT=dot_dt, IEEE=ieee,
+        K=geo.k, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CDT=cdt, DOT_DT=dot_dt, MODE=mode,
         BM=BLOCK_ROWS, BN=geo.block_out, BK=geo.block_in,
     )
     return out
 
 
 def _backward(x, offset, mask, weight, grad_out, geo: _Geometry, need: tuple[bool, ...]):
-    cdt, dot_dt, ieee = _dtypes(x.dtype)
+    cdt, dot_dt, mode = _dtypes(x.dtype)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     m = mask if mask is not None else offset
     grad_x = torch.zeros(x.shape, device=x.device, dtype=acc)
@@ -358,7 +347,7 @@ def _backward(x, offset, mask, weight, grad_out, geo: _Geometry, need: tuple[boo
             geo.rows, geo.ho, geo.wo, geo.h, geo.w, geo.cg, geo.og, geo.cpog, geo.blocks_per_segment,
             *geo.conv_args(), *x.stride(), *offset.stride(), *m.stride(), *weight.stride(), *grad_out.stride(),
             *grad_x.stride(), *grad_offset.stride(), *grad_mask.stride(),
-            K=geo.k, HAS_MASK=mask is not None, CDT=cdt, DOT_DT=dot_dt, IEEE=ieee,
+            K=geo.k, HAS_MASK=mask is not None, CDT=cdt, DOT_DT=dot_dt, MODE=mode,
             BM=BLOCK_ROWS, BN=geo.block_out, BK=geo.block_in,
         )
     grad_weight = None
@@ -376,7 +365,7 @@ def _backward(x, offset, mask, weight, grad_out, geo: _Geometry, need: tuple[boo
             geo.rows, rows_per_split, geo.ho, geo.wo, geo.h, geo.w, geo.cg, geo.og, geo.cpog,
             geo.blocks_per_segment, out_blocks, *geo.conv_args(),
             *x.stride(), *offset.stride(), *m.stride(), *grad_out.stride(), *grad_weight.stride(),
-            K=geo.k, HAS_MASK=mask is not None, CDT=cdt, DOT_DT=dot_dt, IEEE=ieee,
+            K=geo.k, HAS_MASK=mask is not None, CDT=cdt, DOT_DT=dot_dt, MODE=mode,
             BM=BLOCK_ROWS, BN=geo.block_out, BK=geo.block_in,
         )
         grad_weight = grad_weight.to(weight.dtype)

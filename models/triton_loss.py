@@ -26,25 +26,19 @@ shared by at most two column blocks (upsampling by less than about 32x) the resu
 reproducible, beyond that the order of additions, and so the last bits, may vary between runs.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": older Tritons then miss the kernels' tl.constexpr annotations.
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-try:
+from models.triton_support import HAVE_TRITON, triton_available
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only builds of torch come without triton
-    HAVE_TRITON = False
-
-# triton.jit reads TRITON_INTERPRET when it decorates the kernels below, i.e. when this module is imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Tile sizes: BLOCK_C classes x BLOCK_X output columns per step. With 8x upsampling a block of 64 columns touches
 # 10 low-res columns, which fit the smallest matmul tile (16). Chosen by reasoning, not tuned on a GPU.
@@ -67,11 +61,6 @@ def reference_upsample_cross_entropy(
     total = F.cross_entropy(up.to(torch.promote_types(up.dtype, torch.float32)), labels, ignore_index=ignore_index,
                             reduction="sum")
     return total / (labels != ignore_index).sum().clamp(min=1)
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether ``upsample_cross_entropy`` runs the Triton kernels for tensors on ``device`` (see MAX_SPAN too)."""
-    return HAVE_TRITON and (torch.device(device).type == "cuda" or INTERPRET)
 
 
 def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -175,7 +164,8 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 ys.i0, ys.i1, ys.lam, xs.i0, xs.i1, xs.lam,
                 c, height, width, ctx.ignore_index,
                 *logits.stride(), *labels.stride(), *rows.stride()[:3],
-                BLOCK_C=BLOCK_C, BLOCK_X=BLOCK_X, BLOCK_J=block_j, ACC=_TL_DTYPE[acc], num_warps=NUM_WARPS,
+                BLOCK_C=BLOCK_C, BLOCK_X=BLOCK_X, BLOCK_J=block_j, ACC=_TL_DTYPE[acc], FP64=acc == torch.float64,
+                num_warps=NUM_WARPS,
             )
             grad = (ys.matrix.t() @ rows.view(height, -1)).view(h, n, c, w).permute(1, 2, 0, 3)
             grad_logits = torch.empty_like(logits)  # logits' dtype and memory format
@@ -257,7 +247,7 @@ if HAVE_TRITON:
         stride_ln, stride_lc, stride_lh, stride_lw,
         stride_tn, stride_th, stride_tw,
         stride_ry, stride_rn, stride_rc,
-        BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
     ):
         """One program: the forward's tile. Adds its gradient, reduced along x, into row y of ``rows`` (H, N, C, w).
 
@@ -302,6 +292,9 @@ if HAVE_TRITON:
             softmax = tl.exp(up - lse[None, :])
             grad = (softmax - tl.where(cs[:, None] == label[None, :], 1.0, 0.0)) * weight[None, :]
             # fp32 (or fp64) operands with "ieee": an exact fp32 matmul, no TF32 rounding.
-            reduced = tl.dot(grad, wx, input_precision="ieee")  # [BLOCK_C, BLOCK_J]
+            if FP64:  # tl.dot takes no float64 before Triton 3.4 or so: multiply and sum instead
+                reduced = tl.sum(grad[:, :, None] * wx[None, :, :], axis=1)
+            else:
+                reduced = tl.dot(grad, wx, input_precision="ieee")  # [BLOCK_C, BLOCK_J]
             ptrs = rows_ptr + y * stride_ry + n * stride_rn + cs[:, None] * stride_rc + (j_start + js)[None, :]
             tl.atomic_add(ptrs, reduced, mask=c_mask[:, None] & j_mask[None, :], sem="relaxed")

@@ -79,6 +79,7 @@ def test_ops_rows_agree_with_the_float64_reference(result: tuple[dict, str]) -> 
     assert "| upsample_cross_entropy | reference |" in result[1]
 
 
+@pytest.mark.skipif(not benchmark.triton_loss.triton_available("cpu"), reason="needs Triton >= 3.2 and its CPU interpreter")
 def test_loss_rows_with_triton() -> None:
     """Where Triton runs (here its interpreter), --ops adds a triton row that agrees with the float64 reference."""
     config = benchmark.load_config("demo.yaml")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.2")  # models/triton_support.py: older Tritons are not used
 
 from models import triton_deform  # noqa: E402
 from models.deform_conv import DeformConv2d  # noqa: E402

@@ -1,0 +1,29 @@
+"""Whether the Triton kernels (models/triton_deform.py, models/triton_loss.py) can run here.
+
+They run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+before the kernels were defined (the tests do this when there is no GPU). They need Triton 3.2 or newer:
+older interpreters mis-execute loops whose bodies branch, so the kernels were never checked there.
+Elsewhere the callers use the reference implementations.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+
+    TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+except ImportError:  # CPU-only builds of torch come without Triton
+    TRITON_VERSION = (0, 0)
+
+MIN_TRITON_VERSION = (3, 2)
+HAVE_TRITON = TRITON_VERSION >= MIN_TRITON_VERSION
+# triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when the kernel modules are imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels run for tensors on ``device``."""
+    kind = torch.device(device).type
+    return HAVE_TRITON and (kind == "cuda" or (INTERPRET and kind == "cpu"))
