@@ -315,6 +315,11 @@ def _dtypes(dtype: torch.dtype) -> tuple:
     return (tl.float32, tl.float32, 1) if INTERPRET else (tl.float32, low, 0)
 
 
+def _out_channels_last(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (O, C, kh, kw) stored with O fastest, so the kernels' (channels x out-channels) tiles are contiguous."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
 def _forward(x, offset, mask, weight, bias, geo: _Geometry) -> torch.Tensor:
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -322,6 +327,7 @@ def _forward(x, offset, mask, weight, bias, geo: _Geometry) -> torch.Tensor:
     cdt, dot_dt, mode = _dtypes(x.dtype)
     m = mask if mask is not None else offset  # any tensor: never read when HAS_MASK is False
     grid = (triton.cdiv(geo.rows, BLOCK_ROWS), triton.cdiv(geo.og, geo.block_out), geo.groups)
+    weight = _out_channels_last(weight)
     _deform_forward[grid](
         x, offset, m, weight, bias if bias is not None else weight, out,
         geo.rows, geo.ho, geo.wo, geo.h, geo.w, geo.cg, geo.og, geo.cpog, geo.segments, geo.blocks_per_segment,
@@ -336,16 +342,18 @@ def _backward(x, offset, mask, weight, grad_out, geo: _Geometry, need: tuple[boo
     cdt, dot_dt, mode = _dtypes(x.dtype)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     m = mask if mask is not None else offset
-    grad_x = torch.zeros(x.shape, device=x.device, dtype=acc)
-    grad_offset = torch.zeros(offset.shape, device=x.device, dtype=acc)
-    grad_mask = torch.zeros(mask.shape, device=x.device, dtype=acc) if mask is not None else grad_offset
+    # fp32 (fp64) accumulators in the inputs' memory formats: channels_last keeps the atomic adds coalesced.
+    grad_x = torch.zeros_like(x, dtype=acc)
+    grad_offset = torch.zeros_like(offset, dtype=acc)
+    grad_mask = torch.zeros_like(mask, dtype=acc) if mask is not None else grad_offset
     channel_blocks = geo.segments * geo.blocks_per_segment
     if need[0] or need[1] or need[2]:
         grid = (triton.cdiv(geo.rows, BLOCK_ROWS), channel_blocks, geo.k * geo.groups)
+        weight_t = _out_channels_last(weight)
         _deform_grad_data[grid](
-            x, offset, m, weight, grad_out, grad_x, grad_offset, grad_mask,
+            x, offset, m, weight_t, grad_out, grad_x, grad_offset, grad_mask,
             geo.rows, geo.ho, geo.wo, geo.h, geo.w, geo.cg, geo.og, geo.cpog, geo.blocks_per_segment,
-            *geo.conv_args(), *x.stride(), *offset.stride(), *m.stride(), *weight.stride(), *grad_out.stride(),
+            *geo.conv_args(), *x.stride(), *offset.stride(), *m.stride(), *weight_t.stride(), *grad_out.stride(),
             *grad_x.stride(), *grad_offset.stride(), *grad_mask.stride(),
             K=geo.k, HAS_MASK=mask is not None, CDT=cdt, DOT_DT=dot_dt, MODE=mode,
             BM=BLOCK_ROWS, BN=geo.block_out, BK=geo.block_in,
