@@ -127,7 +127,8 @@ def build_model(config: dict[str, Any], load_pretrained: bool = True) -> tuple[S
     model = SegmentationModel(cfg["num_classes"], cfg["aux_head"])
     if cfg["pretrained_backbone"] and load_pretrained:
         load_imagenet_backbone(model)
-    deform_layers = swap_deformable(model, cfg["deform"], cfg["deform_op"])
+    # Checkpoints written before model.deform_op existed hold no such key: they ran torchvision's op.
+    deform_layers = swap_deformable(model, cfg["deform"], cfg.get("deform_op", "torchvision"))
     return model, deform_layers
 
 

@@ -167,6 +167,9 @@ def test_deform_op_is_chosen_by_config() -> None:
     assert {layer.op for layer in deformable_layers(build("def-conv-v2")[0]).values()} == {"torchvision"}
     with pytest.raises(UserError, match=r"model\.deform_op.*'cuda'"):
         build("def-conv-v2", ["model.deform_op=cuda"])
+    older = load_config("def-conv-v2", NO_DOWNLOAD)
+    del older["model"]["deform_op"]  # the config stored in a checkpoint from before the key existed
+    assert {layer.op for layer in deformable_layers(build_model(older, load_pretrained=False)[0]).values()} == {"torchvision"}
 
 
 # ---------------------------------------------------------------------------------------------
