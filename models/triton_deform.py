@@ -63,20 +63,24 @@ if HAVE_TRITON:
         return y0f.to(tl.int32), x0f.to(tl.int32), py - y0f, px - x0f, inside, mod
 
     @triton.jit
+    def _corner_masks(y0, x0, inside, c_ok, H, W):
+        """(rows, channels) masks of the four corners (top-left, top-right, bottom-left, bottom-right) on the image."""
+        ok = inside[:, None] & c_ok[None, :]
+        top = ok & (y0 >= 0)[:, None]
+        bottom = ok & (y0 + 1 <= H - 1)[:, None]
+        left = (x0 >= 0)[:, None]
+        right = (x0 + 1 <= W - 1)[:, None]
+        return top & left, top & right, bottom & left, bottom & right
+
+    @triton.jit
     def _load_corners(x_ptr, n, cs, c_ok, y0, x0, inside, sx_n, sx_c, sx_h, sx_w, H, W, CDT: tl.constexpr):
         """The four input values around each sample, (rows, channels) each; 0 for corners off the image."""
-        y1 = y0 + 1
-        x1 = x0 + 1
+        m00, m01, m10, m11 = _corner_masks(y0, x0, inside, c_ok, H, W)
         base = x_ptr + n[:, None] * sx_n + cs[None, :] * sx_c
-        ok = inside[:, None] & c_ok[None, :]
-        okt = ok & (y0 >= 0)[:, None]
-        okb = ok & (y1 <= H - 1)[:, None]
-        okl = (x0 >= 0)[:, None]
-        okr = (x1 <= W - 1)[:, None]
-        v00 = tl.load(base + (y0 * sx_h + x0 * sx_w)[:, None], mask=okt & okl, other=0.0).to(CDT)
-        v01 = tl.load(base + (y0 * sx_h + x1 * sx_w)[:, None], mask=okt & okr, other=0.0).to(CDT)
-        v10 = tl.load(base + (y1 * sx_h + x0 * sx_w)[:, None], mask=okb & okl, other=0.0).to(CDT)
-        v11 = tl.load(base + (y1 * sx_h + x1 * sx_w)[:, None], mask=okb & okr, other=0.0).to(CDT)
+        v00 = tl.load(base + (y0 * sx_h + x0 * sx_w)[:, None], mask=m00, other=0.0).to(CDT)
+        v01 = tl.load(base + (y0 * sx_h + (x0 + 1) * sx_w)[:, None], mask=m01, other=0.0).to(CDT)
+        v10 = tl.load(base + ((y0 + 1) * sx_h + x0 * sx_w)[:, None], mask=m10, other=0.0).to(CDT)
+        v11 = tl.load(base + ((y0 + 1) * sx_h + (x0 + 1) * sx_w)[:, None], mask=m11, other=0.0).to(CDT)
         return v00, v01, v10, v11
 
     @triton.jit
@@ -205,18 +209,14 @@ if HAVE_TRITON:
             tl.atomic_add(goff_ptr + gpos + ch * sgo_c, gdy, mask=row_ok)
             tl.atomic_add(goff_ptr + gpos + (ch + 1) * sgo_c, gdx, mask=row_ok)
             # Input gradient: each sample's gradient goes to its four corners with the bilinear weights.
+            m00, m01, m10, m11 = _corner_masks(y0, x0, inside, c_ok, H, W)
             y1 = y0 + 1
             x1 = x0 + 1
             base = gx_ptr + n[:, None] * sgx_n + cs[None, :] * sgx_c
-            ok = inside[:, None] & c_ok[None, :]
-            okt = ok & (y0 >= 0)[:, None]
-            okb = ok & (y1 <= H - 1)[:, None]
-            okl = (x0 >= 0)[:, None]
-            okr = (x1 <= W - 1)[:, None]
-            tl.atomic_add(base + (y0 * sgx_h + x0 * sgx_w)[:, None], gsample * (1 - ly2) * (1 - lx2), mask=okt & okl)
-            tl.atomic_add(base + (y0 * sgx_h + x1 * sgx_w)[:, None], gsample * (1 - ly2) * lx2, mask=okt & okr)
-            tl.atomic_add(base + (y1 * sgx_h + x0 * sgx_w)[:, None], gsample * ly2 * (1 - lx2), mask=okb & okl)
-            tl.atomic_add(base + (y1 * sgx_h + x1 * sgx_w)[:, None], gsample * ly2 * lx2, mask=okb & okr)
+            tl.atomic_add(base + (y0 * sgx_h + x0 * sgx_w)[:, None], gsample * (1 - ly2) * (1 - lx2), mask=m00)
+            tl.atomic_add(base + (y0 * sgx_h + x1 * sgx_w)[:, None], gsample * (1 - ly2) * lx2, mask=m01)
+            tl.atomic_add(base + (y1 * sgx_h + x0 * sgx_w)[:, None], gsample * ly2 * (1 - lx2), mask=m10)
+            tl.atomic_add(base + (y1 * sgx_h + x1 * sgx_w)[:, None], gsample * ly2 * lx2, mask=m11)
 
     @triton.jit
     def _deform_grad_weight(
