@@ -84,6 +84,23 @@ if HAVE_TRITON:
         return v00, v01, v10, v11
 
     @triton.jit
+    def _sample_columns(
+        x_ptr, off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, cs, c_ok,
+        sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w, sm_n, sm_c, sm_h, sm_w,
+        H, W, KW, SH, SW, PH, PW, DH, DW, K: tl.constexpr, HAS_MASK: tl.constexpr, CDT: tl.constexpr,
+    ):
+        """One tap's (rows, channels) tile of the columns: mask * bilinear sample of the input."""
+        y0, x0, ly, lx, inside, mod = _tap_sampling(
+            off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, so_n, so_c, so_h, so_w,
+            sm_n, sm_c, sm_h, sm_w, H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
+        )
+        v00, v01, v10, v11 = _load_corners(x_ptr, n, cs, c_ok, y0, x0, inside, sx_n, sx_c, sx_h, sx_w, H, W, CDT)
+        ly2 = ly[:, None]
+        lx2 = lx[:, None]
+        val = (1 - ly2) * ((1 - lx2) * v00 + lx2 * v01) + ly2 * ((1 - lx2) * v10 + lx2 * v11)
+        return val * mod[:, None]
+
+    @triton.jit
     def _segment(pid_c, gi, CG, CPOG, NBLK, BK: tl.constexpr):
         """Channel block number ``pid_c`` of conv group ``gi``: (offset group, first channel, channel end).
 
@@ -132,19 +149,13 @@ if HAVE_TRITON:
             for pid_c in range(NSEG * NBLK):
                 og, c0, seg_hi = _segment(pid_c, gi, CG, CPOG, NBLK, BK)
                 if c0 < seg_hi:
-                    y0, x0, ly, lx, inside, mod = _tap_sampling(
-                        off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, so_n, so_c, so_h, so_w,
-                        sm_n, sm_c, sm_h, sm_w, H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
-                    )
                     cs = c0 + tl.arange(0, BK)
                     c_ok = cs < seg_hi
-                    v00, v01, v10, v11 = _load_corners(
-                        x_ptr, n, cs, c_ok, y0, x0, inside, sx_n, sx_c, sx_h, sx_w, H, W, CDT
+                    cols = _sample_columns(
+                        x_ptr, off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, cs, c_ok,
+                        sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w, sm_n, sm_c, sm_h, sm_w,
+                        H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
                     )
-                    ly2 = ly[:, None]
-                    lx2 = lx[:, None]
-                    val = (1 - ly2) * ((1 - lx2) * v00 + lx2 * v01) + ly2 * ((1 - lx2) * v10 + lx2 * v11)
-                    cols = val * mod[:, None]
                     wt = tl.load(w_tap + (cs - gi * CG)[:, None] * sw_c, mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
                     acc = _mma(acc, cols, wt, DOT_DT, MODE)
         if HAS_BIAS:
@@ -247,17 +258,11 @@ if HAVE_TRITON:
                 n = rows // (HO * WO)
                 ho = (rows // WO) % HO
                 wo = rows % WO
-                y0, x0, ly, lx, inside, mod = _tap_sampling(
-                    off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, so_n, so_c, so_h, so_w,
-                    sm_n, sm_c, sm_h, sm_w, H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
+                cols = _sample_columns(
+                    x_ptr, off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, cs, c_ok,
+                    sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w, sm_n, sm_c, sm_h, sm_w,
+                    H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
                 )
-                v00, v01, v10, v11 = _load_corners(
-                    x_ptr, n, cs, c_ok, y0, x0, inside, sx_n, sx_c, sx_h, sx_w, H, W, CDT
-                )
-                ly2 = ly[:, None]
-                lx2 = lx[:, None]
-                val = (1 - ly2) * ((1 - lx2) * v00 + lx2 * v01) + ly2 * ((1 - lx2) * v10 + lx2 * v11)
-                cols = val * mod[:, None]
                 g_t = tl.load(
                     gy_ptr + ((gi * OG + ocs) * sy_c)[:, None] + (n * sy_n + ho * sy_h + wo * sy_w)[None, :],
                     mask=oc_ok[:, None] & row_ok[None, :], other=0.0,

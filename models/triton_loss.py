@@ -194,6 +194,24 @@ if HAVE_TRITON:
         return (1 - ly) * top + ly * bottom
 
     @triton.jit
+    def _tile_setup(
+        labels_ptr, y0_ptr, y1_ptr, ly_ptr, x0_ptr, x1_ptr, lx_ptr, x_block, y, n, W, ignore_index,
+        stride_lh, stride_tn, stride_th, stride_tw, BLOCK_X: tl.constexpr,
+    ):
+        """A program's output columns and where they sample: output row y interpolates low-res rows (offsets
+        row0, row1, weight ly of row1); output column x low-res columns x0[x], x1[x] (weight lx of x1); labels."""
+        xs = x_block * BLOCK_X + tl.arange(0, BLOCK_X)
+        x_mask = xs < W
+        ly = tl.load(ly_ptr + y)
+        row0 = tl.load(y0_ptr + y) * stride_lh
+        row1 = tl.load(y1_ptr + y) * stride_lh
+        lx = tl.load(lx_ptr + xs, mask=x_mask, other=0.0)
+        x0 = tl.load(x0_ptr + xs, mask=x_mask, other=0)
+        x1 = tl.load(x1_ptr + xs, mask=x_mask, other=0)
+        label = tl.load(labels_ptr + n * stride_tn + y * stride_th + xs * stride_tw, mask=x_mask, other=ignore_index)
+        return xs, x_mask, ly, row0, row1, lx, x0, x1, label
+
+    @triton.jit
     def _forward_kernel(
         logits_ptr, labels_ptr, loss_ptr, lse_ptr,
         y0_ptr, y1_ptr, ly_ptr, x0_ptr, x1_ptr, lx_ptr,
@@ -208,16 +226,12 @@ if HAVE_TRITON:
         (0 on ignored pixels).
         """
         x_block, y, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        xs = x_block * BLOCK_X + tl.arange(0, BLOCK_X)
-        x_mask = xs < W
-        # Output row y interpolates low-res rows y0, y1; output column x low-res columns x0[x], x1[x].
-        ly = tl.load(ly_ptr + y)
-        row0 = tl.load(y0_ptr + y) * stride_lh
-        row1 = tl.load(y1_ptr + y) * stride_lh
-        lx = tl.load(lx_ptr + xs, mask=x_mask, other=0.0)
-        col0 = tl.load(x0_ptr + xs, mask=x_mask, other=0) * stride_lw
-        col1 = tl.load(x1_ptr + xs, mask=x_mask, other=0) * stride_lw
-        label = tl.load(labels_ptr + n * stride_tn + y * stride_th + xs * stride_tw, mask=x_mask, other=ignore_index)
+        xs, x_mask, ly, row0, row1, lx, x0, x1, label = _tile_setup(
+            labels_ptr, y0_ptr, y1_ptr, ly_ptr, x0_ptr, x1_ptr, lx_ptr, x_block, y, n, W, ignore_index,
+            stride_lh, stride_tn, stride_th, stride_tw, BLOCK_X,
+        )
+        col0 = x0 * stride_lw
+        col1 = x1 * stride_lw
 
         # Online log-sum-exp over chunks of classes: m is the running max, s the running sum of exp(logit - m).
         m = tl.full([BLOCK_X], float("-inf"), ACC)
@@ -258,17 +272,12 @@ if HAVE_TRITON:
         neighbouring blocks can share their edge columns, hence the atomic add.
         """
         x_block, y, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        xs = x_block * BLOCK_X + tl.arange(0, BLOCK_X)
-        x_mask = xs < W
-        ly = tl.load(ly_ptr + y)
-        row0 = tl.load(y0_ptr + y) * stride_lh
-        row1 = tl.load(y1_ptr + y) * stride_lh
-        lx = tl.load(lx_ptr + xs, mask=x_mask, other=0.0)
-        x0 = tl.load(x0_ptr + xs, mask=x_mask, other=0)
-        x1 = tl.load(x1_ptr + xs, mask=x_mask, other=0)
+        xs, x_mask, ly, row0, row1, lx, x0, x1, label = _tile_setup(
+            labels_ptr, y0_ptr, y1_ptr, ly_ptr, x0_ptr, x1_ptr, lx_ptr, x_block, y, n, W, ignore_index,
+            stride_lh, stride_tn, stride_th, stride_tw, BLOCK_X,
+        )
         col0 = x0 * stride_lw
         col1 = x1 * stride_lw
-        label = tl.load(labels_ptr + n * stride_tn + y * stride_th + xs * stride_tw, mask=x_mask, other=ignore_index)
         pixel = (n * H + y) * W + xs
         lse = tl.load(lse_ptr + pixel, mask=x_mask, other=0.0)
         # Per-column factor grad_output / count, 0 on ignored and out-of-range columns (so their gradient is 0).
