@@ -62,7 +62,7 @@ def _read_label(path: Path) -> np.ndarray:
             f"(0 = other). The file is corrupt or not an ADEChallengeData2016 annotation; run "
             f"`python scripts/download_ade20k.py --check <root>` to list every such file and replace them."
         )
-    return raw.astype(np.uint8)
+    return raw.astype(np.uint8, copy=False)
 
 
 class SegmentationFolder(Dataset):
@@ -115,7 +115,8 @@ class SegmentationFolder(Dataset):
     def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """The RGB image and the mapped training label (0..149, 255) of file ``index``."""
         with Image.open(self.images[index]) as im:
-            image = im.convert("RGB")
+            im.load()  # decoded now: the pixels outlive the file
+            image = im if im.mode == "RGB" else im.convert("RGB")  # no copy for RGB JPEGs
         raw = _read_label(self.labels[index])
         if raw.shape != (image.height, image.width):
             raise UserError(

@@ -26,10 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # `python data/demo.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configs import UserError  # noqa: E402
+from configs import UserError
 
 # ADE20K ids (1-based, as stored in the annotation PNGs).
 WALL, SKY, FLOOR, TREE, GRASS, PERSON, CAR, PAINTING = 1, 3, 4, 5, 10, 13, 21, 23

@@ -6,14 +6,37 @@ The training recipe follows mmseg's ``configs/_base_/datasets/ade20k.py``: rando
 normalisation, label 255). Testing resizes the image to fit ``scale`` and keeps the label at its
 original size. Unlike mmseg, every random number comes from an explicit ``np.random.Generator``,
 so a training sample is a pure function of (image, label, seed), which makes runs resumable.
+
+Speed (the data loader workers are the CPU budget of a training run):
+
+- The scale and the crop box are drawn first and only the part of the image that lands in the crop
+  is resampled (PIL's ``resize(box=...)``: the same sampling positions and filter taps as resizing the
+  whole image and cropping; pixels may differ by one grey level from float32 rounding of the box).
+  The ``cat_max_ratio`` test gathers each candidate crop of the label straight from the original
+  label with the index arrays of PIL's nearest-neighbour resize (``nearest_indices``), bit-exact.
+- The photometric distortion runs on 256-entry lookup tables (brightness, contrast, saturation,
+  hue) and PIL's HSV conversions: the same values as the float32 arithmetic it replaces.
+- ``TrainTransform`` ends at uint8; the float normalisation and the zero padding happen on the
+  training device in ``normalize_batch``.
+
+``data.resize_filter`` picks the image filter: ``antialias`` (PIL bilinear: a triangle filter that
+widens, i.e. low-pass filters, when shrinking) or ``bilinear`` (OpenCV ``INTER_LINEAR``, as mmseg:
+two taps at half-pixel centres with the edge pixel repeated, no antialiasing when shrinking). Labels
+always use PIL's nearest neighbour (source pixel ``floor((x + 0.5) * in / out)``).
+
+JPEG draft decoding (``Image.draft``, DCT-domain 1/2, 1/4, 1/8 scaling) is not used: it only applies
+when the rescaled image is at most half the stored one, which ADE20K's recipe (short side 256..1024
+from images of short side ~512) hardly ever asks for, and its pixels differ from either filter.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from configs import UserError
@@ -22,9 +45,11 @@ from data import IGNORE_INDEX
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 NUM_ADE_CLASSES = 150
+RESIZE_FILTERS = ("antialias", "bilinear")
 
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
 _STD = np.array(IMAGENET_STD, dtype=np.float32)
+_IDENTITY = np.arange(256, dtype=np.uint8)
 
 
 def map_ade_labels(raw: np.ndarray) -> np.ndarray:
@@ -36,8 +61,7 @@ def map_ade_labels(raw: np.ndarray) -> np.ndarray:
     Returns:
         uint8 array of the same shape with values in 0..149 or 255.
     """
-    raw = np.asarray(raw, dtype=np.uint8)
-    return np.where(raw == 0, np.uint8(IGNORE_INDEX), raw - np.uint8(1)).astype(np.uint8)
+    return np.subtract(np.asarray(raw, dtype=np.uint8), np.uint8(1))  # uint8 wraps: 0 - 1 = 255 = IGNORE_INDEX
 
 
 def _pair(data: dict[str, Any], key: str, kind: type) -> tuple[Any, Any]:
@@ -53,16 +77,121 @@ def _pair(data: dict[str, Any], key: str, kind: type) -> tuple[Any, Any]:
     return kind(value[0]), kind(value[1])
 
 
+def _resize_filter(data: dict[str, Any]) -> str:
+    """``data.resize_filter`` (default ``antialias``, for configs written before the key existed)."""
+    value = data.get("resize_filter", "antialias")
+    if value not in RESIZE_FILTERS:
+        raise UserError(
+            f"config key 'data.resize_filter' must be one of {', '.join(RESIZE_FILTERS)}, got {value!r}."
+        )
+    return value
+
+
 def _rescale_size(width: int, height: int, long_bound: float, short_bound: float) -> tuple[int, int]:
     """New (width, height) so the image fits (long_bound, short_bound) keeping its aspect ratio (mmcv.imrescale)."""
     factor = min(long_bound / max(width, height), short_bound / min(width, height))
     return max(1, int(width * factor + 0.5)), max(1, int(height * factor + 0.5))
 
 
+# ---------------------------------------------------------------- resampling
+
+
+def nearest_indices(src: int, dst: int) -> np.ndarray:
+    """Source index of each of the ``dst`` outputs of PIL's nearest-neighbour resize of ``src`` pixels.
+
+    PIL walks ``x = s / 2, s / 2 + s, ...`` with ``s = src / dst`` in double precision and truncates;
+    the running sum is reproduced with ``np.cumsum``, so ``label[np.ix_(rows, cols)]`` equals
+    ``Image.fromarray(label).resize(size, Image.NEAREST)`` bit for bit.
+    """
+    step = src / dst
+    positions = np.full(dst, step)
+    positions[0] = step * 0.5
+    return np.minimum(np.cumsum(positions).astype(np.intp), src - 1)
+
+
+def _shrinks(image: Image.Image, size: tuple[int, int]) -> bool:
+    return size[0] < image.width or size[1] < image.height
+
+
+def _bilinear_array(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """OpenCV INTER_LINEAR resize of an HxWx3 uint8 array to ``size`` = (width, height), via torch (uint8 kernel)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only numpy view of PIL's bytes; nothing writes to it
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # channels_last view, no copy
+    out = F.interpolate(tensor, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def resize_image(image: Image.Image, size: tuple[int, int], resize_filter: str = "antialias") -> np.ndarray:
+    """Resize a whole RGB image to ``size`` = (width, height); returns an HxWx3 uint8 array.
+
+    ``antialias``: PIL bilinear. ``bilinear``: OpenCV INTER_LINEAR semantics; when both sides grow
+    this is PIL's bilinear too (its triangle filter has two taps at half-pixel centres then), when a
+    side shrinks torch's uint8 bilinear kernel (no antialiasing) does it.
+    """
+    if size == image.size:
+        return np.asarray(image)
+    if resize_filter == "bilinear" and _shrinks(image, size):
+        return _bilinear_array(np.asarray(image), size)
+    return np.asarray(image.resize(size, Image.BILINEAR))
+
+
+def resize_region(
+    image: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], resize_filter: str = "antialias"
+) -> Image.Image:
+    """``box`` = (top, left, bottom, right) of the image resized to ``size``, resampling only that region.
+
+    Equals ``resize_image(image, size, resize_filter)[top:bottom, left:right]`` up to one grey level
+    (PIL takes the source box in float32). A ``bilinear`` resize that shrinks a side resizes the whole
+    image (no larger than the original then) and crops.
+    """
+    top, left, bottom, right = box
+    if resize_filter == "bilinear" and _shrinks(image, size):
+        full = _bilinear_array(np.asarray(image), size)
+        return Image.fromarray(np.ascontiguousarray(full[top:bottom, left:right]), "RGB")
+    sx, sy = image.width / size[0], image.height / size[1]
+    source = (left * sx, top * sy, min(right * sx, image.width), min(bottom * sy, image.height))
+    return image.resize((right - left, bottom - top), Image.BILINEAR, box=source)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
 def _normalize(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 (RGB) -> 3xHxW float32 tensor normalised with the ImageNet mean and std."""
     array = (image.astype(np.float32) - _MEAN) / _STD
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def normalize_batch(images: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalise a uint8 batch from ``TrainTransform`` on whatever device it lives on.
+
+    Args:
+        images: uint8 [B, 3, H, W] (contiguous or channels_last, any device).
+        valid: int64 [B, 2], the (height, width) of each sample's real crop at the top left; pixels
+            outside it are set to 0, the padding value after normalisation. None: no padding.
+
+    Returns:
+        float32 [B, 3, H, W] ``(x - mean) / std`` in the memory format of ``images``: the same values as
+        the CPU float pipeline produced before normalisation moved to the device.
+    """
+    if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"normalize_batch expects a uint8 [B, 3, H, W] batch, got {images.dtype} of shape {tuple(images.shape)}"
+        )
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    out = images.float().sub_(mean).div_(std)  # the same float32 operations as before, in place
+    if valid is None:
+        return out
+    height, width = images.shape[-2:]
+    valid = valid.to(images.device)
+    if images.device.type == "cpu" and bool((valid == torch.tensor([height, width])).all()):
+        return out  # nothing padded (checked on the CPU only: on a GPU the test would synchronise)
+    rows = torch.arange(height, device=images.device) < valid[:, 0, None]
+    cols = torch.arange(width, device=images.device) < valid[:, 1, None]
+    out.masked_fill_(~(rows[:, None, :, None] & cols[:, None, None, :]), 0.0)
+    return out
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -78,9 +207,138 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return np.clip(np.rint(array), 0, 255).astype(np.uint8)
 
 
+# ---------------------------------------------------------------- photometric distortion
+
+
 def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
     """``values * alpha + beta`` clipped to 0..255 and cast back to uint8 (mmseg's ``convert``)."""
     return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def _hsv_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lookup tables that reproduce PIL's RGB -> HSV -> RGB conversions bit for bit.
+
+    Forward (taken from PIL itself): hue ``H_TAB[sector << 16 | a << 8 | c]`` and saturation
+    ``S_TAB[max << 8 | min]``, where, with ``d* = max - *``, sector 0 (red is the maximum): a = dg,
+    c = db; sector 1 (green, red is not): a = dr, c = db; sector 2 (blue only): a = dr, c = dg. PIL's
+    hue only depends on these differences, its saturation on max and min.
+    Backward: ``K[h << 8 | s]`` holds, per output channel, the factor of V in PIL's ``hsv2rgb``
+    (1 for the largest channel, ``1 - s/255``, ``1 - f s/255`` or ``1 - (s - f s)/255`` for the others,
+    with PIL's float32/double steps), so that channel = ``uint8(v * K + 0.5)``; all 2^24 (h, s, v)
+    and all 2^24 RGB colours were checked against PIL 13.
+    """
+    a, b = (x.ravel() for x in np.meshgrid(np.arange(256), np.arange(256), indexing="ij"))
+    top = np.full_like(a, 255)
+
+    def hsv(r: np.ndarray, g: np.ndarray, bl: np.ndarray) -> np.ndarray:
+        rgb = np.stack([r, g, bl], -1).astype(np.uint8)[None]
+        return np.asarray(Image.fromarray(rgb, "RGB").convert("HSV"))[0]
+
+    hue = np.concatenate([hsv(top, 255 - a, 255 - b)[:, 0], hsv(255 - a, top, 255 - b)[:, 0],
+                          hsv(255 - a, 255 - b, top)[:, 0]])
+    saturation = np.zeros(65536, np.uint8)
+    ordered = b <= a  # index max << 8 | min
+    saturation[ordered] = hsv(a[ordered], b[ordered], b[ordered])[:, 1]
+
+    h, s = a.astype(np.float64), b  # index h << 8 | s
+    sector = np.floor(h * 6.0 / 255.0).astype(np.int64)
+    f = (h * 6.0 / 255.0 - sector).astype(np.float32)
+    fs = f * s.astype(np.float32)
+    p = 1.0 - s / 255.0
+    q = 1.0 - fs.astype(np.float64) / 255.0
+    t = 1.0 - (s.astype(np.float32) - fs).astype(np.float64) / 255.0
+    one = np.ones_like(p)
+    order = [(one, t, p), (q, one, p), (p, one, t), (p, q, one), (t, p, one), (one, p, q)]
+    factors = np.zeros((65536, 4), np.float32)  # 16-byte rows: one gather fetches all three channels
+    for channel in range(3):
+        factors[:, channel] = np.choose(sector % 6, [order[k][channel] for k in range(6)])
+    factors[s == 0, :3] = 1.0
+    return hue, saturation, factors.view(np.complex128).ravel()
+
+
+_H_TAB, _S_TAB, _K_TAB = _hsv_tables()
+_H_TAB16 = _H_TAB.astype(np.uint16) << 8  # hue already in the high byte of the h << 8 | s index
+
+
+def _hsv_adjust(planes: np.ndarray, hue_lut: np.ndarray, saturation_lut: np.ndarray, block: int = 1 << 16) -> None:
+    """PIL's ``convert("HSV")``, per-value tables on H and S, ``convert("RGB")``, in place on [3, h, w] uint8 planes.
+
+    Bit-exact with the PIL round trip and about 3x faster: two gathers for H and S, one for the
+    three output factors (the H and S tables of this sample folded into ``_K_TAB``), a multiply.
+    Runs on blocks of about ``block`` pixels so that the temporaries stay in the CPU cache.
+    """
+    factors = np.take(_K_TAB, (hue_lut.astype(np.intp)[:, None] << 8 | saturation_lut).ravel())
+    rows = max(1, block // max(1, planes.shape[2]))
+    for top in range(0, planes.shape[1], rows):
+        _hsv_block(planes[:, top : top + rows], factors)
+
+
+def _hsv_block(planes: np.ndarray, factors: np.ndarray) -> None:
+    """``_hsv_adjust`` on one block; ``factors`` = ``_K_TAB`` with this sample's H and S tables folded in."""
+    r, g, b = planes
+    vmax = np.maximum(np.maximum(r, g), b)
+    dr, dg, db = vmax - r, vmax - g, vmax - b
+    red_not_max = dr != 0
+    key = np.empty(vmax.shape + (4,), np.uint8)  # little-endian sector << 16 | a << 8 | c
+    key[..., 0] = np.where((db == 0) & red_not_max, dg, db)
+    key[..., 1] = np.where(red_not_max, dr, dg)
+    np.add(red_not_max, red_not_max & (dg != 0), out=key[..., 2], dtype=np.uint8)
+    key[..., 3] = 0
+    smax = vmax.astype(np.uint16)
+    smax <<= 8
+    smax |= np.minimum(np.minimum(r, g), b)
+    hs = np.take(_H_TAB16, key.view("<u4")[..., 0])
+    hs |= np.take(_S_TAB, smax)
+    factors = np.take(factors, hs).view(np.float32).reshape(vmax.shape + (4,))
+    value = vmax.astype(np.float32)
+    scratch = np.empty(vmax.shape, np.float32)
+    for channel in range(3):
+        np.multiply(factors[..., channel], value, out=scratch)
+        scratch += 0.5
+        planes[channel] = scratch  # float -> uint8 truncates, so this rounds half up like PIL
+
+
+def _draw_photometric(
+    rng: np.random.Generator,
+) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
+    """The photometric draws in mmseg's order, as (RGB table before HSV, (hue, saturation) tables, RGB table after).
+
+    Brightness and a contrast-first are folded into the first table; when there is no HSV step the
+    two RGB tables are folded into one (returned first). Every table is the float32 arithmetic of
+    mmseg's ``convert`` evaluated on 0..255, so a lookup gives the same values as the arithmetic.
+    """
+    before = after = None
+    if rng.random() < 0.5:
+        before = _convert(_IDENTITY, beta=rng.uniform(-32, 32))
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        contrast = _convert(_IDENTITY, alpha=rng.uniform(0.5, 1.5))
+        before = contrast if before is None else contrast[before]
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    hue = rng.uniform(-18, 18) if rng.random() < 0.5 else None
+    if not contrast_first and rng.random() < 0.5:
+        after = _convert(_IDENTITY, alpha=rng.uniform(0.5, 1.5))
+    if saturation is None and hue is None:
+        if after is not None:
+            before = after if before is None else after[before]
+        return before, None, None
+    hue_lut = _IDENTITY
+    if hue is not None:
+        shifted = _IDENTITY.astype(np.float32) + hue * 256.0 / 180.0
+        hue_lut = np.mod(np.rint(shifted), 256).astype(np.uint8)
+    saturation_lut = _IDENTITY if saturation is None else _convert(_IDENTITY, alpha=saturation)
+    return before, (hue_lut, saturation_lut), after
+
+
+def _photometric_planes(planes: np.ndarray, draws: tuple) -> None:
+    """Apply ``_draw_photometric``'s result in place to [3, h, w] uint8 planes."""
+    before, hsv, after = draws
+    if before is not None:
+        np.take(before, planes, out=planes)
+    if hsv is not None:
+        _hsv_adjust(planes, *hsv)
+    if after is not None:
+        np.take(after, planes, out=planes)
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -88,34 +346,24 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
     Each step happens with probability 0.5: brightness + uniform(-32, 32); contrast x uniform(0.5, 1.5),
     either first or last (random mode); saturation x uniform(0.5, 1.5); hue + uniform(-18, 18) in
-    OpenCV's 0..180 hue units (PIL's HSV uses 0..255, so the shift is rescaled).
+    OpenCV's 0..180 hue units (PIL's HSV uses 0..255, so the shift is rescaled). Brightness and
+    contrast are mmseg's float32 ``convert`` (clip, truncate) as 256-entry tables; saturation and hue
+    act on PIL's 8-bit HSV (``_hsv_adjust`` reproduces PIL's conversions exactly).
     """
-    if rng.random() < 0.5:
-        image = _convert(image, beta=rng.uniform(-32, 32))
-    contrast_first = rng.random() < 0.5
-    if contrast_first and rng.random() < 0.5:
-        image = _convert(image, alpha=rng.uniform(0.5, 1.5))
-    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-    hue = rng.uniform(-18, 18) if rng.random() < 0.5 else None
-    if saturation is not None or hue is not None:
-        hsv = np.array(Image.fromarray(image, "RGB").convert("HSV"))
-        if saturation is not None:
-            hsv[..., 1] = _convert(hsv[..., 1], alpha=saturation)
-        if hue is not None:
-            shifted = hsv[..., 0].astype(np.float32) + hue * 256.0 / 180.0
-            hsv[..., 0] = np.mod(np.rint(shifted), 256).astype(np.uint8)
-        image = np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
-    if not contrast_first and rng.random() < 0.5:
-        image = _convert(image, alpha=rng.uniform(0.5, 1.5))
-    return image
+    planes = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    _photometric_planes(planes, _draw_photometric(rng))
+    return np.ascontiguousarray(planes.transpose(1, 2, 0))
+
+
+# ---------------------------------------------------------------- transforms
 
 
 class TrainTransform:
-    """Training augmentation: rescale, crop (cat_max_ratio), flip, photometric, normalise, pad.
+    """Training augmentation: rescale, crop (cat_max_ratio), flip, photometric, pad; uint8 out.
 
     Args:
         data: the config's ``data`` section (``scale``, ``ratio_range``, ``crop_size``,
-            ``cat_max_ratio``, ``photometric``).
+            ``cat_max_ratio``, ``photometric``, ``resize_filter``).
     """
 
     def __init__(self, data: dict[str, Any]) -> None:
@@ -127,6 +375,7 @@ class TrainTransform:
         self.crop_size = crop
         self.cat_max_ratio = float(data.get("cat_max_ratio", 1.0))
         self.photometric = bool(data.get("photometric", True))
+        self.resize_filter = _resize_filter(data)
 
     def _crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """A random (top, left, bottom, right) crop of at most crop_size x crop_size."""
@@ -136,15 +385,18 @@ class TrainTransform:
 
     def _crop_ok(self, label: np.ndarray) -> bool:
         """mmseg's test: more than one labelled class and none covering ``cat_max_ratio`` of the labelled pixels."""
-        counts = np.bincount(label.ravel(), minlength=256)
+        counts = np.array(Image.fromarray(label, "L").histogram())
         counts[IGNORE_INDEX] = 0
         counts = counts[counts > 0]
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
     def __call__(
         self, image: Image.Image, label: np.ndarray, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augment one pair.
+
+        The draws, in order: ratio, crop box (re-drawn up to 10 times for ``cat_max_ratio``), flip,
+        photometric; the same draws and values as resizing the whole pair first.
 
         Args:
             image: RGB PIL image.
@@ -152,47 +404,62 @@ class TrainTransform:
             rng: the only source of randomness.
 
         Returns:
-            (3xCxC float32 normalised image, CxC int64 label), C = crop_size.
+            (image uint8 [3, C, C], label uint8 [C, C], valid int64 [2]), C = crop_size: the crop sits at
+            the top left, ``valid`` = its (height, width); the image is 0 and the label 255 outside it.
+            ``normalize_batch(images, valid)`` turns a batch of these images into the normalised input.
         """
         image = image if image.mode == "RGB" else image.convert("RGB")
+        label = np.asarray(label, dtype=np.uint8)
         ratio = rng.uniform(*self.ratio_range)
         size = _rescale_size(image.width, image.height, self.scale[0] * ratio, self.scale[1] * ratio)
-        pixels = np.asarray(image.resize(size, Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        rows = nearest_indices(label.shape[0], size[1])
+        cols = nearest_indices(label.shape[1], size[0])
 
-        box = self._crop_box(*label.shape, rng)
+        def label_crop(box: tuple[int, int, int, int]) -> np.ndarray:
+            return label[rows[box[0] : box[2]]][:, cols[box[1] : box[3]]]
+
+        box = self._crop_box(size[1], size[0], rng)
+        crop = label_crop(box)
         if self.cat_max_ratio < 1.0:
             for _ in range(10):
-                if self._crop_ok(label[box[0] : box[2], box[1] : box[3]]):
+                if self._crop_ok(crop):
                     break
-                box = self._crop_box(*label.shape, rng)
-        pixels = pixels[box[0] : box[2], box[1] : box[3]]
-        label = label[box[0] : box[2], box[1] : box[3]]
+                box = self._crop_box(size[1], size[0], rng)
+                crop = label_crop(box)
+        pixels = resize_region(image, size, box, self.resize_filter)
 
-        if rng.random() < 0.5:
-            pixels, label = pixels[:, ::-1], label[:, ::-1]
-        if self.photometric:
-            pixels = photometric_distortion(np.ascontiguousarray(pixels), rng)
+        flip = rng.random() < 0.5
+        draws = _draw_photometric(rng) if self.photometric else (None, None, None)
+        if draws[0] is not None:  # the first table on PIL's RGBX pixels (faster than a numpy gather)
+            pixels, draws = pixels.point(np.tile(draws[0], 3).tolist()), (None, *draws[1:])
 
-        height, width = label.shape
-        image_out = np.zeros((3, self.crop_size, self.crop_size), np.float32)
-        image_out[:, :height, :width] = ((pixels.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1)
-        label_out = np.full((self.crop_size, self.crop_size), IGNORE_INDEX, np.int64)
-        label_out[:height, :width] = label
-        return torch.from_numpy(image_out), torch.from_numpy(label_out)
+        height, width = crop.shape
+        array = np.asarray(pixels)
+        image_out = np.zeros((3, self.crop_size, self.crop_size), np.uint8)
+        label_out = np.full((self.crop_size, self.crop_size), IGNORE_INDEX, np.uint8)
+        if flip:
+            array, crop = array[:, ::-1], crop[:, ::-1]
+        planes = image_out[:, :height, :width]
+        planes[...] = array.transpose(2, 0, 1)
+        label_out[:height, :width] = crop
+        _photometric_planes(planes, draws)  # per pixel, so it commutes with the flip
+        valid = torch.tensor((height, width), dtype=torch.int64)
+        return torch.from_numpy(image_out), torch.from_numpy(label_out), valid
 
 
 class ValTransform:
-    """Test-time transform: resize (bilinear, keep ratio, may upscale) to fit ``scale``, then normalise.
+    """Test-time transform: resize (keep ratio, may upscale) to fit ``scale``, then normalise.
 
     Args:
-        data: the config's ``data`` section (``scale``).
+        data: the config's ``data`` section (``scale``, ``resize_filter``).
     """
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.scale = _pair(data, "scale", float)
+        self.resize_filter = _resize_filter(data)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Return the 3xhxw normalised, resized image; the label is left to the caller at full size."""
+        """Return the 3xhxw float32 normalised, resized image; the label is left to the caller at full size."""
+        image = image if image.mode == "RGB" else image.convert("RGB")
         size = _rescale_size(image.width, image.height, *self.scale)
-        return _normalize(np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)))
+        return _normalize(resize_image(image, size, self.resize_filter))

@@ -19,7 +19,7 @@ from torchvision.ops import deform_conv2d
 from models import triton_deform
 
 # Implementations of the op, by the name config key ``model.deform_op`` uses; same signature and results.
-DEFORM_OPS = {"torchvision": deform_conv2d, "triton": triton_deform.deform_conv2d}
+DEFORM_OPS = {"reference": deform_conv2d, "triton": triton_deform.deform_conv2d}
 
 
 class DeformConv2d(nn.Module):
@@ -30,7 +30,7 @@ class DeformConv2d(nn.Module):
         bias: whether the main convolution has a bias.
         version: 1 for offsets only, 2 for offsets and a modulation mask in [0, 1].
         deform_groups: number of offset sets; input channels are split into this many groups.
-        op: "torchvision" (``torchvision.ops.deform_conv2d``) or "triton" (``models.triton_deform``, the
+        op: "reference" (``torchvision.ops.deform_conv2d``) or "triton" (``models.triton_deform``, the
             fused GPU kernels; torchvision's op where Triton cannot run).
     """
 
@@ -46,7 +46,7 @@ class DeformConv2d(nn.Module):
         bias: bool = False,
         version: int = 1,
         deform_groups: int = 1,
-        op: str = "torchvision",
+        op: str = "reference",
     ) -> None:
         super().__init__()
         if version not in (1, 2):
@@ -70,7 +70,7 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.offset_conv.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, version: int, deform_groups: int = 1, op: str = "torchvision") -> "DeformConv2d":
+    def from_conv(cls, conv: nn.Conv2d, version: int, deform_groups: int = 1, op: str = "reference") -> "DeformConv2d":
         """Build a deformable layer that starts from ``conv``'s weights and geometry."""
         layer = cls(
             conv.in_channels,
@@ -93,14 +93,21 @@ class DeformConv2d(nn.Module):
 
     def offsets_and_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the offsets (N, 2*G*K, H', W') and, for v2, the mask (N, G*K, H', W') in [0, 1]."""
-        out = self.offset_conv(x)
+        return self.split(self.offset_conv(x))
+
+    def split(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``offset_conv``'s output as (offsets, mask in [0, 1] or None for v1)."""
         if self.version == 1:
-            return out, None
-        split = out.shape[1] * 2 // 3
-        return out[:, :split], torch.sigmoid(out[:, split:])
+            return raw, None
+        split = raw.shape[1] * 2 // 3
+        return raw[:, :split], torch.sigmoid(raw[:, split:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask = self.offsets_and_mask(x)
+        # A diverged model predicts NaN offsets, which the ops turn into out-of-range memory reads (a segfault
+        # in torchvision's CPU kernel). Zeroing them keeps the process alive until the non-finite loss check
+        # stops the run with its message; finite offsets pass unchanged.
+        offset = torch.where(torch.isfinite(offset), offset, torch.zeros((), dtype=offset.dtype, device=offset.device))
         return DEFORM_OPS[self.op](
             x,
             offset,

@@ -17,12 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
-from torchvision.models.segmentation.fcn import FCNHead
 
 from configs import UserError
-from models.deform_conv import DEFORM_OPS, DeformConv2d
-
-STAGES = ("layer1", "layer2", "layer3", "layer4")
+from models.deform_conv import DeformConv2d
+from models.heads import build_heads
 
 
 class SegmentationModel(nn.Module):
@@ -32,13 +30,12 @@ class SegmentationModel(nn.Module):
     ``"aux"``; both at output stride 8.
     """
 
-    def __init__(self, num_classes: int, aux_head: bool) -> None:
+    def __init__(self, num_classes: int, aux_head: bool, head: str = "torchvision") -> None:
         super().__init__()
         backbone = resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
         del backbone.fc, backbone.avgpool
         self.backbone = backbone
-        self.head = FCNHead(2048, num_classes)
-        self.aux_head = FCNHead(1024, num_classes) if aux_head else None
+        self.head, self.aux_head = build_heads(head, num_classes, aux_head)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         b = self.backbone
@@ -51,40 +48,18 @@ class SegmentationModel(nn.Module):
         return result
 
 
-def swap_deformable(model: SegmentationModel, deform_cfg: dict[str, Any], op: str = "torchvision") -> list[str]:
-    """Replace the chosen bottlenecks' ``conv2`` by ``DeformConv2d`` running ``op``; return their module names."""
-    version = deform_cfg["version"]
-    if version not in (0, 1, 2):
-        raise UserError(f"config key 'model.deform.version' must be 0, 1 or 2, got {version}.")
-    if version == 0:
+def swap_deformable(model: SegmentationModel, deform_cfg: dict[str, Any], op: str = "reference") -> list[str]:
+    """Replace the chosen bottlenecks' ``conv2`` by ``DeformConv2d`` running ``op``; return their module names.
+
+    ``deform_cfg`` is a validated ``model.deform`` section (configs.validate_config checks stages, blocks, groups).
+    """
+    if deform_cfg["version"] == 0:
         return []
-    unknown = [s for s in deform_cfg["stages"] if s not in STAGES]
-    if unknown:
-        raise UserError(f"config key 'model.deform.stages' names unknown stages {unknown}; use some of {list(STAGES)}.")
-    for key in ("stages", "blocks"):
-        if len(set(deform_cfg[key])) != len(deform_cfg[key]):
-            raise UserError(f"config key 'model.deform.{key}' lists an entry twice: {deform_cfg[key]}.")
-    if op not in DEFORM_OPS:
-        raise UserError(f"config key 'model.deform_op' must be one of {list(DEFORM_OPS)}, got {op!r}.")
-    groups = deform_cfg["groups"]
-    if groups < 1:
-        raise UserError(f"config key 'model.deform.groups' must be at least 1, got {groups}.")
     swapped = []
     for stage in deform_cfg["stages"]:
         blocks = getattr(model.backbone, stage)
-        indices = deform_cfg["blocks"] or list(range(len(blocks)))
-        for i in indices:
-            if not 0 <= i < len(blocks):
-                raise UserError(
-                    f"config key 'model.deform.blocks' holds block {i}, but {stage} has blocks 0..{len(blocks) - 1}."
-                )
-            block = blocks[i]
-            if block.conv2.in_channels % groups:
-                raise UserError(
-                    f"config key 'model.deform.groups' is {groups}, which does not divide the "
-                    f"{block.conv2.in_channels} input channels of {stage}.{i}.conv2; use a power of 2."
-                )
-            block.conv2 = DeformConv2d.from_conv(block.conv2, version, groups, op)
+        for i in deform_cfg["blocks"] or range(len(blocks)):
+            blocks[i].conv2 = DeformConv2d.from_conv(blocks[i].conv2, deform_cfg["version"], deform_cfg["groups"], op)
             swapped.append(f"backbone.{stage}.{i}.conv2")
     return swapped
 
@@ -113,7 +88,8 @@ def load_backbone_state_dict(model: SegmentationModel, state: dict[str, torch.Te
     """Load a torchvision ResNet-50 state dict into the backbone; only offset predictors may stay unset."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    missing = [k for k in missing if ".offset_conv." not in k]
+    offsets = {f"{name}.{p}" for name, p in offset_parameter_names(model.backbone)}
+    missing = [k for k in missing if k not in offsets]
     if missing or unexpected:
         raise RuntimeError(f"backbone weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -124,11 +100,10 @@ def build_model(config: dict[str, Any], load_pretrained: bool = True) -> tuple[S
     ``load_pretrained=False`` skips the ImageNet download (used when a checkpoint will be loaded).
     """
     cfg = config["model"]
-    model = SegmentationModel(cfg["num_classes"], cfg["aux_head"])
+    model = SegmentationModel(cfg["num_classes"], cfg["aux_head"], cfg["head"])
     if cfg["pretrained_backbone"] and load_pretrained:
         load_imagenet_backbone(model)
-    # Checkpoints written before model.deform_op existed hold no such key: they ran torchvision's op.
-    deform_layers = swap_deformable(model, cfg["deform"], cfg.get("deform_op", "torchvision"))
+    deform_layers = swap_deformable(model, cfg["deform"], cfg["deform_op"])
     return model, deform_layers
 
 
@@ -143,31 +118,23 @@ def deformable_layers(model: nn.Module) -> dict[str, DeformConv2d]:
     return layers
 
 
+def offset_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
+    """(module name, parameter name) of every offset/mask predictor parameter, found by module type."""
+    return [
+        (f"{name}.offset_conv", p)
+        for name, module in model.named_modules() if isinstance(module, DeformConv2d)
+        for p, _ in module.offset_conv.named_parameters()
+    ]
+
+
+def offset_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the offset/mask predictors of every deformable layer."""
+    return [p for m in model.modules() if isinstance(m, DeformConv2d) for p in m.offset_conv.parameters()]
+
+
 def count_parameters(model: SegmentationModel) -> dict[str, int]:
     """Parameters of the inference model (aux head excluded) and of the offset/mask predictors."""
-    total = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("aux_head."))
-    deform = sum(p.numel() for name, p in model.named_parameters() if ".offset_conv." in name)
+    aux = {id(p) for p in model.aux_head.parameters()} if model.aux_head is not None else set()
+    total = sum(p.numel() for p in model.parameters() if id(p) not in aux)
+    deform = sum(p.numel() for p in offset_parameters(model))
     return {"params": total, "deform_params": deform}
-
-
-def parameter_groups(model: nn.Module, train_cfg: dict[str, Any], offset_lr_mult: float) -> list[dict[str, Any]]:
-    """SGD parameter groups: offset/mask predictors get ``offset_lr_mult``; optionally no decay on norms and biases.
-
-    Each group carries ``lr_mult``, which the poly schedule multiplies into its learning rate.
-    """
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        lr_mult = offset_lr_mult if ".offset_conv." in name else 1.0
-        no_decay = train_cfg["no_decay_norm_bias"] and (param.ndim <= 1)
-        groups.setdefault((lr_mult, no_decay), []).append(param)
-    return [
-        {
-            "params": params,
-            "lr": train_cfg["lr"] * lr_mult,
-            "lr_mult": lr_mult,
-            "weight_decay": 0.0 if no_decay else train_cfg["weight_decay"],
-        }
-        for (lr_mult, no_decay), params in groups.items()
-    ]

@@ -22,11 +22,13 @@ atomics, so like torchvision's CUDA op they are not bitwise deterministic.
 
 # No "from __future__ import annotations": older Tritons then miss the kernels' tl.constexpr annotations.
 
+from collections.abc import Sequence
+
 import torch
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
-from models.triton_support import HAVE_TRITON, INTERPRET, triton_available
+from models.triton_support import HAVE_TRITON, INTERPRET, OP_NAMESPACE, triton_available
 
 if HAVE_TRITON:
     import triton
@@ -39,7 +41,14 @@ if HAVE_TRITON:
         H, W, KW, SH, SW, PH, PW, DH, DW,
         K: tl.constexpr, HAS_MASK: tl.constexpr, CDT: tl.constexpr,
     ):
-        """Where one kernel tap samples, for a block of output positions: corner, fractions, mask."""
+        """Where one kernel tap samples, for a block of output positions: corner, fractions, mask.
+
+        ``inside``: the sample is strictly inside (-1, H) x (-1, W), torchvision's rule for the sampled value
+        (its ``bilinear_interpolate``), and so for the output, the input and weight gradients and the mask
+        gradient. ``touches``: some corner is on the image, i.e. the sample is in [-1, H) x [-1, W), the rule of
+        torchvision's offset gradient (``get_coordinate_weight`` only checks the corners). They differ on
+        row / column -1 exactly, where the value is 0 but the one-sided slope towards row / column 0 is not.
+        """
         ky = tap // KW
         kx = tap % KW
         ch = 2 * (og * K + tap)
@@ -48,8 +57,8 @@ if HAVE_TRITON:
         dx = tl.load(base + (ch + 1) * so_c, mask=row_ok, other=0.0).to(CDT)
         py = (ho * SH - PH + ky * DH).to(CDT) + dy
         px = (wo * SW - PW + kx * DW).to(CDT) + dx
-        # torchvision's rule: a sample strictly inside (-1, H) x (-1, W) mixes its valid corners, else it is 0.
         inside = row_ok & (py > -1) & (py < H) & (px > -1) & (px < W)
+        touches = row_ok & (py >= -1) & (py < H) & (px >= -1) & (px < W)
         py = tl.minimum(tl.maximum(py, -2.0), H + 1.0)  # keep the int conversion in range when outside
         px = tl.minimum(tl.maximum(px, -2.0), W + 1.0)
         y0f = tl.floor(py)
@@ -60,12 +69,13 @@ if HAVE_TRITON:
             ).to(CDT)
         else:
             mod = tl.full(py.shape, 1.0, CDT)
-        return y0f.to(tl.int32), x0f.to(tl.int32), py - y0f, px - x0f, inside, mod
+        return y0f.to(tl.int32), x0f.to(tl.int32), py - y0f, px - x0f, inside, touches, mod
 
     @triton.jit
-    def _corner_masks(y0, x0, inside, c_ok, H, W):
-        """(rows, channels) masks of the four corners (top-left, top-right, bottom-left, bottom-right) on the image."""
-        ok = inside[:, None] & c_ok[None, :]
+    def _corner_masks(y0, x0, valid, c_ok, H, W):
+        """(rows, channels) masks of the four corners (top-left, top-right, bottom-left, bottom-right) on the image,
+        for the rows where ``valid``."""
+        ok = valid[:, None] & c_ok[None, :]
         top = ok & (y0 >= 0)[:, None]
         bottom = ok & (y0 + 1 <= H - 1)[:, None]
         left = (x0 >= 0)[:, None]
@@ -73,9 +83,10 @@ if HAVE_TRITON:
         return top & left, top & right, bottom & left, bottom & right
 
     @triton.jit
-    def _load_corners(x_ptr, n, cs, c_ok, y0, x0, inside, sx_n, sx_c, sx_h, sx_w, H, W, CDT: tl.constexpr):
-        """The four input values around each sample, (rows, channels) each; 0 for corners off the image."""
-        m00, m01, m10, m11 = _corner_masks(y0, x0, inside, c_ok, H, W)
+    def _load_corners(x_ptr, n, cs, c_ok, y0, x0, valid, sx_n, sx_c, sx_h, sx_w, H, W, CDT: tl.constexpr):
+        """The four input values around each sample, (rows, channels) each; 0 for corners off the image and for
+        rows that are not ``valid``."""
+        m00, m01, m10, m11 = _corner_masks(y0, x0, valid, c_ok, H, W)
         base = x_ptr + n[:, None] * sx_n + cs[None, :] * sx_c
         v00 = tl.load(base + (y0 * sx_h + x0 * sx_w)[:, None], mask=m00, other=0.0).to(CDT)
         v01 = tl.load(base + (y0 * sx_h + (x0 + 1) * sx_w)[:, None], mask=m01, other=0.0).to(CDT)
@@ -90,7 +101,7 @@ if HAVE_TRITON:
         H, W, KW, SH, SW, PH, PW, DH, DW, K: tl.constexpr, HAS_MASK: tl.constexpr, CDT: tl.constexpr,
     ):
         """One tap's (rows, channels) tile of the columns: mask * bilinear sample of the input."""
-        y0, x0, ly, lx, inside, mod = _tap_sampling(
+        y0, x0, ly, lx, inside, touches, mod = _tap_sampling(
             off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, so_n, so_c, so_h, so_w,
             sm_n, sm_c, sm_h, sm_w, H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
         )
@@ -196,20 +207,26 @@ if HAVE_TRITON:
                 g = tl.load(gy_rows + ((gi * OG + ocs) * sy_c)[None, :], mask=row_ok[:, None] & oc_ok[None, :], other=0.0)
                 wt = tl.load(w_cols + ((gi * OG + ocs) * sw_o)[:, None], mask=oc_ok[:, None] & c_ok[None, :], other=0.0)
                 gcol = _mma(gcol, g, wt, DOT_DT, MODE)
-            y0, x0, ly, lx, inside, mod = _tap_sampling(
+            y0, x0, ly, lx, inside, touches, mod = _tap_sampling(
                 off_ptr, mask_ptr, n, ho, wo, row_ok, tap, og, so_n, so_c, so_h, so_w,
                 sm_n, sm_c, sm_h, sm_w, H, W, KW, SH, SW, PH, PW, DH, DW, K, HAS_MASK, CDT,
             )
-            v00, v01, v10, v11 = _load_corners(x_ptr, n, cs, c_ok, y0, x0, inside, sx_n, sx_c, sx_h, sx_w, H, W, CDT)
+            # Corners loaded under the offset gradient's rule (``touches``): on row / column -1 exactly the slope
+            # towards row / column 0 counts, as in torchvision, though the sample itself is 0 there.
+            v00, v01, v10, v11 = _load_corners(x_ptr, n, cs, c_ok, y0, x0, touches, sx_n, sx_c, sx_h, sx_w, H, W, CDT)
             ly2 = ly[:, None]
             lx2 = lx[:, None]
             top = (1 - lx2) * v00 + lx2 * v01
             bottom = (1 - lx2) * v10 + lx2 * v11
+            # Every atomic below is a plain sum into a buffer that nothing reads before the kernel ends, so it
+            # needs no ordering with other memory accesses: "relaxed" (the default, acq_rel, adds fences).
             if HAS_MASK:
-                # d out / d mask = the unmodulated sample; summed over this block's channels.
-                gmask = tl.sum(gcol * ((1 - ly2) * top + ly2 * bottom), axis=1)
+                # d out / d mask = the unmodulated sample (0 unless ``inside``); summed over this block's channels.
+                sample = tl.where(inside[:, None], (1 - ly2) * top + ly2 * bottom, 0.0)
+                gmask = tl.sum(gcol * sample, axis=1)
                 tl.atomic_add(
-                    gmask_ptr + n * sgm_n + (og * K + tap) * sgm_c + ho * sgm_h + wo * sgm_w, gmask, mask=row_ok
+                    gmask_ptr + n * sgm_n + (og * K + tap) * sgm_c + ho * sgm_h + wo * sgm_w, gmask, mask=row_ok,
+                    sem="relaxed",
                 )
             gsample = gcol * mod[:, None]
             # d sample / d y and d x: the bilinear interpolant's slopes between the corner rows / columns.
@@ -217,17 +234,22 @@ if HAVE_TRITON:
             gdx = tl.sum(gsample * ((1 - ly2) * (v01 - v00) + ly2 * (v11 - v10)), axis=1)
             gpos = n * sgo_n + ho * sgo_h + wo * sgo_w
             ch = 2 * (og * K + tap)
-            tl.atomic_add(goff_ptr + gpos + ch * sgo_c, gdy, mask=row_ok)
-            tl.atomic_add(goff_ptr + gpos + (ch + 1) * sgo_c, gdx, mask=row_ok)
-            # Input gradient: each sample's gradient goes to its four corners with the bilinear weights.
+            tl.atomic_add(goff_ptr + gpos + ch * sgo_c, gdy, mask=row_ok, sem="relaxed")
+            tl.atomic_add(goff_ptr + gpos + (ch + 1) * sgo_c, gdx, mask=row_ok, sem="relaxed")
+            # Input gradient: each sample's gradient goes to its four corners with the bilinear weights, only for
+            # samples ``inside`` (on row / column -1 the weight of row / column 0 is 0 anyway).
             m00, m01, m10, m11 = _corner_masks(y0, x0, inside, c_ok, H, W)
             y1 = y0 + 1
             x1 = x0 + 1
             base = gx_ptr + n[:, None] * sgx_n + cs[None, :] * sgx_c
-            tl.atomic_add(base + (y0 * sgx_h + x0 * sgx_w)[:, None], gsample * (1 - ly2) * (1 - lx2), mask=m00)
-            tl.atomic_add(base + (y0 * sgx_h + x1 * sgx_w)[:, None], gsample * (1 - ly2) * lx2, mask=m01)
-            tl.atomic_add(base + (y1 * sgx_h + x0 * sgx_w)[:, None], gsample * ly2 * (1 - lx2), mask=m10)
-            tl.atomic_add(base + (y1 * sgx_h + x1 * sgx_w)[:, None], gsample * ly2 * lx2, mask=m11)
+            w00 = gsample * (1 - ly2) * (1 - lx2)
+            w01 = gsample * (1 - ly2) * lx2
+            w10 = gsample * ly2 * (1 - lx2)
+            w11 = gsample * ly2 * lx2
+            tl.atomic_add(base + (y0 * sgx_h + x0 * sgx_w)[:, None], w00, mask=m00, sem="relaxed")
+            tl.atomic_add(base + (y0 * sgx_h + x1 * sgx_w)[:, None], w01, mask=m01, sem="relaxed")
+            tl.atomic_add(base + (y1 * sgx_h + x0 * sgx_w)[:, None], w10, mask=m10, sem="relaxed")
+            tl.atomic_add(base + (y1 * sgx_h + x1 * sgx_w)[:, None], w11, mask=m11, sem="relaxed")
 
     @triton.jit
     def _deform_grad_weight(
@@ -270,7 +292,7 @@ if HAVE_TRITON:
                 acc = _mma(acc, g_t, cols, DOT_DT, MODE)
             gw = gw_ptr + ((gi * OG + ocs) * sgw_o)[:, None] + ((cs - gi * CG) * sgw_c)[None, :]
             gw += (tap // KW) * sgw_h + (tap % KW) * sgw_w
-            tl.atomic_add(gw, acc, mask=oc_ok[:, None] & c_ok[None, :])
+            tl.atomic_add(gw, acc, mask=oc_ok[:, None] & c_ok[None, :], sem="relaxed")
 
 
 # Tile sizes: rows (output positions), output channels, input channels. Chosen for an H100-class GPU by
@@ -325,10 +347,14 @@ def _out_channels_last(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def _forward(x, offset, mask, weight, bias, geo: _Geometry) -> torch.Tensor:
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    """The output's memory format: channels_last for a channels_last input (not also contiguous), else contiguous."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((geo.n, geo.o, geo.ho, geo.wo), device=x.device, dtype=x.dtype, memory_format=memory_format)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _forward(x, offset, mask, weight, bias, geo: _Geometry) -> torch.Tensor:
+    out = torch.empty((geo.n, geo.o, geo.ho, geo.wo), device=x.device, dtype=x.dtype, memory_format=_output_format(x))
     cdt, dot_dt, mode = _dtypes(x.dtype)
     m = mask if mask is not None else offset  # any tensor: never read when HAS_MASK is False
     grid = (triton.cdiv(geo.rows, BLOCK_ROWS), triton.cdiv(geo.og, geo.block_out), geo.groups)
@@ -390,24 +416,82 @@ def _backward(x, offset, mask, weight, grad_out, geo: _Geometry, need: tuple[boo
     )
 
 
-class _DeformConv2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation):  # noqa: D102
-        geo = _Geometry(x, offset, weight, stride, padding, dilation)
-        ctx.geo = geo
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, offset, mask, weight)
-        return _forward(x, offset, mask, weight, bias, geo)
+# The kernels as torch.library custom ops (torch >= 2.4, see models/triton_support.py): torch.compile sees one
+# opaque node per call, with a fake implementation for shapes, instead of tracing into the Python launch code and
+# Triton's runtime, which dynamo cannot do. The autograd formula below is registered on the forward op; the
+# gradients come from a second op, so a compiled backward graph can hold it too.
 
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        x, offset, mask, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_x, grad_offset, grad_mask, grad_weight = _backward(
-            x, offset, mask, weight, grad_out, ctx.geo, (need[0], need[1], need[2], need[3])
-        )
-        grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.bias_dtype and need[4] else None
-        return grad_x, grad_offset, grad_mask, grad_weight, grad_bias, None, None, None
+
+def _deform_forward_impl(
+    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+) -> torch.Tensor:
+    """torchvision's ``deform_conv2d`` output by the forward kernel (inputs already in one dtype)."""
+    return _forward(x, offset, mask, weight, bias, _Geometry(x, offset, weight, stride, padding, dilation))
+
+
+def _deform_forward_fake(
+    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+) -> torch.Tensor:
+    """The forward's output as tracing needs it: shape, dtype, device and memory format, no values."""
+    shape = (x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=_output_format(x))
+
+
+def _deform_backward_impl(
+    grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], need: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (x, offset, mask, weight) by the backward kernels; an empty tensor for each one that is not
+    in ``need`` or has no input (no mask): a custom op cannot return None."""
+    geo = _Geometry(x, offset, weight, stride, padding, dilation)
+    grads = _backward(x, offset, mask, weight, grad_out, geo, tuple(need))
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def _deform_backward_fake(
+    grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], need: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's outputs as tracing needs them (``_backward``'s dtypes and memory formats)."""
+    return (
+        torch.empty_like(x) if need[0] else x.new_empty(0),
+        torch.empty_like(offset) if need[1] else x.new_empty(0),
+        torch.empty_like(mask) if mask is not None and need[2] else x.new_empty(0),
+        weight.new_empty(weight.shape) if need[3] else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    """Save what the backward needs: tensors through save_for_backward, and only plain values (ints, a dtype)
+    besides, which tracing can carry."""
+    x, offset, mask, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, offset, mask, weight)
+    ctx.conv = (list(stride), list(padding), list(dilation))
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_rule(ctx, grad_out: torch.Tensor) -> tuple:
+    """Gradients of the forward op's eight inputs."""
+    x, offset, mask, weight = ctx.saved_tensors
+    need = [bool(flag) for flag in ctx.needs_input_grad[:4]]
+    need[2] = need[2] and mask is not None
+    grads = _deform_backward(grad_out, x, offset, mask, weight, *ctx.conv, need)
+    grad_x, grad_offset, grad_mask, grad_weight = (g if wanted else None for g, wanted in zip(grads, need))
+    wants_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[4]
+    grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype) if wants_bias else None
+    return grad_x, grad_offset, grad_mask, grad_weight, grad_bias, None, None, None
+
+
+if HAVE_TRITON:
+    _deform_conv2d = torch.library.custom_op(f"{OP_NAMESPACE}::deform_conv2d", _deform_forward_impl, mutates_args=())
+    _deform_conv2d.register_fake(_deform_forward_fake)
+    _deform_backward = torch.library.custom_op(
+        f"{OP_NAMESPACE}::deform_conv2d_backward", _deform_backward_impl, mutates_args=()
+    )
+    _deform_backward.register_fake(_deform_backward_fake)
+    _deform_conv2d.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -470,4 +554,4 @@ def deform_conv2d(
     input, offset, weight = input.to(dtype), offset.to(dtype), weight.to(dtype)
     mask = mask.to(dtype) if mask is not None else None
     with torch.autocast(device_type=input.device.type, enabled=False):
-        return _DeformConv2dFunction.apply(input, offset, mask, weight, bias, stride, padding, dilation)
+        return _deform_conv2d(input, offset, mask, weight, bias, list(stride), list(padding), list(dilation))

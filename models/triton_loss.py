@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from models.triton_support import HAVE_TRITON, triton_available
+from models.triton_support import HAVE_TRITON, OP_NAMESPACE, triton_available
 
 if HAVE_TRITON:
     import triton
@@ -82,15 +82,34 @@ def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     if (
         not triton_available(logits.device)
         or labels.numel() == 0
-        or _axis(logits.shape[-1], labels.shape[-1], _compute_dtype(logits), logits.device).span > MAX_SPAN
+        or _block_span(logits.shape[-1], labels.shape[-1]) > MAX_SPAN
     ):
         return reference_upsample_cross_entropy(logits, labels, ignore_index)
-    return _UpsampleCrossEntropy.apply(logits, labels, ignore_index)
+    total, _ = _loss_sum(logits, labels, ignore_index)
+    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     """The kernels' accumulation dtype: float64 for float64 logits, float32 otherwise."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _block_span(in_size: int, out_size: int) -> int:
+    """Most input positions touched by one block of BLOCK_X output positions along an axis.
+
+    ``_axis``'s rule in Python floats, with no tensors, so that torch.compile evaluates it while tracing. It decides
+    only whether the kernels run (the kernels size their tiles from ``_axis`` itself); in fp32 the span can differ
+    by one at rare boundaries.
+    """
+    scale = in_size / out_size
+
+    def first(x: int) -> int:
+        return int(max((x + 0.5) * scale - 0.5, 0.0))
+
+    def second(x: int) -> int:
+        return min(first(x) + 1, in_size - 1)
+
+    return max(second(min(start + BLOCK_X, out_size) - 1) - first(start) + 1 for start in range(0, out_size, BLOCK_X))
 
 
 class _Axis(NamedTuple):
@@ -122,55 +141,85 @@ def _axis(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device)
     return _Axis(i0.to(device), i1.to(device), lam.to(device), matrix.to(device), span)
 
 
-class _UpsampleCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper of the two kernels; everything inside runs with autocast off, in fp32 (fp64 for fp64)."""
+# The kernels as torch.library custom ops (torch >= 2.4, see models/triton_support.py): torch.compile sees one
+# opaque node per launch, with a fake implementation for shapes, instead of tracing into the Python launch code and
+# Triton's runtime, which dynamo cannot do. The ops compute the sum of the pixel losses; the division by the
+# number of labelled pixels stays outside, in plain torch.
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        with torch.autocast(logits.device.type, enabled=False):
-            n, c, h, w = logits.shape
-            height, width = labels.shape[-2:]
-            acc = _compute_dtype(logits)
-            ys, xs = _axis(h, height, acc, logits.device), _axis(w, width, acc, logits.device)
-            pixel_loss = torch.empty(n, height, width, dtype=acc, device=logits.device)
-            lse = torch.empty_like(pixel_loss)
-            _forward_kernel[(triton.cdiv(width, BLOCK_X), height, n)](
-                logits, labels, pixel_loss, lse,
-                ys.i0, ys.i1, ys.lam, xs.i0, xs.i1, xs.lam,
-                c, height, width, ignore_index,
-                *logits.stride(), *labels.stride(),
-                BLOCK_C=BLOCK_C, BLOCK_X=BLOCK_X, ACC=_TL_DTYPE[acc], num_warps=NUM_WARPS,
-            )
-            count = (labels != ignore_index).sum().clamp(min=1)
-            ctx.save_for_backward(logits, labels, lse, count)
-            ctx.ignore_index = ignore_index
-            return pixel_loss.sum() / count
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logits, labels, lse, count = ctx.saved_tensors
-        with torch.autocast(logits.device.type, enabled=False):
-            n, c, h, w = logits.shape
-            height, width = labels.shape[-2:]
-            acc = lse.dtype
-            ys, xs = _axis(h, height, acc, logits.device), _axis(w, width, acc, logits.device)
-            scale = (grad_output.to(acc) / count).reshape(1)  # a tensor, so no sync with the GPU
-            # Gradient w.r.t. the logits upsampled along y only: (H, N, C, w), rows first so that the y-reduction
-            # below is a single matmul.
-            rows = torch.zeros(height, n, c, w, dtype=acc, device=logits.device)
-            block_j = max(16, triton.next_power_of_2(xs.span))
-            _backward_kernel[(triton.cdiv(width, BLOCK_X), height, n)](
-                logits, labels, lse, scale, rows,
-                ys.i0, ys.i1, ys.lam, xs.i0, xs.i1, xs.lam,
-                c, height, width, ctx.ignore_index,
-                *logits.stride(), *labels.stride(), *rows.stride()[:3],
-                BLOCK_C=BLOCK_C, BLOCK_X=BLOCK_X, BLOCK_J=block_j, ACC=_TL_DTYPE[acc], FP64=acc == torch.float64,
-                num_warps=NUM_WARPS,
-            )
-            grad = (ys.matrix.t() @ rows.view(height, -1)).view(h, n, c, w).permute(1, 2, 0, 3)
-            grad_logits = torch.empty_like(logits)  # logits' dtype and memory format
-            grad_logits.copy_(grad)
-        return grad_logits, None, None
+def _loss_sum_impl(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the pixels' cross-entropies (0-dim) and each pixel's log-sum-exp (N, H, W), kept for the backward;
+    in fp32 (fp64 for fp64 logits), with autocast off."""
+    with torch.autocast(logits.device.type, enabled=False):
+        n, c, h, w = logits.shape
+        height, width = labels.shape[-2:]
+        acc = _compute_dtype(logits)
+        ys, xs = _axis(h, height, acc, logits.device), _axis(w, width, acc, logits.device)
+        pixel_loss = torch.empty(n, height, width, dtype=acc, device=logits.device)
+        lse = torch.empty_like(pixel_loss)
+        _forward_kernel[(triton.cdiv(width, BLOCK_X), height, n)](
+            logits, labels, pixel_loss, lse,
+            ys.i0, ys.i1, ys.lam, xs.i0, xs.i1, xs.lam,
+            c, height, width, ignore_index,
+            *logits.stride(), *labels.stride(),
+            BLOCK_C=BLOCK_C, BLOCK_X=BLOCK_X, ACC=_TL_DTYPE[acc], num_warps=NUM_WARPS,
+        )
+        return pixel_loss.sum(), lse
+
+
+def _loss_sum_fake(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's outputs as tracing needs them: shapes and dtypes, no values."""
+    acc = _compute_dtype(logits)
+    return logits.new_empty((), dtype=acc), logits.new_empty(labels.shape, dtype=acc)
+
+
+def _loss_backward_impl(
+    grad_total: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Gradient of the summed loss w.r.t. the logits, for the gradient ``grad_total`` of the sum; in the logits'
+    dtype and memory format."""
+    with torch.autocast(logits.device.type, enabled=False):
+        n, c, h, w = logits.shape
+        height, width = labels.shape[-2:]
+        acc = lse.dtype
+        ys, xs = _axis(h, height, acc, logits.device), _axis(w, width, acc, logits.device)
+        scale = grad_total.to(acc).reshape(1)  # read by the kernel, so no sync with the GPU
+        # Gradient w.r.t. the logits upsampled along y only: (H, N, C, w), rows first so that the y-reduction
+        # below is a single matmul.
+        rows = torch.zeros(height, n, c, w, dtype=acc, device=logits.device)
+        block_j = max(16, triton.next_power_of_2(xs.span))
+        _backward_kernel[(triton.cdiv(width, BLOCK_X), height, n)](
+            logits, labels, lse, scale, rows,
+            ys.i0, ys.i1, ys.lam, xs.i0, xs.i1, xs.lam,
+            c, height, width, ignore_index,
+            *logits.stride(), *labels.stride(), *rows.stride()[:3],
+            BLOCK_C=BLOCK_C, BLOCK_X=BLOCK_X, BLOCK_J=block_j, ACC=_TL_DTYPE[acc], FP64=acc == torch.float64,
+            num_warps=NUM_WARPS,
+        )
+        grad = (ys.matrix.t() @ rows.view(height, -1)).view(h, n, c, w).permute(1, 2, 0, 3)
+        grad_logits = torch.empty_like(logits)  # logits' dtype and memory format
+        grad_logits.copy_(grad)
+    return grad_logits
+
+
+def _loss_backward_fake(
+    grad_total: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """The backward's output as tracing needs it."""
+    return torch.empty_like(logits)
+
+
+def _loss_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    """Save the logits, labels and log-sum-exps for the backward; the ignore index is a plain int."""
+    logits, labels, ignore_index = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.ignore_index = ignore_index
+
+
+def _loss_backward_rule(ctx, grad_total: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+    """Gradients of (logits, labels, ignore_index); the log-sum-exp output is internal, its gradient ignored."""
+    logits, labels, lse = ctx.saved_tensors
+    return _loss_backward(grad_total, logits, labels, lse, ctx.ignore_index), None, None
 
 
 if HAVE_TRITON:
@@ -307,3 +356,12 @@ if HAVE_TRITON:
                 reduced = tl.dot(grad, wx, input_precision="ieee")  # [BLOCK_C, BLOCK_J]
             ptrs = rows_ptr + y * stride_ry + n * stride_rn + cs[:, None] * stride_rc + (j_start + js)[None, :]
             tl.atomic_add(ptrs, reduced, mask=c_mask[:, None] & j_mask[None, :], sem="relaxed")
+
+    # Registered here, after the kernels they launch (see the comment above ``_loss_sum_impl``).
+    _loss_sum = torch.library.custom_op(f"{OP_NAMESPACE}::upsample_cross_entropy_sum", _loss_sum_impl, mutates_args=())
+    _loss_sum.register_fake(_loss_sum_fake)
+    _loss_backward = torch.library.custom_op(
+        f"{OP_NAMESPACE}::upsample_cross_entropy_sum_backward", _loss_backward_impl, mutates_args=()
+    )
+    _loss_backward.register_fake(_loss_backward_fake)
+    _loss_sum.register_autograd(_loss_backward_rule, setup_context=_loss_setup_context)

@@ -2,8 +2,9 @@
 
 They run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before the kernels were defined (the tests do this when there is no GPU). They need Triton 3.2 or newer:
-older interpreters mis-execute loops whose bodies branch, so the kernels were never checked there.
-Elsewhere the callers use the reference implementations.
+older interpreters mis-execute loops whose bodies branch, so the kernels were never checked there. And they
+are registered as ``torch.library`` custom ops (so that ``torch.compile`` treats each launch as one opaque
+node), which needs torch 2.4 or newer. Elsewhere the callers use the reference implementations.
 """
 
 import os
@@ -18,7 +19,9 @@ except ImportError:  # CPU-only builds of torch come without Triton
     TRITON_VERSION = (0, 0)
 
 MIN_TRITON_VERSION = (3, 2)
-HAVE_TRITON = TRITON_VERSION >= MIN_TRITON_VERSION
+HAVE_TRITON = TRITON_VERSION >= MIN_TRITON_VERSION and hasattr(torch.library, "custom_op")
+# Namespace of the kernels' custom ops: torch.ops.seg_triton.deform_conv2d etc.
+OP_NAMESPACE = "seg_triton"
 # triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when the kernel modules are imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

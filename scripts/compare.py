@@ -1,76 +1,19 @@
-"""Compare training runs: the study's table of mIoU, parameters and speed, with seeds grouped.
+"""Compare training runs: the study's table of final mIoU, parameters and speed, with seeds grouped.
 
-Each RUN_DIR is a folder written by train.py (``config.yaml``, ``best.pt``/``last.pt``, ``tb/``).
-Runs whose resolved configs differ only in the seed (and in settings that do not change the
-result: loader workers, data location, logging and checkpoint intervals) are one group, shown as
-mean ± sample std over its runs. The group with ``model.deform.version: 0`` is the norm-conv
-reference; every other group's difference to it is set against the seed-to-seed spread, so a
-difference smaller than the noise of re-running with another seed is not read as an effect.
-
-Validation and training mIoU come from ``RUN/eval_validation.json`` and ``RUN/eval_training.json``;
-missing files are made with evaluate.py (``evaluate.main``) on the run's best.pt (else last.pt).
+The command line around ``engine.comparison.compare`` (grouping, statistics, table and figures live
+there). Example: ``python scripts/compare.py runs/norm-conv runs/def-conv-v1 runs/def-conv-v2 --out results/``
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import io
-import json
-import math
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from configs import UserError, flatten  # noqa: E402
-from models.segmentor import build_model, count_parameters  # noqa: E402
-
-# Config keys that do not change what a run learns: runs differing only in these are seeds of one group.
-IGNORED_KEYS = (
-    "seed", "data.num_workers", "data.root", "train.log_interval", "train.ckpt_interval", "train.tb_images",
-    "train.val_interval", "train.val_max_images",
-)
-VAL_JSON, TRAIN_JSON = "eval_validation.json", "eval_training.json"
-NO_EVAL_MARK = "*"
+from configs import UserError
+from engine.comparison import IGNORED_KEYS, CompareOptions, compare
 
 
-@dataclass
-class Run:
-    """One run folder and the numbers read from it."""
-
-    path: Path
-    config: dict[str, Any]
-    checkpoint: Path
-    seed: int = 0
-    val_miou: float | None = None
-    val_from_checkpoint: bool = False  # True: the checkpoint's best_miou (--no-eval), not a full evaluation
-    train_miou: float | None = None
-    val_images_per_s: float | None = None
-    train_images_per_s: float | None = None
-    params: int = 0
-    deform_params: int = 0
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-
-@dataclass
-class Group:
-    """Runs of one configuration that differ only in the seed."""
-
-    key: str
-    config: dict[str, Any]
-    runs: list[Run]
-    label: str = ""
-
-
-# ------------------------------------------------------------------------------------------- reading
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
@@ -78,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "Compare runs of train.py as a markdown table (val/train mIoU, difference to norm-conv, parameters, "
             "speed). Runs of the same config with different seeds are grouped into one row (mean ± std), and each "
             "difference to the norm-conv group is compared with the seed-to-seed spread. Missing evaluations "
-            "(RUN/eval_validation.json, RUN/eval_training.json) are run with evaluate.py and saved in the run dir."
+            "(RUN/eval_validation.json, RUN/eval_training.json) are made on each run's final checkpoint (last.pt) and saved in the run dir."
         ),
         epilog=(
             "example: python scripts/compare.py runs/norm-conv runs/norm-conv-s1 runs/def-conv-v1 runs/def-conv-v2 "
@@ -91,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-eval", action="store_true",
-        help="do not run evaluate.py: use saved eval JSONs, else the checkpoint's best_miou (marked *)",
+        help="evaluate nothing: use saved eval JSONs, else the val mIoU logged at the final iteration (marked *)",
     )
     parser.add_argument(
         "--train-images", type=int, default=None, metavar="N",
@@ -103,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data-root", help="dataset folder for evaluation, instead of data.root of the runs' configs")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="device for evaluation (default: cuda if available)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000, seeded)")
     parser.add_argument(
         "--ignore-key", action="append", default=[], metavar="KEY",
         help=f"another dotted config key to ignore when grouping (always ignored: {', '.join(IGNORED_KEYS)})",
@@ -110,418 +54,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_run(path: Path) -> Run:
-    """Read a run folder's config and pick its checkpoint (best.pt, else last.pt); UserError if unusable."""
-    if not path.is_dir():
-        raise UserError(
-            f"run dir {path} does not exist or is not a folder. Give folders written by train.py "
-            f"(runs/<config name> by default, or the --work-dir of a run)."
-        )
-    checkpoint = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
-    if checkpoint is None:
-        raise UserError(
-            f"run dir {path} holds no best.pt or last.pt, so there is nothing to compare. Wait until the run writes "
-            f"its first checkpoint (every train.ckpt_interval iterations), or leave this folder out."
-        )
-    config_path = path / "config.yaml"
-    if config_path.is_file():
-        config = yaml.safe_load(config_path.read_text())
-    else:
-        config = read_checkpoint(checkpoint)["config"]
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise UserError(f"{config_path} holds no usable config (no 'model' section); is {path} a run dir of train.py?")
-    return Run(path=path, config=config, checkpoint=checkpoint, seed=int(config.get("seed", 0)))
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU (tensors only); UserError if it cannot be read."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files raise many exception types
-        raise UserError(
-            f"could not read checkpoint {path} ({type(err).__name__}). It is probably truncated; "
-            f"copy it again or remove it so that the other checkpoint of the run is used."
-        ) from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-        raise UserError(f"checkpoint {path} has no 'config' entry; it was not written by train.py.")
-    return checkpoint
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Read an evaluation JSON written by evaluate.py (one checkpoint: a dict)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"could not read {path} ({err}). Delete it and run compare.py again to re-evaluate.") from None
-    if isinstance(data, list) and len(data) == 1:
-        data = data[0]
-    if not isinstance(data, dict) or "mIoU" not in data:
-        raise UserError(f"{path} is not an evaluation of one checkpoint (no 'mIoU'). Delete it to re-evaluate.")
-    return data
-
-
-def json_is_current(path: Path, checkpoint: Path, max_images: int) -> bool:
-    """True if an evaluation JSON exists, is newer than the checkpoint and used the same image limit (0 = all)."""
-    if not path.is_file() or path.stat().st_mtime < checkpoint.stat().st_mtime:
-        return False
-    data = read_json(path)
-    if "max_images" in data:  # written by compare.py
-        return data["max_images"] == max_images
-    if data.get("split") == "validation":  # written by evaluate.py directly: its default is the whole split
-        return max_images == 0
-    return data.get("num_images") == max_images
-
-
-def run_evaluation(run: Run, split: str, json_path: Path, max_images: int, args: argparse.Namespace) -> None:
-    """Evaluate the run's checkpoint on ``split`` (``max_images`` 0 = all) with evaluate.py; its tables go nowhere."""
-    import evaluate  # imported here: --no-eval works without the data and evaluation code
-
-    argv = ["--checkpoint", str(run.checkpoint), "--split", split, "--json", str(json_path), "--max-images", str(max_images)]
-    if args.data_root:
-        argv += ["--data-root", args.data_root]
-    if args.device:
-        argv += ["--device", args.device]
-    print(f"evaluating {run.checkpoint} on {split}{f' (first {max_images} images)' if max_images else ''} ...", file=sys.stderr)
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = evaluate.main(argv)
-    if code != 0:
-        raise UserError(
-            f"evaluate.py failed on {run.checkpoint} ({split} split, message above). Fix the cause (often data.root: "
-            f"pass --data-root DIR), or use --no-eval to compare the best_miou stored in the checkpoints."
-        )
-    data = read_json(json_path)  # remember the limit, so that another --train-images/--val-images re-evaluates
-    data["max_images"] = max_images
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def fill_metrics(run: Run, args: argparse.Namespace) -> None:
-    """Val/train mIoU and val img/s from the eval JSONs (evaluating where missing or stale)."""
-    val_path = run.path / VAL_JSON
-    if not args.no_eval and not json_is_current(val_path, run.checkpoint, args.val_images):
-        run_evaluation(run, "validation", val_path, args.val_images, args)
-    if val_path.is_file():
-        data = read_json(val_path)
-        run.val_miou, run.val_images_per_s = data["mIoU"], data.get("images_per_s")
-    else:
-        best = float(read_checkpoint(run.checkpoint).get("best_miou", -1.0))
-        run.val_miou = best if best >= 0 else None  # -1: no validation before this checkpoint
-        run.val_from_checkpoint = True
-
-    train_images = args.train_images if args.train_images is not None else run.config["data"].get("train_eval_images", 0)
-    train_path = run.path / TRAIN_JSON
-    if not args.no_eval and not json_is_current(train_path, run.checkpoint, train_images):
-        run_evaluation(run, "training", train_path, train_images, args)
-    if train_path.is_file():
-        run.train_miou = read_json(train_path)["mIoU"]
-
-
-def fill_curves(run: Run) -> None:
-    """Training curves from TensorBoard and the median training images/s."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tb = run.path / "tb"
-    if not tb.is_dir():
-        print(f"warning: {tb} does not exist; no curves or training speed for this run", file=sys.stderr)
-        return
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags().get("scalars", []))
-    for tag in ("val/mIoU", "train/loss", "train/images_per_s"):
-        if tag in tags:
-            run.curves[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
-    speeds = [v for _, v in run.curves.get("train/images_per_s", [])]
-    run.train_images_per_s = statistics.median(speeds) if speeds else None
-
-
-def fill_params(runs: list[Run]) -> None:
-    """Inference and offset/mask parameter counts from each run's model (built once per distinct model)."""
-    cache: dict[str, dict[str, int]] = {}
-    for run in runs:
-        key = json.dumps(run.config["model"], sort_keys=True)
-        if key not in cache:
-            config = copy.deepcopy(run.config)
-            config["model"]["pretrained_backbone"] = False
-            model, _ = build_model(config, load_pretrained=False)
-            cache[key] = count_parameters(model)
-        run.params, run.deform_params = cache[key]["params"], cache[key]["deform_params"]
-
-
-# ------------------------------------------------------------------------------------------ grouping
-
-def group_runs(runs: list[Run], ignored: list[str]) -> list[Group]:
-    """Group runs whose configs agree outside ``ignored`` keys; label groups by config name (+ differing keys)."""
-    groups: dict[str, Group] = {}
-    for run in runs:
-        flat = {k: v for k, v in flatten(run.config).items() if k not in ignored}
-        key = json.dumps(flat, sort_keys=True, default=str)
-        groups.setdefault(key, Group(key=key, config=flat, runs=[])).runs.append(run)
-    result = list(groups.values())
-    for group in result:
-        name = str(group.config.get("config_name", group.runs[0].path.name))
-        same_name = [g for g in result if g.config.get("config_name") == group.config.get("config_name")]
-        keys = {k for g in same_name for k in g.config}
-        diffs = sorted(k for k in keys if any(g.config.get(k) != group.config.get(k) for g in same_name))
-        if len(same_name) > 1 and diffs:
-            shown = ", ".join(f"{k}={group.config.get(k)}" for k in diffs[:3]) + (", ..." if len(diffs) > 3 else "")
-            name = f"{name} ({shown})"
-        group.label = name
-    return result
-
-
-def pick_reference(groups: list[Group]) -> Group | None:
-    """The norm-conv group: ``model.deform.version`` 0, preferring config_name norm-conv, then the most runs."""
-    plain = [g for g in groups if g.config.get("model.deform.version") == 0]
-    if not plain:
-        return None
-    return sorted(plain, key=lambda g: (g.config.get("config_name") != "norm-conv", -len(g.runs)))[0]
-
-
-# ------------------------------------------------------------------------------------------- numbers
-def stats(values: list[float | None]) -> dict[str, Any]:
-    """Mean, sample std (n-1; None for n<2) and the values, ignoring missing ones."""
-    present = [v for v in values if v is not None]
-    return {
-        "mean": statistics.fmean(present) if present else None,
-        "std": statistics.stdev(present) if len(present) > 1 else None,
-        "n": len(present),
-        "values": values,
-    }
-
-
-def pooled_std(*parts: dict[str, Any]) -> float | None:
-    """Pooled sample std of several groups: sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)); None without any n >= 2."""
-    dof = sum(p["n"] - 1 for p in parts if p["std"] is not None)
-    if dof == 0:
-        return None
-    return math.sqrt(sum((p["n"] - 1) * p["std"] ** 2 for p in parts if p["std"] is not None) / dof)
-
-
-def summarize(groups: list[Group], reference: Group | None) -> dict[str, Any]:
-    """All numbers of the comparison as a JSON-ready dict (groups in table order, runs listed)."""
-    records = []
-    ref_val = stats([r.val_miou for r in reference.runs]) if reference else None
-    ref_train = stats([r.train_miou for r in reference.runs]) if reference else None
-    for group in groups:
-        val = stats([r.val_miou for r in group.runs])
-        train = stats([r.train_miou for r in group.runs])
-        record: dict[str, Any] = {
-            "label": group.label,
-            "config_name": group.config.get("config_name"),
-            "deform_version": group.config.get("model.deform.version"),
-            "reference": group is reference,
-            "runs": [str(r.path) for r in group.runs],
-            "seeds": [r.seed for r in group.runs],
-            "n": len(group.runs),
-            "val_miou": val,
-            "val_miou_from_checkpoint": any(r.val_from_checkpoint for r in group.runs),
-            "train_miou": train,
-            "params": group.runs[0].params,
-            "deform_params": group.runs[0].deform_params,
-            "train_images_per_s": stats([r.train_images_per_s for r in group.runs]),
-            "val_images_per_s": stats([r.val_images_per_s for r in group.runs]),
-        }
-        for name, mine, ref in (("val", val, ref_val), ("train", train, ref_train)):
-            delta = spread = None
-            if ref is not None and mine["mean"] is not None and ref["mean"] is not None:
-                delta = mine["mean"] - ref["mean"]
-                spread = pooled_std(mine) if group is reference else pooled_std(mine, ref)
-            record[f"delta_{name}_miou"] = delta
-            record[f"{name}_seed_spread"] = spread
-        records.append(record)
-    runs = [
-        {
-            "run": str(r.path), "group": g.label, "seed": r.seed, "checkpoint": str(r.checkpoint),
-            "val_miou": r.val_miou, "val_miou_from_checkpoint": r.val_from_checkpoint, "train_miou": r.train_miou,
-            "train_images_per_s": r.train_images_per_s, "val_images_per_s": r.val_images_per_s,
-            "params": r.params, "deform_params": r.deform_params,
-        }
-        for g in groups for r in g.runs
-    ]
-    return {"reference": reference.label if reference else None, "groups": records, "runs": runs}
-
-
-# ------------------------------------------------------------------------------------------- output
-def fmt(s: dict[str, Any], digits: int = 2) -> str:
-    """``mean ± std`` (or the mean alone for one run; ``-`` when missing)."""
-    if s["mean"] is None:
-        return "-"
-    text = f"{s['mean']:.{digits}f}"
-    return f"{text} ± {s['std']:.{digits}f}" if s["std"] is not None else text
-
-
-def signed(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.2f}"
-
-
-def next_seeds(used: list[int], count: int = 2) -> list[int]:
-    """The smallest ``count`` seeds not used yet."""
-    seeds, s = [], 0
-    while len(seeds) < count:
-        if s not in used:
-            seeds.append(s)
-        s += 1
-    return seeds
-
-
-def markdown(summary: dict[str, Any], val_images: int = 0) -> str:
-    """The comparison table with its notes (spread of each difference, footnotes)."""
-    ref = summary["reference"] or "norm-conv"
-    header = (
-        "| model | runs | val mIoU | train mIoU | Δ val vs norm-conv | Δ train vs norm-conv | params | added params "
-        "| train img/s | val img/s |"
-    )
-    lines = [header, "|" + "---|" * 10]
-    for g in summary["groups"]:
-        mark = NO_EVAL_MARK if g["val_miou_from_checkpoint"] else ""
-        delta_val = "ref" if g["reference"] else signed(g["delta_val_miou"])
-        delta_train = "ref" if g["reference"] else signed(g["delta_train_miou"])
-        lines.append(
-            f"| {g['label']} | {g['n']} | {fmt(g['val_miou'])}{mark} | {fmt(g['train_miou'])} | {delta_val} | "
-            f"{delta_train} | {g['params'] / 1e6:.2f}M | +{g['deform_params'] / 1e6:.3f}M | "
-            f"{fmt(g['train_images_per_s'], 1)} | {fmt(g['val_images_per_s'], 1)} |"
-        )
-    notes = []
-    if summary["reference"] is None:
-        notes.append("No norm-conv run (model.deform.version=0) among the runs: the Δ columns are empty.")
-    elif ref != "norm-conv":
-        notes.append(f"norm-conv reference (model.deform.version=0): {ref}.")
-    for g in summary["groups"]:
-        if g["reference"] or g["delta_val_miou"] is None:
-            continue
-        text = f"{g['label']}: {g['delta_val_miou']:+.2f} val mIoU vs {ref}; "
-        spread = g["val_seed_spread"]
-        single = [x["label"] for x in summary["groups"] if (x is g or x["reference"]) and x["n"] < 2]
-        if spread is None:
-            seeds = next_seeds(g["seeds"])
-            text += f"n=1: no seed spread known, run more seeds ({', '.join(f'seed={s}' for s in seeds)})"
-        elif spread == 0:
-            text += "seed spread (pooled std) 0.00: the seeds gave identical numbers"
-        else:
-            ratio = abs(g["delta_val_miou"]) / spread
-            verdict = "exceeds the spread" if ratio > 2 else "not clearly above the spread" if ratio >= 1 else "within the seed noise"
-            text += f"seed spread (pooled std) {spread:.2f} → difference {ratio:.1f}x the spread ({verdict})"
-            if single:
-                text += f"; n=1 for {', '.join(single)}: run more seeds"
-        notes.append(text)
-    if any(g["val_miou_from_checkpoint"] for g in summary["groups"]):
-        notes.append(
-            f"{NO_EVAL_MARK} best val mIoU logged during training (the checkpoint's best_miou, on train.val_max_images "
-            f"images if set), not a full evaluation: run without --no-eval for evaluate.py numbers."
-        )
-    if val_images:
-        notes.append(f"val mIoU on the first {val_images} validation images only (--val-images), not the whole split.")
-    notes.append("params: inference model (aux head excluded); added params: offset/mask predictors. Speeds: median "
-                 "train/images_per_s of TensorBoard, images_per_s of the validation evaluation.")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-
-
-def plot(groups: list[Group], summary: dict[str, Any], out: Path) -> None:
-    """curves.png (val mIoU and training loss vs iteration, colour per group) and final_miou.png (bars ± std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    colours = plt.get_cmap("tab10")
-    styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for gi, group in enumerate(groups):
-        for ri, run in enumerate(group.runs):
-            label = f"{group.label}, seed {run.seed}"
-            for ax, tag in zip(axes, ("val/mIoU", "train/loss")):
-                points = run.curves.get(tag, [])
-                if points:
-                    steps, values = zip(*points)
-                    ax.plot(steps, values, styles[ri % len(styles)], color=colours(gi % 10), label=label,
-                            marker="o" if len(points) < 20 else None, markersize=3)
-    axes[0].set(title="Validation mIoU logged during training", xlabel="iteration", ylabel="mIoU (%)")
-    axes[1].set(title="Training loss (main + aux)", xlabel="iteration", ylabel="loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = axes[1].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[0].get_legend_handles_labels()
-    columns = min(3 if max(map(len, labels), default=0) <= 40 else 1, max(len(labels), 1))
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / columns), 1, 1))
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
-
-    records = summary["groups"]
-    fig, ax = plt.subplots(figsize=(max(5.5, 2.2 * len(records) + 1.5), 5.0))
-    x = list(range(len(records)))
-    means = [g["val_miou"]["mean"] or 0.0 for g in records]
-    errs = [g["val_miou"]["std"] or 0.0 for g in records]
-    ax.bar(x, means, yerr=errs, capsize=6, color=[colours(i % 10) for i in x], alpha=0.8, label="mean ± std over seeds")
-    for i, g in enumerate(records):
-        values = [v for v in g["val_miou"]["values"] if v is not None]
-        ax.plot([i] * len(values), values, "k.", markersize=9, label="single runs" if i == 0 else None)
-        ax.annotate(f"{means[i]:.2f}", (i, means[i] + errs[i]), xytext=(0, 4), textcoords="offset points", ha="center")
-    ticks = [g["label"].replace(" (", "\n(").replace(", ", ",\n") + f"\nn={g['n']}" for g in records]
-    ax.set_xticks(x, ticks, fontsize=9)
-    singles = [v for g in records for v in g["val_miou"]["values"] if v is not None]
-    top = max([m + e for m, e in zip(means, errs)] + singles + [1.0])
-    ax.set_ylim(0, top * 1.3)
-    marked = any(g["val_miou_from_checkpoint"] for g in records)
-    ax.set(title="Final validation mIoU per model" + (" (* from checkpoint best_miou)" if marked else ""),
-           ylabel="val mIoU (%)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", ncol=2, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "final_miou.png", dpi=120)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------- main
-def compare(args: argparse.Namespace) -> int:
-    """Read, evaluate, group and print; write the files of --out."""
-    for name in ("train_images", "val_images"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 (all images of the split) or positive, got {value}.")
-    paths, seen = [], set()
-    for p in map(Path, args.runs):
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            paths.append(p)
-    runs = [load_run(p) for p in paths]  # every folder is checked before the slow part starts
-    for run in runs:
-        fill_metrics(run, args)
-        fill_curves(run)
-    fill_params(runs)
-    groups = group_runs(runs, list(IGNORED_KEYS) + args.ignore_key)
-    reference = pick_reference(groups)
-    if reference is not None:  # the reference row first, the others in command-line order
-        groups.remove(reference)
-        groups.insert(0, reference)
-    summary = summarize(groups, reference)
-    summary["settings"] = {"val_images": args.val_images, "train_images": args.train_images, "no_eval": args.no_eval,
-                           "ignored_keys": list(IGNORED_KEYS) + args.ignore_key}
-    table = markdown(summary, args.val_images)
-    print(table, end="")
-    if args.out is not None:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "comparison.md").write_text(table)
-            (args.out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
-            plot(groups, summary, args.out)
-        except OSError as err:
-            raise UserError(f"could not write the results to {args.out}: {err}. Choose another --out folder.") from None
-        print(f"\nwrote {args.out}/comparison.md, comparison.json, curves.png, final_miou.png", file=sys.stderr)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with a message for user errors)."""
     args = parse_args(argv)
+    options = CompareOptions(
+        runs=[Path(p) for p in args.runs], out=args.out, no_eval=args.no_eval, train_images=args.train_images,
+        val_images=args.val_images, data_root=args.data_root, device=args.device, ignore_key=args.ignore_key,
+        resamples=args.resamples,
+    )
     try:
-        return compare(args)
+        table = compare(options)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(table, end="")
+    if args.out is not None:
+        print(f"\nwrote {args.out}/comparison.md, comparison.json, curves.png, final_miou.png", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

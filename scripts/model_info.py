@@ -10,10 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configs import UserError, load_config  # noqa: E402
-from models.segmentor import build_model, count_parameters, deformable_layers  # noqa: E402
+from configs import UserError, load_config
+from models.segmentor import build_model, count_parameters, deformable_layers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -14,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+import engine.benchmark as benchmark_lib
+from scripts import benchmark
 
-import benchmark  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +77,12 @@ def test_ops_rows_agree_with_the_float64_reference(result: tuple[dict, str]) -> 
     assert "| upsample_cross_entropy | reference |" in result[1]
 
 
-@pytest.mark.skipif(not benchmark.triton_loss.triton_available("cpu"), reason="needs Triton >= 3.2 and its CPU interpreter")
+@pytest.mark.skipif(not benchmark_lib.triton_available("cpu"), reason="needs Triton >= 3.2 and its CPU interpreter")
 def test_loss_rows_with_triton() -> None:
     """Where Triton runs (here its interpreter), --ops adds a triton row that agrees with the float64 reference."""
-    config = benchmark.load_config("demo.yaml")
-    args = argparse.Namespace(batch_size=2, crop=32, iters=1, warmup=0)
-    rows = benchmark.bench_loss_ops(config, args, torch.device("cpu"), None, torch.channels_last)
+    config = benchmark_lib.load_config("demo.yaml")
+    args = benchmark_lib.BenchOptions(config="demo.yaml", batch_size=2, crop=32, iters=1, warmup=0)
+    rows = benchmark_lib.bench_loss_ops(config, args, torch.device("cpu"), None, torch.channels_last)
     assert [r["impl"] for r in rows] == ["reference", "triton"]
     for r in rows:
         assert r["shape"] == "2 x 150 x 4 x 4 -> 32 x 32" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
@@ -95,20 +93,20 @@ def test_ratios_are_per_path() -> None:
     """× norm-conv compares within a path; the path speedup compares a variant's fast path to its reference."""
     rows = [
         {"deform_version": v, "path": p, "train_images_per_s": t, "infer_images_per_s": 1.0, "peak_mem_gib": None}
-        for v, p, t in ((0, "reference", 100.0), (2, "reference", 60.0), (0, "fast", 200.0), (2, "fast", 190.0))
+        for v, p, t in ((0, "reference", 100.0), (2, "reference", 60.0), (0, "triton", 200.0), (2, "triton", 190.0))
     ]
-    benchmark.add_ratios(rows)
+    benchmark_lib.add_ratios(rows)
     assert [r["train_ratio"] for r in rows] == [1.0, 0.6, 1.0, 0.95]
     assert [r["train_path_speedup"] for r in rows] == [1.0, 1.0, 2.0, 190.0 / 60.0]
     assert all(r["mem_ratio"] is None for r in rows)
 
 
-def test_fast_path_without_triton_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(benchmark.triton_deform, "triton_available", lambda device: False)
+def test_triton_path_without_triton_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmark_lib, "triton_available", lambda device: False)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--paths", "reference,fast"])
-    assert code == 2 and "--paths fast needs the Triton kernels" in err.getvalue()
+        code = benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--paths", "reference,triton"])
+    assert code == 2 and "--paths triton needs the Triton kernels" in err.getvalue()
 
 
 def test_data_section(result: tuple[dict, str]) -> None:

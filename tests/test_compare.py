@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+import engine.comparison as compare
+from data.demo import ensure_demo_dataset
+from engine.statistics import PerImageCounts
+from scripts import compare as compare_cli
 
-import compare  # noqa: E402
-from data.demo import ensure_demo_dataset  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
     "train.iters=4", "train.val_interval=2", "train.ckpt_interval=2", "train.log_interval=1",
@@ -34,7 +34,7 @@ def run_compare(argv: list[str]) -> tuple[int, str, str]:
     """Call compare.main in this process; return (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = compare.main(argv)
+        code = compare_cli.main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -82,9 +82,13 @@ def test_seeds_are_one_row_and_norm_conv_another(compared: tuple[str, Path]) -> 
     assert ref[0] == "demo (model.deform.version=0)" and ref[1] == "1" and ref[4] == "ref"
     assert v2[0] == "demo (model.deform.version=2)" and v2[1] == "2"
     assert "±" in v2[2] and "±" in v2[3]
-    assert v2[4].startswith(("+", "-")) and ref[7] == "+0.000M" and v2[7] != "+0.000M"
+    assert v2[4].startswith(("+", "-")) and ref[8] == "+0.000M" and v2[8] != "+0.000M"
+    assert "(N=2)" in v2[6] and "best-of-N val †" in header and "val mIoU (final)" in header  # 2 validations per run
     assert "demo (model.deform.version=2): " in stdout and "val mIoU vs demo (model.deform.version=0); " in stdout
     assert "seed spread (pooled std)" in stdout and "first 4 validation images" in stdout
+    # the paired bootstrap over the same validation images, with the question each interval answers
+    assert "## Is the difference real?" in stdout and "test-set sampling: 95% CI [" in stdout
+    assert "training randomness:" in stdout and "| frequent" in stdout and "| largest gains and losses |" in stdout
 
 
 def test_json_holds_mean_and_std_of_the_runs(compared: tuple[str, Path], runs: dict[str, Path]) -> None:
@@ -110,6 +114,14 @@ def test_json_holds_mean_and_std_of_the_runs(compared: tuple[str, Path], runs: d
         train = json.loads((runs[name] / compare.TRAIN_JSON).read_text())
         assert per_run[name]["val_miou"] == val["mIoU"] and per_run[name]["train_miou"] == train["mIoU"]
         assert train["num_images"] == 4 and val["num_images"] == 4 and val["split"] == "validation"
+        # the per-image counts saved beside it sum to exactly the evaluation's dataset metric
+        counts = PerImageCounts.load(runs[name] / compare.VAL_COUNTS)
+        assert len(counts) == 4 and counts.metrics()["mIoU"] == val["mIoU"] and counts.metrics()["aAcc"] == val["aAcc"]
+    (boot,) = summary["bootstrap"]
+    assert boot["label"] == v2["label"] and boot["reference"] == ref["label"] and boot["runs"] == [1, 2]
+    ci = boot["test_sampling"]
+    assert ci["low"] <= ci["diff"] <= ci["high"]
+    assert ci["diff"] == pytest.approx(v2["val_miou"]["mean"] - ref["val_miou"]["mean"], abs=1e-9)
 
 
 def test_figures_and_markdown_are_written(compared: tuple[str, Path]) -> None:
@@ -137,7 +149,7 @@ def test_no_eval_falls_back_to_the_checkpoint(runs: dict[str, Path], tmp_path: P
     assert code == 0, stderr
     row = table_rows(stdout)[0]
     assert row[2].endswith(compare.NO_EVAL_MARK) and row[3] == "-"
-    assert "checkpoint's best_miou" in stdout and "no curves" in stderr
+    assert "logged during training at the final iteration" in stdout and "no curves" in stderr
 
 
 def test_single_run_asks_for_more_seeds(runs: dict[str, Path]) -> None:
@@ -158,7 +170,7 @@ def test_run_dir_without_checkpoints_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {}}))
     code, stdout, stderr = run_compare([str(tmp_path)])
     assert code == 2 and stdout == ""
-    assert str(tmp_path) in stderr and "best.pt or last.pt" in stderr
+    assert str(tmp_path) in stderr and "last.pt or best.pt" in stderr
 
 
 def test_groups_are_labelled_by_the_keys_that_differ() -> None:

@@ -9,13 +9,18 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from configs import (
+    CONFIG_DIR,
+    UserError,
+    check_same_model,
+    flatten,
+    load_config,
+    resolve_config_path,
+)
 
-from configs import CONFIG_DIR, UserError, check_same_model, flatten, load_config, resolve_config_path  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BASE_YAML = CONFIG_DIR / "ade20k-base.yaml"
-
 
 
 @pytest.mark.parametrize(

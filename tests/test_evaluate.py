@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from configs import UserError, load_config
+from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from engine.inference import predict_logits
+from evaluate import main
+from models.segmentor import build_model
 
-from configs import UserError, load_config  # noqa: E402
-from evaluate import build_model_from_checkpoint, load_checkpoint, main, predict_logits  # noqa: E402
-from models.segmentor import build_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # (width, height) of the images of each split; the 64x64 data.scale resizes them up.
 SIZES = {"validation": [(48, 40), (40, 56), (52, 44)], "training": [(48, 40), (44, 48), (40, 40)]}

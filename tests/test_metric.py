@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import IGNORE_INDEX  # noqa: E402
-from evaluate import ConfusionMatrix  # noqa: E402
+from data import IGNORE_INDEX
+from engine.metric import ConfusionMatrix
 
 
 def metrics_of(pred: list[int], target: list[int], n: int) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,18 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from configs import UserError, load_config  # noqa: E402
-from models.deform_conv import DeformConv2d  # noqa: E402
-from models.segmentor import (  # noqa: E402
+from configs import UserError, load_config, upgrade_config
+from engine.optim import parameter_groups
+from models.deform_conv import DeformConv2d
+from models.segmentor import (
     SegmentationModel,
     build_model,
     count_parameters,
     deformable_layers,
     load_backbone_state_dict,
-    parameter_groups,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 NO_DOWNLOAD = ["model.pretrained_backbone=false"]
 NORM_CONV_PARAMS = 33_023_190
@@ -164,12 +162,16 @@ def test_bad_deform_settings_raise_user_error(override: str) -> None:
 def test_deform_op_is_chosen_by_config() -> None:
     model, _ = build("def-conv-v2", ["model.deform_op=triton"])
     assert {layer.op for layer in deformable_layers(model).values()} == {"triton"}
-    assert {layer.op for layer in deformable_layers(build("def-conv-v2")[0]).values()} == {"torchvision"}
+    assert {layer.op for layer in deformable_layers(build("def-conv-v2")[0]).values()} == {"reference"}
     with pytest.raises(UserError, match=r"model\.deform_op.*'cuda'"):
         build("def-conv-v2", ["model.deform_op=cuda"])
-    older = load_config("def-conv-v2", NO_DOWNLOAD)
-    del older["model"]["deform_op"]  # the config stored in a checkpoint from before the key existed
-    assert {layer.op for layer in deformable_layers(build_model(older, load_pretrained=False)[0]).values()} == {"torchvision"}
+    for old in (None, "torchvision"):  # configs stored by older versions: no key, or the op's former name
+        older = load_config("def-conv-v2", NO_DOWNLOAD)
+        del older["model"]["deform_op"], older["model"]["head"], older["train"]["loss_norm"]
+        if old is not None:
+            older["model"]["deform_op"] = old
+        upgraded = upgrade_config(older, "an old checkpoint")
+        assert {layer.op for layer in deformable_layers(build_model(upgraded, load_pretrained=False)[0]).values()} == {"reference"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
 pytest.importorskip("triton", minversion="3.2")  # models/triton_support.py: older Tritons are not used
 
-from models import triton_deform  # noqa: E402
-from models.deform_conv import DeformConv2d  # noqa: E402
+from models import triton_deform
+from models.deform_conv import DEFORM_OPS, DeformConv2d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# DeformConv2d's name for torchvision's op (looked up, not spelled, so a renamed config value does not break this).
+TORCHVISION_OP = next(name for name, fn in DEFORM_OPS.items() if fn is torchvision_deform_conv2d)
 
 
 def make_inputs(
@@ -111,6 +113,42 @@ def test_half_precision_close_to_fp32_reference(dtype: torch.dtype) -> None:
     assert max(errors) < (3e-2 if dtype == torch.bfloat16 else 5e-3), errors
 
 
+def integer_offsets(offset: torch.Tensor, seed: int, share: float = 1.0, zero: bool = False) -> torch.Tensor:
+    """A leaf like ``offset`` with a random ``share`` of its values replaced by integers in [-3, 3] (all 0 if
+    ``zero``): samples then land exactly on rows / columns -1, H and W, where the derivative is one-sided."""
+    gen = torch.Generator().manual_seed(seed)
+    ints = torch.zeros(offset.shape) if zero else torch.randint(-3, 4, offset.shape, generator=gen).float()
+    replace = torch.rand(offset.shape, generator=gen) < share
+    values = torch.where(replace.to(DEVICE), ints.to(DEVICE, offset.dtype), offset.detach())
+    return values.requires_grad_()
+
+
+@pytest.mark.parametrize("offsets", ["zero", "integer"])
+def test_integer_offsets_match_torchvision(offsets: str) -> None:
+    """On integer sample positions, row / column -1 included, every gradient is torchvision's.
+
+    Zero offsets (a fresh layer) with padding = dilation put samples on row / column -1 and on H / W, as in
+    layer4 (padding = dilation = 4). There torchvision's sample is 0 (it is not strictly inside (-1, H)), but its
+    offset gradient is the one-sided slope towards row / column 0, not 0.
+    """
+    tensors, geometry = make_inputs(n=1, size=(5, 5), padding=2, dilation=2)
+    tensors[1] = integer_offsets(tensors[1], seed=1, zero=offsets == "zero")
+    fast, ref = run_both(tensors, geometry)
+    errors = dict(zip(["output", "input", "offset", "weight", "bias", "mask"], relative_errors(fast, ref)))
+    assert all(e < 1e-4 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_bf16_offsets_at_the_border(seed: int) -> None:
+    """bf16 offsets (integers for half of them) and padding = dilation: samples on rows / columns -1, H, W are
+    common, and the offset gradient there must be torchvision's (it was 0 before: errors of 7e-2 to 3e-1)."""
+    tensors, geometry = make_inputs(n=1, size=(5, 5), padding=2, dilation=2, dtype=torch.bfloat16, seed=seed)
+    tensors[1] = integer_offsets(tensors[1], seed=seed, share=0.5)
+    fast, ref = run_both(tensors, geometry, reference_dtype=torch.float32)
+    errors = dict(zip(["output", "input", "offset", "weight", "bias", "mask"], relative_errors(fast, ref)))
+    assert all(e < 1e-2 for e in errors.values()), errors
+
+
 def test_autocast_computes_in_half_precision() -> None:
     """Under autocast the op takes the autocast dtype (torchvision's would run in fp32)."""
     tensors, geometry = make_inputs(c=16, out_channels=16)
@@ -158,10 +196,10 @@ def test_bad_shapes_raise_naming_them() -> None:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_layer_with_triton_op_equals_torchvision_op(version: int) -> None:
-    """DeformConv2d(op="triton") and op="torchvision" compute the same outputs and parameter gradients."""
+    """DeformConv2d(op="triton") and torchvision's op compute the same outputs and parameter gradients."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)
-    layers = [DeformConv2d.from_conv(conv, version, op=op).to(DEVICE) for op in ("torchvision", "triton")]
+    layers = [DeformConv2d.from_conv(conv, version, op=op).to(DEVICE) for op in (TORCHVISION_OP, "triton")]
     layers[1].load_state_dict(layers[0].state_dict())
     with torch.no_grad():  # non-zero offsets, so the sampling is really deformed
         for layer in layers:

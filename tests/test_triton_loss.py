@@ -14,10 +14,9 @@ import torch
 pytest.importorskip("triton", minversion="3.2")  # models/triton_support.py: older Tritons are not used
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from models import triton_loss  # noqa: E402
-from models.triton_loss import (  # noqa: E402
+from models import triton_loss
+from models.triton_loss import (
     BLOCK_C,
     BLOCK_X,
     MAX_SPAN,
@@ -156,10 +155,18 @@ def test_strong_width_downsampling_falls_back(monkeypatch: pytest.MonkeyPatch) -
     def refuse(*args, **kwargs):
         raise AssertionError("the kernels ran on a shape they are not sized for")
 
-    monkeypatch.setattr(triton_loss._UpsampleCrossEntropy, "apply", refuse)
+    monkeypatch.setattr(triton_loss, "_loss_sum", refuse)
     loss, grad = loss_and_grad(upsample_cross_entropy, logits, labels)
     ref_loss, ref_grad = loss_and_grad(reference_upsample_cross_entropy, logits, labels)
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("in_size", [1, 3, 7, 64, 65, 97, 128, 300, 1000])
+def test_block_span_is_the_axis_span(in_size: int) -> None:
+    """The fallback decision (Python floats, traceable by torch.compile) agrees with the kernels' fp32 axis."""
+    for out_size in (1, 2, 5, 13, 63, 64, 65, 150, 512, 1024):
+        expected = triton_loss._axis(in_size, out_size, torch.float32, torch.device("cpu")).span
+        assert triton_loss._block_span(in_size, out_size) == expected, (in_size, out_size)
 
 
 def test_rejects_mismatched_shapes() -> None:

@@ -1,11 +1,9 @@
-"""Tests of scripts/visualize_offsets.py: the traced sampling locations and the command line."""
+"""Offset tracing (engine/offsets.py), the figure (engine/offset_figure.py) and scripts/visualize_offsets.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,17 +13,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+import engine.offset_figure as figure
+import engine.offsets as offsets_lib
+from configs import UserError, load_config
+from models.deform_conv import DeformConv2d
+from models.segmentor import build_model, deformable_layers
+from scripts import visualize_offsets as cli
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from configs import UserError, load_config  # noqa: E402
-from models.deform_conv import DeformConv2d  # noqa: E402
-from models.segmentor import build_model, deformable_layers  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("visualize_offsets", REPO / "scripts" / "visualize_offsets.py")
-vo = importlib.util.module_from_spec(_spec)
-sys.modules["visualize_offsets"] = vo  # dataclasses look their module up there
-_spec.loader.exec_module(vo)
 
 DEMO = ["model.pretrained_backbone=false", "data.scale=[64,64]"]  # small inputs keep the CPU forward passes short
 LAYER4 = [f"backbone.layer4.{i}.conv2" for i in range(3)]
@@ -87,12 +82,12 @@ def test_zero_offsets_give_the_composed_dilated_grids(v2_model: nn.Module, image
     assert list(layers) == LAYER4 and [layers[n].dilation[0] for n in LAYER4] == [2, 4, 4]
     point = (2, 1)
     p = np.array(point, dtype=np.float64)
-    (one, w1), = vo.sampling_locations(v2_model, image, [point], num_layers=1)
+    (one, w1), = offsets_lib.sampling_locations(v2_model, image, [point], num_layers=1)
     expected = np.array([p + 4 * np.array(t) for t in GRID3])
     assert one.shape == (9, 2) and np.array_equal(one, expected)
-    two, w2 = vo.sampling_locations(v2_model, image, [point], num_layers=2)[0]
+    two, w2 = offsets_lib.sampling_locations(v2_model, image, [point], num_layers=2)[0]
     assert two.shape == (81, 2) and np.array_equal(two, composed_grid(point, [4, 4]))
-    three, w3 = vo.sampling_locations(v2_model, image, [point], num_layers=3)[0]
+    three, w3 = offsets_lib.sampling_locations(v2_model, image, [point], num_layers=3)[0]
     assert three.shape == (729, 2) and np.array_equal(three, composed_grid(point, [2, 4, 4]))
     # a fresh v2 mask is sigmoid(0) = 0.5 in every layer
     for weights, depth in ((w1, 1), (w2, 2), (w3, 3)):
@@ -101,7 +96,7 @@ def test_zero_offsets_give_the_composed_dilated_grids(v2_model: nn.Module, image
 
 def test_several_points_and_default_depth(v2_model: nn.Module, image: torch.Tensor) -> None:
     points = [(0, 0), (3, 2), (2, 1)]
-    results = vo.sampling_locations(v2_model, image, points)
+    results = offsets_lib.sampling_locations(v2_model, image, points)
     assert len(results) == 3
     for point, (locations, _) in zip(points, results):
         assert np.array_equal(locations, composed_grid(point, [2, 4, 4]))  # also beyond the border
@@ -112,17 +107,17 @@ def test_constant_x_offset_shifts_one_pixel_per_layer(image: torch.Tensor) -> No
     layers = deformable_layers(model)
     point = (3, 1)
     set_offset_bias(layers["backbone.layer4.1.conv2"], dx=1.0)
-    locations, _ = vo.sampling_locations(model, image, [point], num_layers=3)[0]
+    locations, _ = offsets_lib.sampling_locations(model, image, [point], num_layers=3)[0]
     shift = locations - composed_grid(point, [2, 4, 4])
     assert np.allclose(shift[:, 0], 1.0, atol=1e-9) and np.allclose(shift[:, 1], 0.0, atol=1e-9)
     for name in LAYER4:
         set_offset_bias(layers[name], dx=1.0)
     for depth in (1, 2, 3):
-        locations, _ = vo.sampling_locations(model, image, [point], num_layers=depth)[0]
+        locations, _ = offsets_lib.sampling_locations(model, image, [point], num_layers=depth)[0]
         shift = locations - composed_grid(point, [2, 4, 4][-depth:])
         assert np.allclose(shift[:, 0], depth, atol=1e-9) and np.allclose(shift[:, 1], 0.0, atol=1e-9)
     set_offset_bias(layers["backbone.layer4.2.conv2"], dy=-2.0)
-    locations, _ = vo.sampling_locations(model, image, [point], num_layers=1)[0]
+    locations, _ = offsets_lib.sampling_locations(model, image, [point], num_layers=1)[0]
     assert np.allclose(locations - composed_grid(point, [4]), [[0.0, -2.0]] * 9, atol=1e-9)
 
 
@@ -131,10 +126,10 @@ def test_mask_weights_are_products_along_the_path(image: torch.Tensor) -> None:
     for name in LAYER4:
         set_offset_bias(deformable_layers(model)[name], mask=0.8)
     for depth in (1, 2, 3):
-        _, weights = vo.sampling_locations(model, image, [(1, 2)], num_layers=depth)[0]
+        _, weights = offsets_lib.sampling_locations(model, image, [(1, 2)], num_layers=depth)[0]
         assert np.allclose(weights, 0.8**depth, rtol=1e-6)
     set_offset_bias(deformable_layers(model)["backbone.layer4.0.conv2"], mask=0.25)
-    _, weights = vo.sampling_locations(model, image, [(1, 2)], num_layers=3)[0]
+    _, weights = offsets_lib.sampling_locations(model, image, [(1, 2)], num_layers=3)[0]
     assert np.allclose(weights, 0.8 * 0.8 * 0.25, rtol=1e-6)
 
 
@@ -142,7 +137,7 @@ def test_v1_weights_are_ones_and_strided_layer_geometry(image: torch.Tensor) -> 
     model = demo_model(["model.deform.version=1", "model.deform.stages=[layer2]", "model.deform.blocks=[0]"])
     layer = deformable_layers(model)["backbone.layer2.0.conv2"]
     assert layer.stride == (2, 2) and layer.dilation == (1, 1)
-    locations, weights = vo.sampling_locations(model, image, [(3, 2)])[0]  # layer2 output grid 3x4
+    locations, weights = offsets_lib.sampling_locations(model, image, [(3, 2)])[0]  # layer2 output grid 3x4
     expected = np.array([(2 * 3 + tx, 2 * 2 + ty) for tx, ty in GRID3], dtype=np.float64)
     assert np.array_equal(locations, expected) and np.array_equal(weights, np.ones(9))
 
@@ -152,7 +147,7 @@ def test_deformable_groups_are_averaged(image: torch.Tensor) -> None:
     layer = deformable_layers(model)["backbone.layer4.2.conv2"]
     with torch.no_grad():
         layer.offset_conv.bias[1:18:2] = 2.0  # x offsets of group 0 only; channel 2 * (g * 9 + k) + 1
-    locations, _ = vo.sampling_locations(model, image, [(1, 1)], num_layers=1)[0]
+    locations, _ = offsets_lib.sampling_locations(model, image, [(1, 1)], num_layers=1)[0]
     assert np.allclose(locations - composed_grid((1, 1), [4]), [[0.5, 0.0]] * 9, atol=1e-9)
 
 
@@ -190,7 +185,7 @@ def test_locations_match_what_torchvision_samples(stride: int, dilation: int) ->
     assert offsets.abs().max() > 0.5  # the offsets really are non-trivial
     out_h, out_w = out.shape[-2:]
     points = [(px, py) for py in range(out_h) for px in range(out_w)]
-    results = vo.sampling_locations(model, x, points)
+    results = offsets_lib.sampling_locations(model, x, points)
     checked = 0
     for (px, py), (locations, weights) in zip(points, results):
         mask = out[2::3, py, px]
@@ -208,12 +203,12 @@ def test_choose_points_spreads_over_classes() -> None:
     pred[12:, :] = 3  # floor-like lower half
     pred[4:11, 20:29] = 7  # an object
     pred[14:21, 3:9] = 9  # another object
-    points = vo.choose_points(pred, n=4)
+    points = offsets_lib.choose_points(pred, n=4)
     assert len(points) == 4 and len(set(points)) == 4
     assert {int(pred[y, x]) for x, y in points} == {0, 3, 7, 9}
     for x, y in points:
         assert 2 <= x <= 29 and 2 <= y <= 21  # away from the border
-    assert len(vo.choose_points(np.zeros((12, 12), np.int64), n=5)) == 5  # one class: filled up
+    assert len(offsets_lib.choose_points(np.zeros((12, 12), np.int64), n=5)) == 5  # one class: filled up
 
 
 def synthetic_fields(h: int, w: int, scale: float, seed: int = 0) -> list:
@@ -223,7 +218,7 @@ def synthetic_fields(h: int, w: int, scale: float, seed: int = 0) -> list:
     for i, d in enumerate((2, 4, 4)):
         coarse = torch.randn(1, 18, 3, 4, generator=g, dtype=torch.float64) * scale
         offsets = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear")[0].reshape(9, 2, h, w).numpy()
-        fields.append(vo.LayerField(
+        fields.append(offsets_lib.LayerField(
             name=f"layer4.{i}.conv2", version=1, groups=1, offsets=offsets, mask=None,
             magnitude=np.linalg.norm(offsets, axis=1).mean(0), kernel=(3, 3), stride=(1, 1), padding=(d, d),
             dilation=(d, d), in_stride=8.0, out_stride=8.0,
@@ -235,13 +230,13 @@ def zoom_boxes(orig_w: int, orig_h: int, net_w: int, net_h: int, scale: float,
                feats: list[tuple[int, int]]) -> tuple[list, list, tuple, tuple]:
     """The point panels' views as offset_figure computes them, with each point's image-pixel locations."""
     fields = synthetic_fields(net_h // 8, net_w // 8, scale)
-    geo = vo._Geometry(orig_w, orig_h, net_w, net_h)
+    geo = figure._Geometry(orig_w, orig_h, net_w, net_h)
     image_box = (-0.5, orig_w - 0.5, orig_h - 0.5, -0.5)
-    traces = [vo.trace(fields, p) for p in feats]
-    canvas = vo._cloud_view(geo, fields, traces, image_box)
+    traces = [offsets_lib.trace(fields, p) for p in feats]
+    canvas = figure._cloud_view(geo, fields, traces, image_box)
     clouds = [np.vstack([geo.to_image(t[-1][0], 8.0), geo.to_image(np.array(p, float), 8.0)])
               for p, t in zip(feats, traces)]
-    return [vo._zoom_view(xy, image_box, canvas) for xy in clouds], clouds, image_box, canvas
+    return [figure._zoom_view(xy, image_box, canvas) for xy in clouds], clouds, image_box, canvas
 
 
 def test_zoom_box_holds_its_locations_within_the_padded_canvas() -> None:
@@ -266,8 +261,8 @@ def test_zoom_box_holds_its_locations_within_the_padded_canvas() -> None:
         assert b_right <= max(right, xy[:, 0].max() + 0.15 * spread) + 1e-9
         assert b_top >= min(top, xy[:, 1].min() - 0.15 * spread) - 1e-9
         assert b_bottom <= max(bottom, xy[:, 1].max() + 0.15 * spread) + 1e-9
-        assert b_left >= left - vo.MAX_PADDING * img_w and b_right <= right + vo.MAX_PADDING * img_w
-        assert b_top >= top - vo.MAX_PADDING * img_h and b_bottom <= bottom + vo.MAX_PADDING * img_h
+        assert b_left >= left - figure.MAX_PADDING * img_w and b_right <= right + figure.MAX_PADDING * img_w
+        assert b_top >= top - figure.MAX_PADDING * img_h and b_bottom <= bottom + figure.MAX_PADDING * img_h
         zoomed += int(xy[:, 0].min() >= left and xy[:, 0].max() <= right)
     assert zoomed >= 2  # some clouds lie inside the image: their boxes show no padding at all
     inside = [z for z, xy in zip(zooms, clouds) if xy[:, 0].min() >= left and xy[:, 0].max() <= right
@@ -286,17 +281,17 @@ def test_zoom_keeps_the_widened_view_when_the_spread_exceeds_the_image() -> None
 def test_tiny_spreads_are_not_blown_up() -> None:
     image_box = (-0.5, 683.5, 511.5, -0.5)
     xy = np.array([[300.0, 200.0], [302.0, 201.0], [301.0, 203.0]])
-    left, right, bottom, top = vo._zoom_view(xy, image_box, image_box)
+    left, right, bottom, top = figure._zoom_view(xy, image_box, image_box)
     assert math.isclose(bottom - top, 0.25 * 512) and math.isclose(right - left, 0.25 * 684)
     assert left < 300 < 302 < right and top < 200 < 203 < bottom
-    near_corner = vo._zoom_view(xy - [298.0, 198.0], image_box, image_box)  # moved inside the image, not shrunk
+    near_corner = figure._zoom_view(xy - [298.0, 198.0], image_box, image_box)  # moved inside the image, not shrunk
     assert near_corner[0] == -0.5 and near_corner[3] == -0.5 and math.isclose(near_corner[1], -0.5 + 0.25 * 684)
 
 
 def test_plain_model_is_a_user_error(image: torch.Tensor) -> None:
     model = demo_model(["model.deform.version=0"])
     with pytest.raises(UserError, match="no deformable layers"):
-        vo.sampling_locations(model, image, [(1, 1)])
+        offsets_lib.sampling_locations(model, image, [(1, 1)])
 
 
 # --------------------------------------------------------------------------------------- command line
@@ -346,14 +341,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_script_writes_a_png(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = files["root"] / "figs" / "auto.png"
-    code = vo.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(out)])
+    code = cli.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 800 and im.height > 600
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 20  # not a blank canvas
     out2 = files["root"] / "points.png"
-    code = vo.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(out2),
+    code = cli.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(out2),
                     "--points", "10,10", "60,45", "119,89", "--layers", "2"])
     assert code == 0, capsys.readouterr().err
     assert out2.is_file()
@@ -367,7 +362,7 @@ def test_offset_figure_returns_an_rgb_image(files: dict[str, Path]) -> None:
     rgb = np.asarray(Image.open(files["image"]).convert("RGB"))
     tensor = ValTransform(config["data"])(Image.fromarray(rgb))
     model.train()
-    fig = vo.offset_figure(model, tensor, rgb, points=[(30, 40)], iteration=7)
+    fig = figure.offset_figure(model, tensor, rgb, points=[(30, 40)], iteration=7)
     assert fig.dtype == np.uint8 and fig.ndim == 3 and fig.shape[2] == 3
     assert model.training  # the caller's mode is restored
 
@@ -386,7 +381,7 @@ def test_bad_input_exits_2(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: list[str], message: str
 ) -> None:
     out = files["root"] / "bad.png"
-    code = vo.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(out)] + extra)
+    code = cli.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(out)] + extra)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
     assert not out.exists()
@@ -396,14 +391,14 @@ def test_missing_or_unreadable_image_exits_2(files: dict[str, Path], capsys: pyt
     broken = files["root"] / "broken.jpg"
     broken.write_text("not an image")
     for path in (files["root"] / "missing.jpg", broken):
-        code = vo.main(["--checkpoint", str(files["v2"]), "--image", str(path), "--out", str(files["root"] / "x.png")])
+        code = cli.main(["--checkpoint", str(files["v2"]), "--image", str(path), "--out", str(files["root"] / "x.png")])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and str(path) in err
 
 
 def test_plain_checkpoint_exits_2(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = files["root"] / "plain.png"
-    code = vo.main(["--checkpoint", str(files["v0"]), "--image", str(files["image"]), "--out", str(out)])
+    code = cli.main(["--checkpoint", str(files["v0"]), "--image", str(files["image"]), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "this checkpoint has no deformable layers" in err and "Traceback" not in err
     assert not out.exists()

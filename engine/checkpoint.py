@@ -1,0 +1,141 @@
+"""Checkpoints: the atomic save, the one reader, and building a model from a checkpoint.
+
+A checkpoint is one plain dict (nanoGPT): model, optimizer, scheduler, scaler, iteration, RNG states,
+best metric and the resolved config. It is written to a temporary file in the same folder, flushed to
+disk and renamed, so a crash or power loss leaves the previous file intact; it is read with
+``torch.load(weights_only=True)``, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from configs import UserError, check_same_model, upgrade_config
+from models.segmentor import build_model
+
+REQUIRED_KEYS = ("model", "config")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically: a uniquely named temporary file, fsync, rename, fsync of the folder.
+
+    On any failure (a full disk, say) the temporary file is removed and the old ``path`` stays as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by train.py (tensors only, onto the CPU), its config brought up to date.
+
+    Raises UserError, naming the file and what to do, when it is missing, unreadable or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"checkpoint {path} does not exist or is not a file. Give the path of a checkpoint written by "
+            f"train.py, for example runs/def-conv-v2/best.pt."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zips, pickles, non-checkpoint files: many exception types
+        raise UserError(_unreadable_message(path, err)) from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(
+            f"checkpoint {path} has no {' or '.join(repr(k) for k in missing)} entry, so it was not written "
+            f"by train.py (which saves the model weights and the config). Give a last.pt or best.pt from a run folder."
+        )
+    if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["config"].get("model"), dict):
+        raise UserError(f"checkpoint {path} holds no usable config (no 'model' section); it was not written by train.py.")
+    checkpoint["config"] = upgrade_config(checkpoint["config"], f"the config stored in checkpoint {path}")
+    return checkpoint
+
+
+def _unreadable_message(path: Path, err: Exception) -> str:
+    """What went wrong reading ``path``, in words: code-running pickles, foreign objects, or a damaged file."""
+    text = str(err)
+    unsafe = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global|\n|$)", text)
+    if unsafe:
+        detail = unsafe.group(1).strip()
+        if re.search(r"\b(posix|nt|os|subprocess|builtins)\.", detail) or "Unsupported operand" in detail:
+            return (
+                f"checkpoint {path} is a pickle that would run code or build objects when loaded ({detail}); it was "
+                f"refused and nothing in it was executed. It was not written by this repository's train.py: do not "
+                f"use it, and get the checkpoint from the run folder it came from."
+            )
+        return (
+            f"checkpoint {path} holds objects other than tensors and plain Python values ({detail}), so it cannot "
+            f"be read safely with torch.load(weights_only=True). It was not written by this repository's train.py; "
+            f"save only tensors, numbers, strings, lists and dicts in it."
+        )
+    if isinstance(err, (EOFError, RuntimeError)) and ("zip" in text or "central directory" in text or isinstance(err, EOFError)):
+        return (
+            f"could not read checkpoint {path} ({type(err).__name__}): the file is truncated or damaged (a copy or a "
+            f"run that stopped while writing it). Copy it again or use the other checkpoint of the run (last.pt or "
+            f"best.pt)."
+        )
+    reason = (text.strip().splitlines() or [""])[0].split(". ")[0][:200]
+    return (
+        f"could not read checkpoint {path} ({type(err).__name__}: {reason}). It is not a PyTorch checkpoint written "
+        f"by train.py, or it is damaged; give a last.pt or best.pt from a run folder."
+    )
+
+
+def build_model_from_checkpoint(
+    checkpoint: dict[str, Any], path: str | Path, config_override: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the checkpoint's model and load its weights strictly; return ``(model, config)``.
+
+    The model section always comes from the checkpoint. With ``config_override`` (the user's
+    ``--config``) the two must describe the same model, and its other sections (data, eval) are used.
+    """
+    saved = checkpoint["config"]
+    if config_override is None:
+        config = copy.deepcopy(saved)
+    else:
+        wanted_name = f"config '{config_override.get('config_name', '--config')}'"
+        check_same_model(saved, config_override, f"checkpoint {path}", wanted_name)
+        config = copy.deepcopy(config_override)
+        config["model"] = copy.deepcopy(saved["model"])
+    model, _ = build_model(config, load_pretrained=False)
+    state = checkpoint["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path}: 'model' is a {type(state).__name__}, not a state dict.")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {path} does not fit the model its config describes: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}. The file was written by "
+            f"different code or edited; nothing was loaded."
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        detail = " ".join(str(err).split())[:400]
+        raise UserError(f"checkpoint {path} does not fit the model its config describes: {detail}") from None
+    return model, config

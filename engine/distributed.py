@@ -1,0 +1,47 @@
+"""Distributed set-up: the process group torchrun describes in the environment (nanoGPT's rule).
+
+Without ``RANK``/``WORLD_SIZE`` in the environment everything runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Join the process group that torchrun describes in the environment; (rank, world size, device)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device(device_name)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_name == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def is_initialized() -> bool:
+    """Whether a process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_rank0() -> bool:
+    """True in the process that logs and writes files (rank 0, or the only process)."""
+    return not is_initialized() or dist.get_rank() == 0
+
+
+def env_rank() -> int:
+    """The rank torchrun gives this process (0 without torchrun), readable before the group is joined."""
+    return int(os.environ.get("RANK", 0))
+
+
+def shutdown() -> None:
+    """Leave the process group, if one is up."""
+    if is_initialized():
+        dist.destroy_process_group()

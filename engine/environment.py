@@ -1,0 +1,40 @@
+"""What a run's numbers depend on besides the code and the config: package versions and the machine.
+
+Recorded in every checkpoint (``environment``), so compare.py can warn when it groups runs made with
+different versions; requirements-lock.txt pins the versions the README's figures were measured with.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch
+
+# The packages whose versions can change a number: the direct dependencies and torch's compiler.
+PACKAGES = ("torch", "torchvision", "triton", "numpy", "pillow", "pyyaml", "tensorboard", "tqdm", "matplotlib")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device | None = None) -> dict[str, Any]:
+    """Package versions (None where not installed), Python, the CPU model and core count, and the GPU if any."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    return {"packages": versions, "python": platform.python_version(), "cpu": _cpu_model(),
+            "cpu_count": torch.multiprocessing.cpu_count(), "gpu": gpu}

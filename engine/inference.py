@@ -1,0 +1,172 @@
+"""Inference: whole-image and sliding-window prediction, test-time augmentation, and the evaluation loop.
+
+As mmsegmentation: ``whole`` runs the resized image at once, ``slide`` averages overlapping crops
+(its ``slide_inference``), and test-time augmentation (scales, horizontal flip) sums the softmax
+probabilities of every augmented view. Predictions are scored at the original image size.
+``evaluate_loader`` serves evaluate.py and validation during training alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from engine.distributed import is_rank0
+from engine.metric import ConfusionMatrix
+from engine.precision import autocast
+
+INFERENCE_MODES = ("whole", "slide")
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits in float32, resized bilinearly (align_corners=False) to ``size`` where they differ."""
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits
+
+
+def _logits(model: nn.Module, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The model's 1/8 logits, in float32, upsampled to ``size``."""
+    return upsample_logits(model(image)["out"], size)
+
+
+def _slide_logits(model: nn.Module, image: torch.Tensor, crop: int, stride: int, num_classes: int) -> torch.Tensor:
+    """mmsegmentation's slide_inference: average the logits of overlapping ``crop`` windows.
+
+    Windows are clipped to the image, so an image smaller than the crop is run whole.
+    """
+    n, _, h, w = image.shape
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    logits = torch.zeros(n, num_classes, h, w, device=image.device)
+    count = torch.zeros(1, 1, h, w, device=image.device)
+    for i in range(rows):
+        for j in range(cols):
+            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            logits[:, :, y1:y2, x1:x2] += _logits(model, image[:, :, y1:y2, x1:x2], (y2 - y1, x2 - x1))
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+def predict_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    out_size: tuple[int, int],
+    mode: str = "whole",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crop: int = 512,
+    stride: int = 341,
+    num_classes: int = 150,
+) -> torch.Tensor:
+    """Class scores ``[N, C, *out_size]`` for a normalised image ``[N, 3, h, w]``, in float32.
+
+    Without augmentation these are logits; with several views (scales, flip) the sum of their softmax
+    probabilities, as mmsegmentation. Every view is resized bilinearly to ``out_size`` (the original
+    image size) before views are combined, so the argmax is taken at full resolution.
+
+    Args:
+        mode: ``whole`` (the image at once) or ``slide`` (``crop`` windows every ``stride`` pixels).
+        scales: factors the input image is rescaled by (bilinear) for multi-scale testing.
+        flip: also run the horizontally flipped image (flipped back before combining).
+    """
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    out_size = (int(out_size[0]), int(out_size[1]))
+    h, w = image.shape[-2:]
+    views = len(scales) * (2 if flip else 1)
+    total = None
+    for scale in scales:
+        size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+        scaled = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            x = scaled.flip(-1) if flipped else scaled
+            if mode == "whole":
+                logits = _logits(model, x, size)
+            else:
+                logits = _slide_logits(model, x, crop, stride, num_classes)
+            if flipped:
+                logits = logits.flip(-1)
+            logits = upsample_logits(logits, out_size)
+            if views > 1:
+                logits = logits.softmax(1)
+            total = logits if total is None else total + logits
+    return total
+
+
+def plain_module(model: nn.Module) -> nn.Module:
+    """The model inside DDP and torch.compile wrappers."""
+    net = getattr(model, "module", model)
+    return getattr(net, "_orig_mod", net)
+
+
+def evaluate_loader(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device | str,
+    num_classes: int,
+    mode: str = "whole",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crop: int = 512,
+    stride: int = 341,
+    amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    save_dir: Path | None = None,
+    progress: bool = True,
+    on_prediction: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ConfusionMatrix | None:
+    """Predict every ``(image, label, names)`` batch of ``loader`` (batch size 1) and count the pixels.
+
+    The matrix is summed over processes before it is returned. With ``save_dir`` each prediction is
+    written as ``NAME.png`` at the original size in the ADE20K submission format (uint8, class + 1);
+    ``on_prediction(name, pred, label)`` sees every image's prediction. ``should_stop`` is asked after
+    every image; when it says yes the loop ends early and None is returned (a stop signal). cuDNN's
+    benchmark mode is off inside (whole images have a new size almost every time, so it would
+    autotune every convolution per image) and the model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    # Run the plain module: a DDP wrapper could sync buffers on forward (ranks may hold different
+    # numbers of images), and a compiled one would recompile for every image size.
+    net = plain_module(model)
+    was_training, benchmark = net.training, torch.backends.cudnn.benchmark
+    net.eval()
+    torch.backends.cudnn.benchmark = False
+    matrix = ConfusionMatrix(num_classes, device)
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.inference_mode():
+            for image, label, names in tqdm(loader, desc="eval", disable=not (progress and is_rank0())):
+                image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                label = label.to(device, non_blocking=True)
+                with autocast(device, amp_dtype):
+                    scores = predict_logits(
+                        net, image, tuple(label.shape[-2:]), mode, scales, flip, crop, stride, num_classes
+                    )
+                pred = scores.argmax(1)
+                matrix.update(pred, label)
+                matrix.num_images += image.shape[0]
+                for name, p, t in zip(names, pred, label):
+                    if on_prediction is not None:
+                        on_prediction(name, p, t)
+                    if save_dir is not None:
+                        Image.fromarray((p + 1).to(torch.uint8).cpu().numpy()).save(save_dir / f"{name}.png")
+                if should_stop is not None and should_stop():
+                    return None
+    finally:
+        net.train(was_training)
+        torch.backends.cudnn.benchmark = benchmark
+    matrix.all_reduce()
+    return matrix

@@ -1,0 +1,82 @@
+"""The segmentation metric: one int64 confusion matrix, IoU per class, mIoU, aAcc, mAcc.
+
+As torchvision's segmentation reference: pixels are counted with ``bincount(n * target + pred)`` over
+labelled pixels on the device, and the raw counts are summed across processes before any ratio is
+taken. Classes absent from both ground truth and prediction are left out of the mean IoU
+(mmsegmentation's rule).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data import IGNORE_INDEX
+
+
+class ConfusionMatrix:
+    """Counts of (ground truth, prediction) pixel pairs; ``mat[t, p]``, int64, kept on ``device``.
+
+    ``num_images`` is a plain counter that callers may increase; ``all_reduce`` sums it too.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.num_images = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add the pixels of ``pred`` and ``target`` (same shape, class indices; target may hold 255)."""
+        n = self.num_classes
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+        pred = pred.to(self.mat.device).flatten().long()
+        target = target.to(self.mat.device).flatten().long()
+        valid = target != IGNORE_INDEX
+        counts = torch.bincount(n * target[valid] + pred[valid], minlength=n * n)
+        if counts.numel() != n * n:  # bincount grows the output for indices >= n*n
+            raise ValueError(f"labels outside 0..{n - 1} (other than the ignore index {IGNORE_INDEX})")
+        self.mat += counts.view(n, n)
+
+    def all_reduce(self) -> None:
+        """Sum the raw counts over all processes (no-op unless torch.distributed is initialised)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        dist.all_reduce(self.mat)
+        images = torch.tensor([self.num_images], dtype=torch.int64, device=self.mat.device)
+        dist.all_reduce(images)
+        self.num_images = int(images.item())
+
+    def metrics(self) -> dict[str, Any]:
+        """All metrics in percent: ``mIoU``, ``aAcc``, ``mAcc``, ``score`` and per-class ``iou``, ``acc``.
+
+        A class's IoU is None where its union (ground truth + prediction - intersection) is empty;
+        such classes are left out of ``mIoU``. Its accuracy is None where it has no ground-truth
+        pixels; ``mAcc`` averages the other classes. ``score`` = (aAcc + mIoU) / 2, the ADE20K
+        challenge score. Means over no classes are NaN.
+        """
+        h = self.mat.detach().double().cpu()
+        correct = h.diag()
+        gt = h.sum(1)
+        union = gt + h.sum(0) - correct
+        iou = [100.0 * float(c / u) if u > 0 else None for c, u in zip(correct, union)]
+        acc = [100.0 * float(c / g) if g > 0 else None for c, g in zip(correct, gt)]
+        total = float(h.sum())
+        a_acc = 100.0 * float(correct.sum()) / total if total > 0 else math.nan
+        m_iou = _mean(iou)
+        return {
+            "mIoU": m_iou,
+            "aAcc": a_acc,
+            "mAcc": _mean(acc),
+            "score": (a_acc + m_iou) / 2,
+            "iou": iou,
+            "acc": acc,
+        }
+
+
+def _mean(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else math.nan

@@ -1,0 +1,91 @@
+"""What a training run writes to TensorBoard: losses and speed, validation metrics, panels and offsets.
+
+Rank 0 alone writes. Validation panels (input | ground truth | prediction) and the offset statistics come
+from one forward pass per fixed validation image, with ``engine.offsets.capture_offsets`` recording the
+deformable layers' offsets and masks on the way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from data import IGNORE_INDEX
+from data.transforms import denormalize
+from engine.inference import upsample_logits
+from engine.offsets import capture_offsets, fields_from_captures
+
+
+def open_writer(work_dir: Path, iteration: int) -> SummaryWriter:
+    """The run's writer; when resuming at ``iteration``, events after it (left by a run that died) are hidden."""
+    return SummaryWriter(str(work_dir / "tb"), purge_step=iteration + 1 if iteration > 0 else None)
+
+
+def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Class-index map (255 = ignore, shown black) to an RGB image in the class palette."""
+    rgb = np.zeros((*label.shape, 3), np.uint8)
+    valid = label != IGNORE_INDEX
+    rgb[valid] = palette[label[valid]]
+    return rgb
+
+
+def log_train(writer: SummaryWriter, iteration: int, values: dict[str, float]) -> None:
+    """Scalars of one logging window under ``train/`` (loss, loss_main, loss_aux, lr, images_per_s, ...)."""
+    for key, value in values.items():
+        writer.add_scalar(f"train/{key}", value, iteration)
+
+
+def log_validation(writer: SummaryWriter, iteration: int, metrics: dict[str, Any], class_names: list[str]) -> None:
+    """val/mIoU, val/aAcc, val/mAcc and the IoU of every class present."""
+    for key in ("mIoU", "aAcc", "mAcc"):
+        writer.add_scalar(f"val/{key}", metrics[key], iteration)
+    for name, iou in zip(class_names, metrics["iou"]):
+        if iou is not None:
+            writer.add_scalar(f"val_class_iou/{name}", iou, iteration)
+
+
+@torch.no_grad()
+def log_samples(
+    writer: SummaryWriter, iteration: int, model: torch.nn.Module, samples: list[tuple[torch.Tensor, torch.Tensor]],
+    palette: np.ndarray, device: torch.device,
+) -> None:
+    """Panels of the fixed validation images, offset/mask histograms over them and the sampling-location figure.
+
+    One eval-mode forward per image; the model's train/eval mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_offsets(model) as captured:
+            outputs = []
+            for i, (image, label) in enumerate(samples):
+                logits = model(image[None].to(device))["out"]
+                outputs.append(logits)
+                pred = upsample_logits(logits, tuple(label.shape)).argmax(1)[0].cpu().numpy()
+                rgb = np.asarray(Image.fromarray(denormalize(image)).resize(label.shape[::-1], Image.BILINEAR))
+                panel = np.concatenate([rgb, colorize(label.numpy(), palette), colorize(pred, palette)], axis=1)
+                writer.add_image(f"val_panels/{i}", panel, iteration, dataformats="HWC")
+    finally:
+        model.train(was_training)
+    if not samples or not any(captured.values()):
+        return
+    for name, calls in captured.items():
+        offsets = torch.cat([c.offsets.float().flatten(2) for c in calls], dim=2)  # N, 2GK, P
+        magnitude = offsets.unflatten(1, (-1, 2)).norm(dim=2)
+        writer.add_histogram(f"offset_magnitude/{name}", magnitude.cpu(), iteration)
+        writer.add_scalar(f"offset_mean_magnitude/{name}", magnitude.mean().item(), iteration)
+        if calls[0].mask is not None:
+            writer.add_histogram(f"mask/{name}", torch.cat([c.mask.float().flatten() for c in calls]).cpu(), iteration)
+    from engine.offset_figure import offset_figure  # matplotlib, only where a figure is drawn
+
+    image, label = samples[0]
+    rgb = np.asarray(Image.fromarray(denormalize(image)).resize(label.shape[::-1], Image.BILINEAR))
+    first = [calls[0] for calls in captured.values()]
+    fields = fields_from_captures(first, tuple(image.shape[-2:]))
+    figure = offset_figure(model, image, rgb, iteration=iteration, observed=(outputs[0], fields))
+    writer.add_image("offsets/sampling_locations", figure, iteration, dataformats="HWC")
