@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-predictions", metavar="DIR", help="write ADE20K submission PNGs (class + 1) here")
     parser.add_argument("--json", metavar="PATH", help="write the metrics as JSON here")
     parser.add_argument(
+        "--perturb", metavar="KIND=VALUE",
+        help="evaluate on warped images and labels: rotate=DEGREES, scale=FACTOR, shear=FACTOR or elastic=PIXELS "
+        "(deterministic per image; pixels from outside the image are ignored)",
+    )
+    parser.add_argument(
         "--per-image", metavar="PATH",
         help="also save every image's per-class intersection/union counts (.npz) for compare.py's bootstrap; "
         "with several checkpoints, NAME is inserted before the suffix",
@@ -159,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                 per_image = per_image.with_name(f"{per_image.stem}_{name}{per_image.suffix}")
             options = EvalOptions(
                 split=args.split, max_images=args.max_images, mode=args.mode, scales=scales, flip=args.tta == "flip",
-                amp=args.amp, data_root=args.data_root, save_dir=save_dir, per_image=per_image,
+                amp=args.amp, data_root=args.data_root, save_dir=save_dir, per_image=per_image, perturb=args.perturb,
             )
             record = evaluate_checkpoint(path, options, device, rank, world_size, config_override)
             if rank == 0:
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             first = results[0][1]
             print(f"\nsplit {args.split}, mode {first['mode']}, scales {first['scales']}, flip {first['flip']}, "
-                  f"amp {first['amp']}, {world_size} process(es)")
+                  f"amp {first['amp']}, perturb {first['perturb'] or 'none'}, {world_size} process(es)")
             print(summary_table(results))
             if args.json:
                 json_path = Path(args.json)

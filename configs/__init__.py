@@ -191,7 +191,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # offset learning-rate multiplier and the op implementation included, may differ between a checkpoint and a config.
 ARCHITECTURE_KEYS = (
     "model.num_classes", "model.aux_head", "model.head", "model.deform.version", "model.deform.stages",
-    "model.deform.blocks", "model.deform.groups",
+    "model.deform.blocks", "model.deform.groups", "model.deform.dilation",
 )
 
 
@@ -231,6 +231,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.deform.version": (lambda v: v in (0, 1, 2) and _integer(v), "0 (plain conv), 1 (DCNv1) or 2 (DCNv2)"),
     "model.deform.groups": (lambda v: _integer(v) and v >= 1, "a positive integer"),
     "model.deform.offset_lr_mult": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "model.deform.dilation": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0 = the network's own)"),
     "data.root": (lambda v: isinstance(v, str) and v != "", "a folder path"),
     "data.scale": (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) and x > 0 for x in v),
                    "a list of two positive numbers (long side, short side), like [2048, 512]"),
@@ -299,10 +300,10 @@ def _validate_deform(flat: dict[str, Any], source: str) -> None:
         raise _fail(source, "model.deform.stages", f"a list of distinct stages from {list(STAGE_BLOCKS)}", stages)
     if not isinstance(blocks, list) or any(not _integer(b) or b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
         raise _fail(source, "model.deform.blocks", "a list of distinct block indices >= 0 ([] = every block)", blocks)
-    if flat["model.deform.version"] == 0:
+    if flat["model.deform.version"] == 0 and flat["model.deform.dilation"] == 0:
         return
     if not stages:
-        raise _fail(source, "model.deform.stages", "non-empty when model.deform.version is 1 or 2", stages)
+        raise _fail(source, "model.deform.stages", "non-empty when model.deform.version or dilation is set", stages)
     for stage in stages:
         if blocks and max(blocks) >= STAGE_BLOCKS[stage]:
             raise _fail(source, "model.deform.blocks", f"block indices that exist in {stage} (0..{STAGE_BLOCKS[stage] - 1})",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from multiprocessing import Pool
 from pathlib import Path
@@ -24,7 +25,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+try:  # torchvision's libjpeg-turbo/libpng decoders: PIL's pixels, faster. torchvision 0.29 deprecates them in
+    # favour of TorchCodec; _decode silences that notice, and PIL takes over if they ever disappear.
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png, read_file
+except ImportError:  # pragma: no cover - future torchvision
+    decode_jpeg = decode_png = None
+
 from configs import UserError
+from data.perturb import Perturbation
 from data.transforms import NUM_ADE_CLASSES, TrainTransform, ValTransform, map_ade_labels
 
 CLASSES_CSV = Path(__file__).resolve().parent / "ade20k_classes.csv"
@@ -46,10 +54,41 @@ def load_class_info() -> tuple[list[str], np.ndarray]:
     return names, palette
 
 
-def _read_label(path: Path) -> np.ndarray:
-    """Read an ADE annotation PNG as uint8 ids, raising UserError for anything outside 0..150."""
+def _decode(decoder: Any, path: Path) -> torch.Tensor | None:
+    """``decoder`` (torchvision) on the file's bytes, channels as stored; None where torchvision cannot read it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decoder(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError:  # not something torchvision decodes: PIL reads it (or explains what is wrong)
+        return None
+
+
+def _read_image(path: Path) -> torch.Tensor | Image.Image:
+    """The RGB pixels of ``path``: a uint8 [3, H, W] tensor when torchvision decodes it as a 3-channel JPEG
+    (libjpeg-turbo, as PIL: the same pixels, but faster and without a copy into numpy), else a PIL RGB image."""
+    if decode_jpeg is not None and path.suffix.lower() in (".jpg", ".jpeg"):
+        pixels = _decode(decode_jpeg, path)
+        if pixels is not None and pixels.dim() == 3 and pixels.shape[0] == 3:
+            return pixels
     with Image.open(path) as im:
-        raw = np.array(im)
+        im.load()  # decoded now: the pixels outlive the file
+        return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _read_label(path: Path) -> np.ndarray:
+    """Read an ADE annotation PNG as uint8 ids, raising UserError for anything outside 0..150.
+
+    Single-channel 8-bit PNGs (all of ADE20K's) go through torchvision's decoder (libpng: the same
+    values as PIL, faster); anything else through PIL, as before.
+    """
+    raw = None
+    decoded = _decode(decode_png, path) if decode_png is not None else None
+    if decoded is not None and decoded.dim() == 3 and decoded.shape[0] == 1 and decoded.dtype == torch.uint8:
+        raw = decoded[0].numpy()
+    if raw is None:
+        with Image.open(path) as im:
+            raw = np.array(im)
     if raw.ndim != 2:
         raise UserError(
             f"annotation {path} has shape {raw.shape}; ADE20K annotations are single-channel PNGs of class "
@@ -77,10 +116,13 @@ class SegmentationFolder(Dataset):
         split: ``training`` or ``validation``.
         transform: a ``TrainTransform`` or ``ValTransform``.
         max_images: if > 0, keep only the first N files sorted by name.
+        perturb: validation only: a ``data.perturb.Perturbation`` applied to image and label together
+            (deterministic per file name) before the transform.
     """
 
     def __init__(
-        self, root: str | Path, split: str, transform: TrainTransform | ValTransform, max_images: int = 0
+        self, root: str | Path, split: str, transform: TrainTransform | ValTransform, max_images: int = 0,
+        perturb: Perturbation | None = None,
     ) -> None:
         if not isinstance(transform, (TrainTransform, ValTransform)):
             raise TypeError(f"transform must be a TrainTransform or ValTransform, got {type(transform).__name__}")
@@ -88,6 +130,7 @@ class SegmentationFolder(Dataset):
         self.split = split
         self.transform = transform
         self.train = isinstance(transform, TrainTransform)
+        self.perturb = perturb
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         images = sorted(image_dir.glob("*.jpg")) if image_dir.is_dir() else []
         if not images:
@@ -112,16 +155,24 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        """The RGB image and the mapped training label (0..149, 255) of file ``index``."""
-        with Image.open(self.images[index]) as im:
-            im.load()  # decoded now: the pixels outlive the file
-            image = im if im.mode == "RGB" else im.convert("RGB")  # no copy for RGB JPEGs
+    def _load(self, index: int, pixels: bool = False) -> tuple[Image.Image | torch.Tensor, np.ndarray]:
+        """The RGB image and the mapped training label (0..149, 255) of file ``index``.
+
+        ``pixels=True`` (training) may return the image as a uint8 [3, H, W] tensor (``_read_image``),
+        which ``TrainTransform`` takes as it is; otherwise it is a PIL image.
+        """
+        if pixels:
+            image = _read_image(self.images[index])
+        else:
+            with Image.open(self.images[index]) as im:
+                im.load()  # decoded now: the pixels outlive the file
+                image = im if im.mode == "RGB" else im.convert("RGB")  # no copy for RGB JPEGs
+        height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
         raw = _read_label(self.labels[index])
-        if raw.shape != (image.height, image.width):
+        if raw.shape != (height, width):
             raise UserError(
                 f"annotation {self.labels[index]} is {raw.shape[1]}x{raw.shape[0]} but its image "
-                f"{self.images[index]} is {image.width}x{image.height}; they must have the same size. "
+                f"{self.images[index]} is {width}x{height}; they must have the same size. "
                 f"Replace the pair with the originals from ADEChallengeData2016.zip."
             )
         return image, map_ade_labels(raw)
@@ -131,10 +182,13 @@ class SegmentationFolder(Dataset):
             if not isinstance(key, tuple):
                 raise TypeError("a training SegmentationFolder is indexed by (index, sample_seed) tuples")
             index, sample_seed = key
-            image, label = self._load(int(index))
+            image, label = self._load(int(index), pixels=True)
             return self.transform(image, label, np.random.default_rng(int(sample_seed)))
         image, label = self._load(int(key))
-        return self.transform(image), torch.from_numpy(label.astype(np.int64)), self.images[int(key)].stem
+        name = self.images[int(key)].stem
+        if self.perturb is not None:
+            image, label = self.perturb(image, label, key=name)
+        return self.transform(image), torch.from_numpy(label.astype(np.int64)), name
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -210,7 +264,9 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_train_loader(config: dict, rank: int, world_size: int, start_iter: int) -> DataLoader:
-    """Infinite loader of ``(images [B,3,C,C] float, labels [B,C,C] int64)``, B = batch_size // world_size."""
+    """Infinite loader of ``(images [B,3,C,C] uint8, labels [B,C,C] uint8, valid [B,2] int64)``, B = batch_size //
+    world_size. ``data.transforms.normalize_batch(images, valid)`` on the training device gives the float input
+    (the crop padded with 0 after normalisation); ``labels.long()`` the loss target (255 = ignore)."""
     root = prepare_dataset_root(config)
     data = config["data"]
     dataset = SegmentationFolder(root, "training", TrainTransform(data))
@@ -228,11 +284,16 @@ def build_train_loader(config: dict, rank: int, world_size: int, start_iter: int
     )
 
 
-def build_val_loader(config: dict, split: str, rank: int, world_size: int, max_images: int = 0) -> DataLoader:
-    """Loader of ``(image [1,3,h,w], label [1,H,W] int64, names [str])``; rank r takes files r, r+W, ..."""
+def build_val_loader(
+    config: dict, split: str, rank: int, world_size: int, max_images: int = 0, perturb: Perturbation | None = None
+) -> DataLoader:
+    """Loader of ``(image [1,3,h,w], label [1,H,W] int64, names [str])``; rank r takes files r, r+W, ...
+
+    ``perturb`` warps every image and its label (geometric robustness, data/perturb.py).
+    """
     root = prepare_dataset_root(config)
     data = config["data"]
-    dataset = SegmentationFolder(root, split, ValTransform(data), max_images)
+    dataset = SegmentationFolder(root, split, ValTransform(data), max_images, perturb)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     return DataLoader(
         shard,

@@ -7,22 +7,25 @@ normalisation, label 255). Testing resizes the image to fit ``scale`` and keeps 
 original size. Unlike mmseg, every random number comes from an explicit ``np.random.Generator``,
 so a training sample is a pure function of (image, label, seed), which makes runs resumable.
 
-Speed (the data loader workers are the CPU budget of a training run):
+Speed (the data loader workers are the CPU budget of a training run; see ``TrainTransform``):
 
-- The scale and the crop box are drawn first and only the part of the image that lands in the crop
-  is resampled (PIL's ``resize(box=...)``: the same sampling positions and filter taps as resizing the
-  whole image and cropping; pixels may differ by one grey level from float32 rounding of the box).
-  The ``cat_max_ratio`` test gathers each candidate crop of the label straight from the original
-  label with the index arrays of PIL's nearest-neighbour resize (``nearest_indices``), bit-exact.
-- The photometric distortion runs on 256-entry lookup tables (brightness, contrast, saturation,
-  hue) and PIL's HSV conversions: the same values as the float32 arithmetic it replaces.
+- The scale and the crop box are drawn first and only the outputs the crop needs are resampled,
+  from the source pixels they need, with torch's vectorised uint8 kernels at the whole image's scale
+  factors (``_resample_into``): the sampling positions are those of resize-then-crop. The
+  ``cat_max_ratio`` test gathers each candidate crop of the label straight from the original label
+  with the index arrays of PIL's nearest-neighbour resize (``nearest_indices``), bit-exact.
+- The photometric distortion runs on 256-entry lookup tables (brightness, contrast) and on tables
+  that reproduce PIL's 8-bit HSV conversions (saturation, hue): bit-exact with the float32 and PIL
+  arithmetic it replaces, about 3x faster.
 - ``TrainTransform`` ends at uint8; the float normalisation and the zero padding happen on the
   training device in ``normalize_batch``.
 
-``data.resize_filter`` picks the image filter: ``antialias`` (PIL bilinear: a triangle filter that
-widens, i.e. low-pass filters, when shrinking) or ``bilinear`` (OpenCV ``INTER_LINEAR``, as mmseg:
-two taps at half-pixel centres with the edge pixel repeated, no antialiasing when shrinking). Labels
-always use PIL's nearest neighbour (source pixel ``floor((x + 0.5) * in / out)``).
+``data.resize_filter`` picks the image filter: ``antialias`` (PIL's bilinear, a triangle filter that
+widens, i.e. low-pass filters, when shrinking; computed by torch's antialiased kernel, which follows
+PIL's algorithm and differs from it by one grey level at ~0.1% of the pixels) or ``bilinear`` (OpenCV
+``INTER_LINEAR``, as mmseg: two taps at half-pixel centres with the edge pixel repeated, no
+antialiasing when shrinking). When the image grows, the two are the same filter. Labels always use
+PIL's nearest neighbour (source pixel ``floor((x + 0.5) * in / out)``).
 
 JPEG draft decoding (``Image.draft``, DCT-domain 1/2, 1/4, 1/8 scaling) is not used: it only applies
 when the rescaled image is at most half the stored one, which ADE20K's recipe (short side 256..1024
@@ -31,6 +34,7 @@ from images of short side ~512) hardly ever asks for, and its pixels differ from
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -136,22 +140,125 @@ def resize_image(image: Image.Image, size: tuple[int, int], resize_filter: str =
     return np.asarray(image.resize(size, Image.BILINEAR))
 
 
-def resize_region(
-    image: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], resize_filter: str = "antialias"
-) -> Image.Image:
-    """``box`` = (top, left, bottom, right) of the image resized to ``size``, resampling only that region.
+def _axis_window(n_in: int, n_out: int, start: int, stop: int) -> tuple[bool, int, int, int]:
+    """Plan one axis of a region resize: outputs ``start..stop-1`` of an ``n_in -> n_out`` resize.
 
-    Equals ``resize_image(image, size, resize_filter)[top:bottom, left:right]`` up to one grey level
-    (PIL takes the source box in float32). A ``bilinear`` resize that shrinks a side resizes the whole
-    image (no larger than the original then) and crops.
+    torch's kernels start their sampling grid at output 0, so the outputs ``0..stop-1`` are computed
+    from the first ``need`` inputs, or, when the crop is nearer the far end, the same on the mirrored
+    axis (``mirror``). Returns (mirror, start, stop, need) in that frame.
+    """
+    scale = n_in / n_out
+    mirror = n_out - stop < start
+    if mirror:
+        start, stop = n_out - stop, n_out - start
+    need = min(n_in, int(stop * scale + max(1.0, scale)) + 2)  # past the last window (+-max(1, scale))
+    if need == stop and n_in != n_out:  # torch copies an axis whose input and output sizes match, whatever
+        if need < n_in:  # the scale: keep them apart with one more input or one more output
+            need += 1
+        else:
+            stop += 1  # here stop < n_out: stop == need == n_in != n_out, and stop = n_out would mean n_in = n_out
+    return mirror, start, stop, need
+
+
+def _as_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """RGB pixels as a uint8 [3, H, W] tensor: a decoded tensor as it is, a PIL image as a channels_last view."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(f"expected RGB pixels as a uint8 [3, H, W] tensor, got {image.dtype} {tuple(image.shape)}")
+        return image
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only numpy view of PIL's bytes; nothing writes to it
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+
+def _resample_into(
+    out: np.ndarray,
+    source: torch.Tensor,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    resize_filter: str,
+    flip: bool = False,
+    table: np.ndarray | None = None,
+) -> None:
+    """Write ``box`` = (top, left, bottom, right) of ``source`` (uint8 [3, H, W]) resized to ``size`` = (width,
+    height) into the [3, h, w] uint8 array ``out``.
+
+    Only the outputs from the nearer image corner to the box are computed, from the source pixels
+    they need (``_axis_window``), with torch's uint8 kernels (channels_last) and the full-image scale
+    factors, so the sampling positions are those of the whole resized image. ``antialias`` is torch's
+    antialiased bilinear, which follows PIL's resampling (the same windows and fixed-point weights; it
+    differs from PIL by one grey level at ~0.1% of pixels), ``bilinear`` is torch's bilinear (OpenCV
+    INTER_LINEAR semantics). ``flip`` mirrors the result; ``table`` (256 entries) is applied to it.
     """
     top, left, bottom, right = box
-    if resize_filter == "bilinear" and _shrinks(image, size):
-        full = _bilinear_array(np.asarray(image), size)
-        return Image.fromarray(np.ascontiguousarray(full[top:bottom, left:right]), "RGB")
-    sx, sy = image.width / size[0], image.height / size[1]
-    source = (left * sx, top * sy, min(right * sx, image.width), min(bottom * sy, image.height))
-    return image.resize((right - left, bottom - top), Image.BILINEAR, box=source)
+    height, width = source.shape[-2:]
+    if size == (width, height):
+        crop = source[:, top:bottom, left:right]
+        _copy_out(out, (crop.flip(2) if flip else crop).numpy(), table)
+        return
+    mirror_x, x_start, x_stop, x_need = _axis_window(width, size[0], left, right)
+    mirror_y, y_start, y_stop, y_need = _axis_window(height, size[1], top, bottom)
+    window = source[
+        None, :, height - y_need if mirror_y else 0 : height if mirror_y else y_need,
+        width - x_need if mirror_x else 0 : width if mirror_x else x_need,
+    ]
+    mirrored = [dim for dim, on in ((2, mirror_y), (3, mirror_x)) if on]
+    if mirrored:
+        window = window.flip(mirrored)
+    window = window.contiguous(memory_format=torch.channels_last)  # the kernels' fast (vectorised) layout
+    if resize_filter == "antialias":
+        kernel = torch.ops.aten._upsample_bilinear2d_aa  # F.interpolate(antialias=True) with explicit scales
+    else:
+        kernel = torch.ops.aten.upsample_bilinear2d
+    result = kernel(window, [y_stop, x_stop], False, size[1] / height, size[0] / width)
+    result = result[0, :, y_start : y_start + bottom - top, x_start : x_start + right - left]
+    back = [dim for dim, on in ((1, mirror_y), (2, mirror_x != flip)) if on]
+    _copy_out(out, (result.flip(back) if back else result).numpy(), table)
+
+
+def _copy_out(out: np.ndarray, planes: np.ndarray, table: np.ndarray | None) -> None:
+    """``out[...] = planes``, then the lookup ``table`` if there is one."""
+    out[...] = planes
+    if table is not None:
+        _lookup(out, table)
+
+
+def _pair_table(table: np.ndarray) -> np.ndarray:
+    """The 65536-entry table that applies the 256-entry ``table`` to both bytes of a uint16 (native byte order)."""
+    low = table.astype(np.uint16)
+    first, second = (low[None, :], low[:, None]) if sys.byteorder == "little" else (low[:, None], low[None, :])
+    return (first | second << 8).ravel()
+
+
+def _lookup(planes: np.ndarray, table: np.ndarray, pairs: np.ndarray | None = None) -> None:
+    """``planes[...] = table[planes]`` in place for a 256-entry uint8 ``table``.
+
+    Pixels are looked up in pairs (``pairs = _pair_table(table)`` on a uint16 view) where the rows
+    allow it: numpy's gather is dominated by converting the indices, so halving their number halves its cost.
+    """
+    if planes.shape[-1] % 2 == 0 and planes.strides[-1] == 1 and all(st % 2 == 0 for st in planes.strides[:-1]):
+        view = planes.view(np.uint16)
+        np.take(_pair_table(table) if pairs is None else pairs, view, out=view, mode="clip")  # each output
+    else:  # reads only its own index, so in place is safe
+        np.take(table, planes, out=planes, mode="clip")
+
+
+def resize_region(
+    image: Image.Image | torch.Tensor,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    resize_filter: str = "antialias",
+) -> np.ndarray:
+    """``box`` = (top, left, bottom, right) of the RGB image (PIL, or uint8 [3, H, W]) resized to ``size``.
+
+    Computes only what the crop needs; returns an hxwx3 uint8 array within one grey level of
+    ``resize_image(image, size, resize_filter)`` cropped to the box (see ``_resample_into``).
+    """
+    top, left, bottom, right = box
+    planes = np.empty((3, bottom - top, right - left), np.uint8)
+    _resample_into(planes, _as_tensor(image), size, box, resize_filter)
+    return np.ascontiguousarray(planes.transpose(1, 2, 0))
 
 
 # ---------------------------------------------------------------- normalisation
@@ -184,10 +291,13 @@ def normalize_batch(images: torch.Tensor, valid: torch.Tensor | None = None) -> 
     out = images.float().sub_(mean).div_(std)  # the same float32 operations as before, in place
     if valid is None:
         return out
-    height, width = images.shape[-2:]
+    if images.device.type == "cpu":  # zero just the padding (reading valid costs nothing here)
+        for sample, (rows, cols) in zip(out, valid.tolist()):
+            sample[:, rows:] = 0.0
+            sample[:, :rows, cols:] = 0.0
+        return out
+    height, width = images.shape[-2:]  # one masked fill, no host synchronisation
     valid = valid.to(images.device)
-    if images.device.type == "cpu" and bool((valid == torch.tensor([height, width])).all()):
-        return out  # nothing padded (checked on the CPU only: on a GPU the test would synchronise)
     rows = torch.arange(height, device=images.device) < valid[:, 0, None]
     cols = torch.arange(width, device=images.device) < valid[:, 1, None]
     out.masked_fill_(~(rows[:, None, :, None] & cols[:, None, None, :]), 0.0)
@@ -222,7 +332,7 @@ def _hsv_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ``S_TAB[max << 8 | min]``, where, with ``d* = max - *``, sector 0 (red is the maximum): a = dg,
     c = db; sector 1 (green, red is not): a = dr, c = db; sector 2 (blue only): a = dr, c = dg. PIL's
     hue only depends on these differences, its saturation on max and min.
-    Backward: ``K[h << 8 | s]`` holds, per output channel, the factor of V in PIL's ``hsv2rgb``
+    Backward: ``K[channel, h << 8 | s]`` holds the factor of V in PIL's ``hsv2rgb``
     (1 for the largest channel, ``1 - s/255``, ``1 - f s/255`` or ``1 - (s - f s)/255`` for the others,
     with PIL's float32/double steps), so that channel = ``uint8(v * K + 0.5)``; all 2^24 (h, s, v)
     and all 2^24 RGB colours were checked against PIL 13.
@@ -249,53 +359,70 @@ def _hsv_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t = 1.0 - (s.astype(np.float32) - fs).astype(np.float64) / 255.0
     one = np.ones_like(p)
     order = [(one, t, p), (q, one, p), (p, one, t), (p, q, one), (t, p, one), (one, p, q)]
-    factors = np.zeros((65536, 4), np.float32)  # 16-byte rows: one gather fetches all three channels
-    for channel in range(3):
-        factors[:, channel] = np.choose(sector % 6, [order[k][channel] for k in range(6)])
-    factors[s == 0, :3] = 1.0
-    return hue, saturation, factors.view(np.complex128).ravel()
+    factors = np.stack([np.choose(sector % 6, [order[k][channel] for k in range(6)]) for channel in range(3)])
+    factors[:, s == 0] = 1.0
+    return hue, saturation, factors.astype(np.float32)
 
 
 _H_TAB, _S_TAB, _K_TAB = _hsv_tables()
 _H_TAB16 = _H_TAB.astype(np.uint16) << 8  # hue already in the high byte of the h << 8 | s index
 
 
-def _hsv_adjust(planes: np.ndarray, hue_lut: np.ndarray, saturation_lut: np.ndarray, block: int = 1 << 16) -> None:
+def _hsv_adjust(
+    planes: np.ndarray,
+    hue_lut: np.ndarray,
+    saturation_lut: np.ndarray,
+    after: np.ndarray | None = None,
+    before: np.ndarray | None = None,
+    block: int = 1 << 16,
+) -> None:
     """PIL's ``convert("HSV")``, per-value tables on H and S, ``convert("RGB")``, in place on [3, h, w] uint8 planes.
 
-    Bit-exact with the PIL round trip and about 3x faster: two gathers for H and S, one for the
-    three output factors (the H and S tables of this sample folded into ``_K_TAB``), a multiply.
-    Runs on blocks of about ``block`` pixels so that the temporaries stay in the CPU cache.
+    Bit-exact with the PIL round trip and about 3x faster: gathers for H and S, then per channel one
+    gather of V's factor (this sample's H and S tables folded into ``_K_TAB``) and a multiply.
+    ``before`` / ``after``: 256-entry tables applied to the RGB values first / last (mmseg's brightness
+    and contrast). Runs on blocks of about ``block`` pixels so that the temporaries stay in the CPU cache.
     """
-    factors = np.take(_K_TAB, (hue_lut.astype(np.intp)[:, None] << 8 | saturation_lut).ravel())
+    factors = np.take(_K_TAB, (hue_lut.astype(np.intp)[:, None] << 8 | saturation_lut).ravel(), axis=1)
+    first = None if before is None else (before, _pair_table(before))
+    last = None if after is None else (after, _pair_table(after))
     rows = max(1, block // max(1, planes.shape[2]))
     for top in range(0, planes.shape[1], rows):
-        _hsv_block(planes[:, top : top + rows], factors)
+        chunk = planes[:, top : top + rows]
+        if first is not None:
+            _lookup(chunk, *first)
+        _hsv_block(chunk, factors)
+        if last is not None:
+            _lookup(chunk, *last)
 
 
 def _hsv_block(planes: np.ndarray, factors: np.ndarray) -> None:
     """``_hsv_adjust`` on one block; ``factors`` = ``_K_TAB`` with this sample's H and S tables folded in."""
     r, g, b = planes
-    vmax = np.maximum(np.maximum(r, g), b)
+    vmax = np.maximum(r, g)
+    np.maximum(vmax, b, out=vmax)
+    vmin = np.minimum(r, g)
+    np.minimum(vmin, b, out=vmin)
     dr, dg, db = vmax - r, vmax - g, vmax - b
     red_not_max = dr != 0
-    key = np.empty(vmax.shape + (4,), np.uint8)  # little-endian sector << 16 | a << 8 | c
-    key[..., 0] = np.where((db == 0) & red_not_max, dg, db)
-    key[..., 1] = np.where(red_not_max, dr, dg)
-    np.add(red_not_max, red_not_max & (dg != 0), out=key[..., 2], dtype=np.uint8)
-    key[..., 3] = 0
-    smax = vmax.astype(np.uint16)
-    smax <<= 8
-    smax |= np.minimum(np.minimum(r, g), b)
-    hs = np.take(_H_TAB16, key.view("<u4")[..., 0])
-    hs |= np.take(_S_TAB, smax)
-    factors = np.take(factors, hs).view(np.float32).reshape(vmax.shape + (4,))
+    a = dg.copy()  # see _hsv_tables: a = dg (red is the maximum) or dr
+    np.copyto(a, dr, where=red_not_max)
+    c = db.copy()  # c = db, or dg when blue alone is the maximum
+    np.copyto(c, dg, where=(db == 0) & red_not_max)
+    key = np.left_shift(a, 8, dtype=np.uint32)
+    key |= c
+    key |= np.left_shift(np.add(red_not_max, red_not_max & (dg != 0), dtype=np.uint8), 16, dtype=np.uint32)
+    extremes = np.left_shift(vmax, 8, dtype=np.uint16)
+    extremes |= vmin
+    hs = np.take(_H_TAB16, key, mode="clip")
+    hs |= np.take(_S_TAB, extremes, mode="clip")
     value = vmax.astype(np.float32)
-    scratch = np.empty(vmax.shape, np.float32)
+    scratch = np.empty(value.shape, np.float32)
     for channel in range(3):
-        np.multiply(factors[..., channel], value, out=scratch)
+        np.take(factors[channel], hs, out=scratch, mode="clip")
+        scratch *= value
         scratch += 0.5
-        planes[channel] = scratch  # float -> uint8 truncates, so this rounds half up like PIL
+        planes[channel] = scratch  # float -> uint8 truncates: rounds half up, like PIL
 
 
 def _draw_photometric(
@@ -333,12 +460,10 @@ def _draw_photometric(
 def _photometric_planes(planes: np.ndarray, draws: tuple) -> None:
     """Apply ``_draw_photometric``'s result in place to [3, h, w] uint8 planes."""
     before, hsv, after = draws
-    if before is not None:
-        np.take(before, planes, out=planes)
     if hsv is not None:
-        _hsv_adjust(planes, *hsv)
-    if after is not None:
-        np.take(after, planes, out=planes)
+        _hsv_adjust(planes, *hsv, after, before)
+    elif before is not None:
+        _lookup(planes, before)
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -360,6 +485,13 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
 class TrainTransform:
     """Training augmentation: rescale, crop (cat_max_ratio), flip, photometric, pad; uint8 out.
+
+    Per sample: the ratio and the crop box are drawn on the label alone (candidate crops gathered
+    with ``nearest_indices``), then only the crop of the image is resampled (``_resample_into``,
+    flipped on the way), the photometric distortion runs in place on its three uint8 planes, and
+    ``normalize_batch`` later makes the float input on the training device. With the same draws the
+    labels, the crop boxes and the padding equal the previous whole-image pipeline's; pixels are within
+    one grey level before the photometric distortion (exactly equal when no resampling is needed).
 
     Args:
         data: the config's ``data`` section (``scale``, ``ratio_range``, ``crop_size``,
@@ -385,21 +517,22 @@ class TrainTransform:
 
     def _crop_ok(self, label: np.ndarray) -> bool:
         """mmseg's test: more than one labelled class and none covering ``cat_max_ratio`` of the labelled pixels."""
-        counts = np.array(Image.fromarray(label, "L").histogram())
+        label = np.ascontiguousarray(label)
+        counts = np.array(Image.frombuffer("L", label.shape[::-1], label, "raw", "L", 0, 1).histogram())  # no copy
         counts[IGNORE_INDEX] = 0
         counts = counts[counts > 0]
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
     def __call__(
-        self, image: Image.Image, label: np.ndarray, rng: np.random.Generator
+        self, image: Image.Image | torch.Tensor, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augment one pair.
 
         The draws, in order: ratio, crop box (re-drawn up to 10 times for ``cat_max_ratio``), flip,
-        photometric; the same draws and values as resizing the whole pair first.
+        photometric: the same draws, in the same order, as the previous implementation.
 
         Args:
-            image: RGB PIL image.
+            image: PIL image, or RGB pixels as a uint8 [3, H, W] tensor (the dataset's fast JPEG path).
             label: HxW uint8 training labels (already mapped, 255 = ignore), same size as the image.
             rng: the only source of randomness.
 
@@ -408,15 +541,15 @@ class TrainTransform:
             the top left, ``valid`` = its (height, width); the image is 0 and the label 255 outside it.
             ``normalize_batch(images, valid)`` turns a batch of these images into the normalised input.
         """
-        image = image if image.mode == "RGB" else image.convert("RGB")
+        source = _as_tensor(image)
         label = np.asarray(label, dtype=np.uint8)
         ratio = rng.uniform(*self.ratio_range)
-        size = _rescale_size(image.width, image.height, self.scale[0] * ratio, self.scale[1] * ratio)
+        size = _rescale_size(source.shape[2], source.shape[1], self.scale[0] * ratio, self.scale[1] * ratio)
         rows = nearest_indices(label.shape[0], size[1])
         cols = nearest_indices(label.shape[1], size[0])
 
-        def label_crop(box: tuple[int, int, int, int]) -> np.ndarray:
-            return label[rows[box[0] : box[2]]][:, cols[box[1] : box[3]]]
+        def label_crop(box: tuple[int, int, int, int]) -> np.ndarray:  # C-contiguous, unlike label[r][:, c]
+            return np.take(np.take(label, rows[box[0] : box[2]], axis=0), cols[box[1] : box[3]], axis=1)
 
         box = self._crop_box(size[1], size[0], rng)
         crop = label_crop(box)
@@ -426,23 +559,21 @@ class TrainTransform:
                     break
                 box = self._crop_box(size[1], size[0], rng)
                 crop = label_crop(box)
-        pixels = resize_region(image, size, box, self.resize_filter)
-
         flip = rng.random() < 0.5
-        draws = _draw_photometric(rng) if self.photometric else (None, None, None)
-        if draws[0] is not None:  # the first table on PIL's RGBX pixels (faster than a numpy gather)
-            pixels, draws = pixels.point(np.tile(draws[0], 3).tolist()), (None, *draws[1:])
+        before, hsv, after = _draw_photometric(rng) if self.photometric else (None, None, None)
 
         height, width = crop.shape
-        array = np.asarray(pixels)
-        image_out = np.zeros((3, self.crop_size, self.crop_size), np.uint8)
-        label_out = np.full((self.crop_size, self.crop_size), IGNORE_INDEX, np.uint8)
-        if flip:
-            array, crop = array[:, ::-1], crop[:, ::-1]
+        image_out = np.empty((3, self.crop_size, self.crop_size), np.uint8)
+        label_out = np.empty((self.crop_size, self.crop_size), np.uint8)
+        image_out[:, height:], image_out[:, :height, width:] = 0, 0  # the padding only
+        label_out[height:], label_out[:height, width:] = IGNORE_INDEX, IGNORE_INDEX
         planes = image_out[:, :height, :width]
-        planes[...] = array.transpose(2, 0, 1)
-        label_out[:height, :width] = crop
-        _photometric_planes(planes, draws)  # per pixel, so it commutes with the flip
+        # photometric is per pixel, so it commutes with the flip; without HSV the brightness/contrast
+        # table is applied to the resampled crop, with HSV block by block inside _hsv_adjust
+        _resample_into(planes, source, size, box, self.resize_filter, flip, None if hsv else before)
+        if hsv is not None:
+            _hsv_adjust(planes, *hsv, after, before)
+        label_out[:height, :width] = crop[:, ::-1] if flip else crop
         valid = torch.tensor((height, width), dtype=torch.int64)
         return torch.from_numpy(image_out), torch.from_numpy(label_out), valid
 
@@ -458,8 +589,10 @@ class ValTransform:
         self.scale = _pair(data, "scale", float)
         self.resize_filter = _resize_filter(data)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """Return the 3xhxw float32 normalised, resized image; the label is left to the caller at full size."""
+        if isinstance(image, torch.Tensor):
+            image = Image.fromarray(np.ascontiguousarray(_as_tensor(image).permute(1, 2, 0).numpy()), "RGB")
         image = image if image.mode == "RGB" else image.convert("RGB")
         size = _rescale_size(image.width, image.height, *self.scale)
         return _normalize(resize_image(image, size, self.resize_filter))

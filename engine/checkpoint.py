@@ -74,33 +74,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+# Modules whose functions a pickle can call to run commands or code: such a global means an attack, not an accident.
+_CODE_RUNNING = ("posix", "nt", "os", "subprocess", "builtins", "sys", "shutil", "socket", "importlib", "runpy", "pty",
+                 "code", "ctypes", "pickle", "marshal", "webbrowser")
+
+
 def _unreadable_message(path: Path, err: Exception) -> str:
-    """What went wrong reading ``path``, in words: code-running pickles, foreign objects, or a damaged file."""
+    """What went wrong reading ``path``, in words: code-running pickles, foreign objects, damage, or not a checkpoint."""
     text = str(err)
-    unsafe = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global|\n|$)", text)
-    if unsafe:
-        detail = unsafe.group(1).strip()
-        if re.search(r"\b(posix|nt|os|subprocess|builtins)\.", detail) or "Unsupported operand" in detail:
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\n|$)", text)
+    name = found.group(1).strip() if found else ""
+    if name:
+        if name.split(".")[0] in _CODE_RUNNING:
             return (
-                f"checkpoint {path} is a pickle that would run code or build objects when loaded ({detail}); it was "
-                f"refused and nothing in it was executed. It was not written by this repository's train.py: do not "
-                f"use it, and get the checkpoint from the run folder it came from."
+                f"checkpoint {path} is a pickle that would run code when loaded (it calls {name}); it was refused and "
+                f"nothing in it was executed. It was not written by this repository's train.py: do not use it, and get "
+                f"the checkpoint from the run folder it came from."
             )
         return (
-            f"checkpoint {path} holds objects other than tensors and plain Python values ({detail}), so it cannot "
-            f"be read safely with torch.load(weights_only=True). It was not written by this repository's train.py; "
-            f"save only tensors, numbers, strings, lists and dicts in it."
+            f"checkpoint {path} holds objects other than tensors and plain Python values ({name}), so it cannot be read "
+            f"safely with torch.load(weights_only=True). It was not written by this repository's train.py; save only "
+            f"tensors, numbers, strings, lists and dicts in it."
         )
-    if isinstance(err, (EOFError, RuntimeError)) and ("zip" in text or "central directory" in text or isinstance(err, EOFError)):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return (f"checkpoint {path} is empty (0 bytes): a copy that failed or a file created but never written. Use the "
+                f"other checkpoint of the run (last.pt or best.pt) or copy it again.")
+    if head == b"PK\x03\x04":  # torch.save's zip format, cut short or corrupted
         return (
-            f"could not read checkpoint {path} ({type(err).__name__}): the file is truncated or damaged (a copy or a "
-            f"run that stopped while writing it). Copy it again or use the other checkpoint of the run (last.pt or "
-            f"best.pt)."
+            f"could not read checkpoint {path} ({type(err).__name__}): the file is truncated or damaged (a copy or a run "
+            f"that stopped while writing it). Copy it again or use the other checkpoint of the run (last.pt or best.pt)."
         )
-    reason = (text.strip().splitlines() or [""])[0].split(". ")[0][:200]
     return (
-        f"could not read checkpoint {path} ({type(err).__name__}: {reason}). It is not a PyTorch checkpoint written "
-        f"by train.py, or it is damaged; give a last.pt or best.pt from a run folder."
+        f"could not read checkpoint {path} ({type(err).__name__}): it is not a PyTorch checkpoint (no torch.save zip "
+        f"archive). Give a last.pt or best.pt written by train.py."
     )
 
 

@@ -60,6 +60,7 @@ class Run:
     params: int = 0
     deform_params: int = 0
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    perturbed: dict[str, float | None] = field(default_factory=dict)  # val mIoU under each perturbation
 
 
 @dataclass
@@ -85,6 +86,7 @@ class CompareOptions:
     device: str | None = None
     ignore_key: list[str] = field(default_factory=list)
     resamples: int = 1000
+    perturb: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -145,13 +147,21 @@ def json_is_current(path: Path, checkpoint: Path, max_images: int) -> bool:
     return data.get("num_images") == max_images
 
 
-def run_evaluation(run: Run, split: str, json_path: Path, max_images: int, options: CompareOptions) -> None:
+def perturbed_json(perturb: str) -> str:
+    """The run-folder file of the validation evaluation under ``perturb`` (``rotate=15`` -> eval_validation_rotate-15.json)."""
+    return f"eval_validation_{perturb.replace('=', '-').replace(':', '-')}.json"
+
+
+def run_evaluation(
+    run: Run, split: str, json_path: Path, max_images: int, options: CompareOptions, perturb: str | None = None
+) -> None:
     """Evaluate the run's checkpoint on ``split`` (``max_images`` 0 = all) and save the record at ``json_path``."""
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"evaluating {run.checkpoint} on {split}{f' (first {max_images} images)' if max_images else ''} ...", file=sys.stderr)
-    per_image = run.path / VAL_COUNTS if split == "validation" else None
+    what = f"{split}{f' (first {max_images} images)' if max_images else ''}{f', perturbed {perturb}' if perturb else ''}"
+    print(f"evaluating {run.checkpoint} on {what} ...", file=sys.stderr)
+    per_image = run.path / VAL_COUNTS if split == "validation" and perturb is None else None
     eval_options = EvalOptions(split=split, max_images=max_images, data_root=options.data_root, progress=False,
-                               per_image=per_image)
+                               per_image=per_image, perturb=perturb)
     try:
         record = evaluate_checkpoint(run.checkpoint, eval_options, device)
     except UserError as err:
@@ -183,6 +193,11 @@ def fill_metrics(run: Run, options: CompareOptions) -> None:
         run_evaluation(run, "training", train_path, train_images, options)
     if train_path.is_file():
         run.train_miou = read_json(train_path)["mIoU"]
+    for perturb in options.perturb:
+        path = run.path / perturbed_json(perturb)
+        if not options.no_eval and not json_is_current(path, run.checkpoint, options.val_images):
+            run_evaluation(run, "validation", path, options.val_images, options, perturb)
+        run.perturbed[perturb] = read_json(path)["mIoU"] if path.is_file() else None
 
 
 def fill_curves(run: Run) -> None:
@@ -313,6 +328,33 @@ def summarize(groups: list[Group], reference: Group | None) -> dict[str, Any]:
         for g in groups for r in g.runs
     ]
     return {"reference": reference.label if reference else None, "groups": records, "runs": runs}
+
+
+def robustness(groups: list[Group], perturbs: list[str]) -> list[dict[str, Any]]:
+    """Per group: the val mIoU under each perturbation (mean over runs) and its drop from the unperturbed one."""
+    records = []
+    for group in groups:
+        clean = stats([r.val_miou for r in group.runs])["mean"]
+        cells = {}
+        for perturb in perturbs:
+            value = stats([r.perturbed.get(perturb) for r in group.runs])["mean"]
+            drop = clean - value if value is not None and clean is not None else None
+            cells[perturb] = {"miou": value, "drop": drop}
+        records.append({"label": group.label, "clean": clean, "perturbed": cells})
+    return records
+
+
+def robustness_markdown(records: list[dict[str, Any]], perturbs: list[str]) -> str:
+    """Geometric robustness: each group's val mIoU under each perturbation, with the drop from the clean value."""
+    if not perturbs:
+        return ""
+    lines = ["", "## Geometric robustness (val mIoU under each perturbation, drop from the unperturbed in brackets)", "",
+             "| model | unperturbed | " + " | ".join(perturbs) + " |", "|" + "---|" * (len(perturbs) + 2)]
+    for r in records:
+        cells = [f"{c['miou']:.2f} (-{c['drop']:.2f})" if c["miou"] is not None else "-" for c in r["perturbed"].values()]
+        clean = f"{r['clean']:.2f}" if r["clean"] is not None else "-"
+        lines.append(f"| {r['label']} | {clean} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def warn_mixed_environments(groups: list[Group]) -> None:
@@ -560,9 +602,11 @@ def compare(options: CompareOptions) -> str:
     warn_mixed_environments(groups)
     summary = summarize(groups, reference)
     summary["bootstrap"] = bootstrap(groups, reference, options.resamples)
+    summary["robustness"] = robustness(groups, options.perturb)
     summary["settings"] = {"val_images": options.val_images, "train_images": options.train_images, "no_eval": options.no_eval,
                            "ignored_keys": list(IGNORED_KEYS) + options.ignore_key}
-    table = markdown(summary, options.val_images) + bootstrap_markdown(summary["bootstrap"])
+    table = (markdown(summary, options.val_images) + robustness_markdown(summary["robustness"], options.perturb)
+             + bootstrap_markdown(summary["bootstrap"]))
     if options.out is not None:
         try:
             options.out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from configs import UserError
 from data.dataset import build_val_loader, load_class_info
+from data.perturb import parse_perturbation
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from engine.inference import evaluate_loader
 from engine.precision import AMP_DTYPES, memory_format
@@ -31,6 +32,7 @@ class EvalOptions:
     validation and ``data.train_eval_images`` of training (0 = all). ``amp`` is ``none`` (fp32, as
     mmsegmentation evaluates), ``bf16`` or ``fp16`` (CUDA only). ``per_image``: also save every image's
     per-class counts there (``engine.statistics.PerImageCounts``, .npz) for the paired bootstrap.
+    ``perturb``: ``KIND=VALUE`` (data/perturb.py), every image and its label warped before inference.
     """
 
     split: str = "validation"
@@ -42,6 +44,7 @@ class EvalOptions:
     data_root: str | None = None
     save_dir: Path | None = None
     per_image: Path | None = None
+    perturb: str | None = None
     progress: bool = True
 
 
@@ -70,6 +73,10 @@ def evaluate_checkpoint(
     Metrics are in percent (None where undefined). Under torchrun every rank calls this with its rank;
     the confusion matrix is summed over ranks, so every rank returns the same numbers.
     """
+    try:
+        perturb = parse_perturbation(options.perturb) if options.perturb else None
+    except ValueError as err:
+        raise UserError(f"--perturb: {err}") from None
     if options.amp not in AMP_DTYPES:
         raise UserError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {options.amp!r}.")
     if device.type != "cuda" and options.amp != "none":
@@ -89,7 +96,7 @@ def evaluate_checkpoint(
     max_images = options.max_images
     if max_images is None:
         max_images = config["data"]["train_eval_images"] if options.split == "training" else 0
-    loader = build_val_loader(config, options.split, rank, world_size, max_images=max_images)
+    loader = build_val_loader(config, options.split, rank, world_size, max_images=max_images, perturb=perturb)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     per_image = PerImageCounts(config["model"]["num_classes"]) if options.per_image is not None else None
@@ -124,4 +131,5 @@ def evaluate_checkpoint(
         "amp": options.amp,
         "images_per_s": matrix.num_images / seconds if seconds > 0 else 0.0,
         "per_image": str(options.per_image) if options.per_image is not None else None,
+        "perturb": str(perturb) if perturb is not None else None,
     }

@@ -327,10 +327,30 @@ def _stop(trainer: Trainer, window: _Window, last_good: int, bar: tqdm) -> int:
     return 0
 
 
-def _save_last(trainer: Trainer, last_good: int) -> None:
-    """last.pt, after checking that the weights are finite (a bad last update must not overwrite the good one)."""
+def _save_before_error(trainer: Trainer, window: _Window, last_good: int, bar: tqdm) -> None:
+    """Before a data error ends the run: save last.pt at the current iteration if it is newer and sound.
+
+    One process only: under torchrun the error reaches one rank, and a save needs all of them.
+    """
+    bar.close()
+    if trainer.world_size == 1 and trainer.iteration > last_good:
+        if window.losses:
+            checked_losses(window.losses, trainer.iteration, trainer.world_size, last_good)
+        _save_last(trainer, last_good)
+        if trainer.master:
+            print(f"last.pt saved at iteration {trainer.iteration}; after fixing the file, continue with --resume.",
+                  file=sys.stderr)
+
+
+def _check_weights(trainer: Trainer, last_good: int) -> None:
+    """NonFiniteLoss if an update made a weight NaN or infinite (the losses before it were still finite)."""
     if not trainer.weights_finite():
         raise NonFiniteLoss(trainer.iteration, last_good, "the weights")
+
+
+def _save_last(trainer: Trainer, last_good: int) -> None:
+    """last.pt, after checking that the weights are finite (a bad last update must not overwrite the good one)."""
+    _check_weights(trainer, last_good)
     trainer.save("last.pt")
 
 
@@ -359,6 +379,9 @@ def run(trainer: Trainer) -> int:
             if trainer.stop_signal is None:
                 raise
             return _stop(trainer, window, last_good, bar)
+        except UserError:  # a file that cannot be read: keep the work done so far, then say which
+            _save_before_error(trainer, window, last_good, bar)
+            raise
         # Batches travel as uint8 (a quarter of float32's bytes; labels an eighth of int64's) and are
         # normalised on the device.
         images = images.to(trainer.device, non_blocking=True).contiguous(memory_format=trainer.memory_format)
@@ -379,7 +402,12 @@ def run(trainer: Trainer) -> int:
         if stop:
             return _stop(trainer, window, last_good, bar)
         if it % tcfg["val_interval"] == 0 or it == tcfg["iters"]:
-            result = _validate(trainer, val_loader)  # before saving, so last.pt holds the best mIoU so far
+            _check_weights(trainer, last_good)  # a bad last update must reach neither best.pt nor last.pt
+            try:
+                result = _validate(trainer, val_loader)  # before saving, so last.pt holds the best mIoU so far
+            except UserError:
+                _save_before_error(trainer, window, last_good, bar)
+                raise
             if result is None:
                 return _stop(trainer, window, last_good, bar)
             metrics = result

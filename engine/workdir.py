@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from configs import UserError
+from configs import UserError, upgrade_config
 
 ARTEFACTS = ("config.yaml", "last.pt", "best.pt", "tb")
 LOCK_NAME = ".lock"
@@ -37,9 +37,9 @@ def check_work_dir(work_dir: Path, config: dict[str, Any], resume: bool) -> None
     saved = None
     if saved_path.is_file():
         try:
-            saved = yaml.safe_load(saved_path.read_text())
-        except yaml.YAMLError:
-            saved = None
+            saved = upgrade_config(yaml.safe_load(saved_path.read_text()), str(saved_path))
+        except (yaml.YAMLError, UserError, AttributeError, TypeError):
+            saved = None  # not a config this code understands: still another run's
     if saved == config:
         what = "a run of this config"
     elif saved is None:

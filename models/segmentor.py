@@ -51,16 +51,22 @@ class SegmentationModel(nn.Module):
 def swap_deformable(model: SegmentationModel, deform_cfg: dict[str, Any], op: str = "reference") -> list[str]:
     """Replace the chosen bottlenecks' ``conv2`` by ``DeformConv2d`` running ``op``; return their module names.
 
+    With ``dilation`` > 0 the chosen convs first get that dilation (and the same padding, so sizes stay): the
+    receptive-field control of DCNv1's Table 3, for plain convs (version 0) as for deformable ones.
     ``deform_cfg`` is a validated ``model.deform`` section (configs.validate_config checks stages, blocks, groups).
     """
-    if deform_cfg["version"] == 0:
+    version, dilation = deform_cfg["version"], deform_cfg["dilation"]
+    if version == 0 and dilation == 0:
         return []
     swapped = []
     for stage in deform_cfg["stages"]:
         blocks = getattr(model.backbone, stage)
         for i in deform_cfg["blocks"] or range(len(blocks)):
-            blocks[i].conv2 = DeformConv2d.from_conv(blocks[i].conv2, deform_cfg["version"], deform_cfg["groups"], op)
-            swapped.append(f"backbone.{stage}.{i}.conv2")
+            if dilation:
+                blocks[i].conv2.dilation = blocks[i].conv2.padding = (dilation, dilation)
+            if version:
+                blocks[i].conv2 = DeformConv2d.from_conv(blocks[i].conv2, version, deform_cfg["groups"], op)
+                swapped.append(f"backbone.{stage}.{i}.conv2")
     return swapped
 
 

@@ -18,11 +18,16 @@ The Triton path runs where ``models.triton_support.triton_available`` says (CUDA
 in Triton's interpreter, which the tests use to check the numerics with no GPU). Otherwise, and for
 float64 on the GPU or tensors of 2**31 elements or more, ``deform_conv2d`` calls torchvision's op. Gradients use
 atomics, so like torchvision's CUDA op they are not bitwise deterministic.
+
+The kernels are launched from two ``torch.library`` custom ops, ``seg_triton::deform_conv2d`` (with its
+autograd formula) and ``seg_triton::deform_conv2d_backward``: under ``torch.compile`` each launch is one opaque
+node of the graph, so a model using this op compiles whole, without graph breaks.
 """
 
 # No "from __future__ import annotations": older Tritons then miss the kernels' tl.constexpr annotations.
 
-from collections.abc import Sequence
+# typing's Sequence, not collections.abc's: torch 2.4's custom-op schema inference knows only typing's.
+from typing import Sequence  # noqa: UP035
 
 import torch
 from torch.nn.modules.utils import _pair

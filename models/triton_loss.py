@@ -20,6 +20,9 @@ Triton cannot run: no triton, or CPU tensors without ``TRITON_INTERPRET=1`` (Tri
 the tests use when there is no GPU; it must be set before this module is imported); and for widths downsampled
 by more than about 2x, which the backward's tiles are not sized for.
 
+The kernels are launched from ``torch.library`` custom ops (``seg_triton::upsample_cross_entropy_sum`` and its
+backward), so under ``torch.compile`` each launch is one opaque node and the loss compiles without graph breaks.
+
 Unlike the reference on CPU, the kernels do not check labels: a label outside [0, C) that is not ``ignore_index``
 gives a wrong loss instead of an error. Gradients are accumulated with atomic adds; when a low-res column is
 shared by at most two column blocks (upsampling by less than about 32x) the result is still bitwise

@@ -26,7 +26,23 @@ OP_NAMESPACE = "seg_triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _interpreter_works() -> bool:
+    """Whether Triton's interpreter runs the kernels with this NumPy.
+
+    Before Triton 3.7 the interpreter holds an integer argument as a 1-element array and reads it back with
+    ``int()``, which NumPy 2.4 refuses (triton-lang/triton#9171): every loop with a runtime bound fails.
+    """
+    if TRITON_VERSION >= (3, 7):
+        return True
+    import numpy
+
+    return tuple(int(part) for part in numpy.__version__.split(".")[:2]) < (2, 4)
+
+
+INTERPRETER_WORKS = _interpreter_works()
+
+
 def triton_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels run for tensors on ``device``."""
     kind = torch.device(device).type
-    return HAVE_TRITON and (kind == "cuda" or (INTERPRET and kind == "cpu"))
+    return HAVE_TRITON and (kind == "cuda" or (INTERPRET and INTERPRETER_WORKS and kind == "cpu"))

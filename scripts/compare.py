@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], help="device for evaluation (default: cuda if available)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000, seeded)")
     parser.add_argument(
+        "--perturb", nargs="+", default=[], metavar="KIND=VALUE",
+        help="also evaluate every run on warped validation images (e.g. rotate=15 scale=0.75 shear=0.2 elastic=8) "
+        "and report each variant's mIoU and drop side by side",
+    )
+    parser.add_argument(
         "--ignore-key", action="append", default=[], metavar="KEY",
         help=f"another dotted config key to ignore when grouping (always ignored: {', '.join(IGNORED_KEYS)})",
     )
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     options = CompareOptions(
         runs=[Path(p) for p in args.runs], out=args.out, no_eval=args.no_eval, train_images=args.train_images,
         val_images=args.val_images, data_root=args.data_root, device=args.device, ignore_key=args.ignore_key,
-        resamples=args.resamples,
+        resamples=args.resamples, perturb=args.perturb,
     )
     try:
         table = compare(options)

@@ -68,7 +68,8 @@ def compared(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
 
 def table_rows(markdown: str) -> list[list[str]]:
     """Cells of the data rows of the first markdown table."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    table = markdown.split("\n\n")[0]  # the first block: tables are separated by blank lines
+    lines = [line for line in table.splitlines() if line.startswith("|")]
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 

@@ -1,10 +1,9 @@
 """torch.compile (inductor) of the deformable layers and the loss: same results as eager, no graph breaks.
 
-On CPU. The reference paths (torchvision's op, the unfused loss) must compile, as they do where Triton cannot run.
-The Triton paths are torch.library custom ops (models/triton_deform.py, models/triton_loss.py): compiled, each
-launch is one opaque node of the graph, run as in eager (here in Triton's interpreter, which conftest.py turns on
-when there is no GPU). Shapes are small: the time goes into inductor's compiles, about 15 s per graph on 2 cores.
-"""
+The reference paths (torchvision's op, the unfused loss), as used where Triton cannot run, compile on CPU. The
+Triton paths are torch.library custom ops (models/triton_deform.py, models/triton_loss.py): compiled, each launch
+is one opaque node of the graph and runs as in eager, on the GPU, or without one in Triton's CPU interpreter
+(conftest.py turns it on). Shapes are small: nearly all the time goes into inductor's C++ compiles."""
 
 from __future__ import annotations
 
@@ -86,7 +85,7 @@ def test_triton_paths_compile_as_custom_ops(monkeypatch: pytest.MonkeyPatch) -> 
     fallback to the reference ops) and give eager's results."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (triton_deform.triton_available(device) and triton_loss.triton_available(device)):
-        pytest.skip("needs Triton >= 3.2 (on a GPU, or its CPU interpreter)")
+        pytest.skip("needs Triton >= 3.2 on a GPU, or its CPU interpreter where it works")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a reference op ran instead of the Triton kernels")

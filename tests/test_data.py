@@ -24,7 +24,19 @@ from data.dataset import (
     prepare_dataset_root,
 )
 from data.demo import DEMO_CLASSES, ensure_demo_dataset, generate_demo_dataset
-from data.transforms import TrainTransform, ValTransform, denormalize, map_ade_labels, photometric_distortion
+from data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TrainTransform,
+    ValTransform,
+    denormalize,
+    map_ade_labels,
+    nearest_indices,
+    normalize_batch,
+    photometric_distortion,
+    resize_image,
+    resize_region,
+)
 
 # Far-apart colours so a bilinear blend is only ambiguous right at a block boundary.
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255]], np.uint8)
@@ -74,22 +86,28 @@ def test_load_class_info() -> None:
 
 def test_train_transform_keeps_image_and_label_aligned() -> None:
     image, label = _colour_coded_pair()
-    transform = TrainTransform(_data_cfg())
     agree = total = padded_samples = 0
-    for seed in range(40):
-        out_image, out_label = transform(image, label, np.random.default_rng(seed))
-        assert out_image.shape == (3, 64, 64) and out_image.dtype == torch.float32
-        assert out_label.shape == (64, 64) and out_label.dtype == torch.int64
-        valid = (out_label != IGNORE_INDEX).numpy()
-        rows, cols = valid.any(1).sum(), valid.any(0).sum()
-        assert valid[:rows, :cols].all() and not valid[rows:].any() and not valid[:, cols:].any()
-        padded_samples += rows < 64 or cols < 64
-        assert (out_image[:, ~torch.from_numpy(valid)] == 0).all()  # padding is 0 after normalisation
-        pixels = denormalize(out_image).astype(np.int64)
-        distance = ((pixels[:, :, None, :] - COLOURS[None, None].astype(np.int64)) ** 2).sum(-1)
-        decoded = distance.argmin(-1)
-        agree += (decoded[valid] == out_label.numpy()[valid]).sum()
-        total += valid.sum()
+    for resize_filter in ("antialias", "bilinear"):
+        transform = TrainTransform(_data_cfg(resize_filter=resize_filter))
+        for seed in range(40):
+            raw_image, out_label, crop = transform(image, label, np.random.default_rng(seed))
+            assert raw_image.shape == (3, 64, 64) and raw_image.dtype == torch.uint8
+            assert out_label.shape == (64, 64) and out_label.dtype == torch.uint8
+            assert crop.shape == (2,) and crop.dtype == torch.int64
+            out_image = normalize_batch(raw_image[None], crop[None])[0]
+            assert out_image.shape == (3, 64, 64) and out_image.dtype == torch.float32
+            valid = (out_label != IGNORE_INDEX).numpy()
+            rows, cols = valid.any(1).sum(), valid.any(0).sum()
+            assert valid[:rows, :cols].all() and not valid[rows:].any() and not valid[:, cols:].any()
+            assert crop.tolist() == [rows, cols]
+            padded_samples += rows < 64 or cols < 64
+            assert (out_image[:, ~torch.from_numpy(valid)] == 0).all()  # padding is 0 after normalisation
+            assert (raw_image[:, ~torch.from_numpy(valid)] == 0).all()  # and 0 before it
+            pixels = denormalize(out_image).astype(np.int64)
+            distance = ((pixels[:, :, None, :] - COLOURS[None, None].astype(np.int64)) ** 2).sum(-1)
+            decoded = distance.argmin(-1)
+            agree += (decoded[valid] == out_label.numpy()[valid]).sum()
+            total += valid.sum()
     assert padded_samples > 0  # ratio 0.5 shrinks the image below the crop
     assert agree / total > 0.97
 
@@ -122,9 +140,10 @@ def test_photometric_distortion_changes_colours_only() -> None:
     transform = TrainTransform(_data_cfg(photometric=True))
     off = TrainTransform(_data_cfg(photometric=False))
     for seed in range(5):
-        _, with_label = transform(image, label, np.random.default_rng(seed))
-        _, without_label = off(image, label, np.random.default_rng(seed))
+        _, with_label, with_crop = transform(image, label, np.random.default_rng(seed))
+        _, without_label, without_crop = off(image, label, np.random.default_rng(seed))
         assert torch.equal(with_label, without_label)  # photometric draws come after the geometry
+        assert torch.equal(with_crop, without_crop)
 
 
 def test_val_transform_fits_scale_and_denormalize_round_trips() -> None:
@@ -142,6 +161,217 @@ def test_bad_transform_config_is_a_user_error() -> None:
         TrainTransform(_data_cfg(scale=[512]))
     with pytest.raises(UserError, match="data.crop_size"):
         TrainTransform(_data_cfg(crop_size=0))
+    with pytest.raises(UserError, match="data.resize_filter"):
+        TrainTransform(_data_cfg(resize_filter="cubic"))
+
+
+# ---------------------------------------------------------------- equivalence with the previous pipeline
+# The references below are the previous implementation (whole-image PIL resize, PIL HSV round trip,
+# float32 normalisation on the CPU) and OpenCV's INTER_LINEAR rule written out in numpy.
+
+_MEAN = np.array(IMAGENET_MEAN, np.float32)
+_STD = np.array(IMAGENET_STD, np.float32)
+
+
+def _old_convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def _old_photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The previous photometric_distortion: float32 arithmetic and PIL's HSV round trip."""
+    if rng.random() < 0.5:
+        image = _old_convert(image, beta=rng.uniform(-32, 32))
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        image = _old_convert(image, alpha=rng.uniform(0.5, 1.5))
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    hue = rng.uniform(-18, 18) if rng.random() < 0.5 else None
+    if saturation is not None or hue is not None:
+        hsv = np.array(Image.fromarray(image, "RGB").convert("HSV"))
+        if saturation is not None:
+            hsv[..., 1] = _old_convert(hsv[..., 1], alpha=saturation)
+        if hue is not None:
+            hsv[..., 0] = np.mod(np.rint(hsv[..., 0].astype(np.float32) + hue * 256.0 / 180.0), 256).astype(np.uint8)
+        image = np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if not contrast_first and rng.random() < 0.5:
+        image = _old_convert(image, alpha=rng.uniform(0.5, 1.5))
+    return image
+
+
+def _old_train(image: Image.Image, label: np.ndarray, rng: np.random.Generator, **changes):
+    """The previous TrainTransform: resize everything, crop, flip, photometric, normalise, pad (float32, int64)."""
+    cfg = _data_cfg(**changes)
+    transform = TrainTransform(cfg)  # only for its _crop_box/_crop_ok, which did not change
+    crop_size = cfg["crop_size"]
+    ratio = rng.uniform(*cfg["ratio_range"])
+    factor = min(cfg["scale"][0] * ratio / max(image.size), cfg["scale"][1] * ratio / min(image.size))
+    size = (max(1, int(image.width * factor + 0.5)), max(1, int(image.height * factor + 0.5)))
+    pixels = np.asarray(image.resize(size, Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    box = transform._crop_box(*label.shape, rng)
+    if cfg["cat_max_ratio"] < 1.0:
+        for _ in range(10):
+            if transform._crop_ok(label[box[0] : box[2], box[1] : box[3]]):
+                break
+            box = transform._crop_box(*label.shape, rng)
+    pixels, label = pixels[box[0] : box[2], box[1] : box[3]], label[box[0] : box[2], box[1] : box[3]]
+    if rng.random() < 0.5:
+        pixels, label = pixels[:, ::-1], label[:, ::-1]
+    if cfg["photometric"]:
+        pixels = _old_photometric(np.ascontiguousarray(pixels), rng)
+    height, width = label.shape
+    image_out = np.zeros((3, crop_size, crop_size), np.float32)
+    image_out[:, :height, :width] = ((pixels.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1)
+    label_out = np.full((crop_size, crop_size), IGNORE_INDEX, np.int64)
+    label_out[:height, :width] = label
+    return torch.from_numpy(image_out), torch.from_numpy(label_out)
+
+
+def _opencv_linear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2.resize(INTER_LINEAR) semantics in float64: half-pixel centres, edge pixel repeated, no antialiasing."""
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        position = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        low = np.floor(position).astype(np.int64)
+        weight = position - low
+        weight[low < 0], low[low < 0] = 0.0, 0
+        weight[low >= n_in - 1], low[low >= n_in - 1] = 0.0, n_in - 1
+        return low, np.minimum(low + 1, n_in - 1), weight
+
+    y0, y1, wy = axis(pixels.shape[0], size[1])
+    x0, x1, wx = axis(pixels.shape[1], size[0])
+    p = pixels.astype(np.float64)
+    rows = p[y0] * (1 - wy)[:, None, None] + p[y1] * wy[:, None, None]
+    out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+    return np.floor(out + 0.5)
+
+
+def _test_image(width: int = 97, height: int = 71, seed: int = 0) -> Image.Image:
+    """Smooth gradients plus noise and a few hard edges: every resampling error shows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
+    base += rng.normal(0, 20, base.shape)
+    base[height // 3 : height // 2, width // 4 :] = [250, 10, 40]
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_photometric_distortion_equals_the_previous_one() -> None:
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (64, 77, 3)).astype(np.uint8),  # every kind of colour
+        (rng.integers(0, 4, (50, 31, 3)) * 85).astype(np.uint8),  # ties between channels, greys, black, white
+        np.asarray(_colour_coded_pair()[0]),
+    ]
+    for image in images:
+        for seed in range(40):
+            new = photometric_distortion(image, np.random.default_rng(seed))
+            assert np.array_equal(new, _old_photometric(image, np.random.default_rng(seed))), seed
+
+
+def test_region_resampling_equals_resize_then_crop() -> None:
+    image = _test_image()  # 97x71
+    pixels = np.asarray(image)
+    rng = np.random.default_rng(1)
+    for size in ((40, 29), (70, 52), (97, 71), (136, 100), (250, 183), (97, 120), (60, 100), (98, 75)):  # shrink,
+        # same, enlarge, one side only, mixed, one pixel more (torch copies an axis whose sizes match: see _axis_window)
+        references = {"antialias": np.asarray(image.resize(size, Image.BILINEAR)).astype(int),
+                      "bilinear": _opencv_linear(pixels, size)}
+        for _ in range(6):
+            top, left = int(rng.integers(0, size[1] - 8)), int(rng.integers(0, size[0] - 8))
+            height, width = int(rng.integers(8, 64)), int(rng.integers(8, 64))
+            box = (top, left, min(size[1], top + height), min(size[0], left + width))
+            for resize_filter, reference in references.items():
+                crop = resize_region(image, size, box, resize_filter).astype(int)
+                expected = reference[box[0] : box[2], box[1] : box[3]]
+                assert crop.shape == expected.shape
+                assert np.abs(crop - expected).max() <= 1, (size, box, resize_filter)
+            region = resize_region(torch.from_numpy(pixels.copy()).permute(2, 0, 1), size, box)  # tensor input
+            assert np.array_equal(region, resize_region(image, size, box))
+        for box in ((0, 0, size[1], size[0]), (0, 0, min(size[1], 71), min(size[0], 97))):  # whole, up to the
+            for resize_filter, reference in references.items():  # input's size (the axis-copy case)
+                crop = resize_region(image, size, box, resize_filter).astype(int)
+                assert np.abs(crop - reference[box[0] : box[2], box[1] : box[3]]).max() <= 1, (size, box)
+        label = rng.integers(0, 7, (71, 97)).astype(np.uint8)
+        rows, cols = nearest_indices(71, size[1]), nearest_indices(97, size[0])
+        assert np.array_equal(label[np.ix_(rows, cols)], np.asarray(Image.fromarray(label).resize(size, Image.NEAREST)))
+
+
+def test_bilinear_filter_has_opencv_semantics_and_antialias_is_pil() -> None:
+    image = _test_image(seed=2)
+    pixels = np.asarray(image)
+    for size in ((33, 24), (60, 44), (150, 110), (300, 220)):
+        out = resize_image(image, size, "bilinear").astype(int)
+        assert np.abs(out - _opencv_linear(pixels, size)).max() <= 1, size
+        assert np.array_equal(resize_image(image, size, "antialias"), np.asarray(image.resize(size, Image.BILINEAR)))
+    for scale in ([40, 40], [300, 300]):
+        size = (int(97 * scale[0] / 97 + 0.5), int(71 * scale[0] / 97 + 0.5))
+        bilinear = ValTransform({"scale": scale, "resize_filter": "bilinear"})(image)
+        assert np.abs(denormalize(bilinear).astype(int) - _opencv_linear(pixels, size)).max() <= 1
+        antialias = ValTransform({"scale": scale})(image).numpy()  # unchanged: PIL bilinear, then float32
+        old = (np.asarray(image.resize(size, Image.BILINEAR)).astype(np.float32) - _MEAN) / _STD
+        assert np.array_equal(antialias, old.transpose(2, 0, 1))
+
+
+def test_normalize_batch_equals_the_previous_float_output() -> None:
+    image, label = _colour_coded_pair()
+    transform = TrainTransform(_data_cfg(photometric=True))
+    for seed in range(6):  # the old arithmetic on the same pixels, padding included: bit for bit
+        raw, _, valid = transform(image, label, np.random.default_rng(seed))
+        height, width = valid.tolist()
+        old = np.zeros((3, 64, 64), np.float32)
+        pixels = raw.numpy()[:, :height, :width].transpose(1, 2, 0)
+        old[:, :height, :width] = ((pixels.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1)
+        assert torch.equal(normalize_batch(raw[None], valid[None])[0], torch.from_numpy(old))
+    # with no resampling (ratio 1 at the image's own size) the whole pipeline is the previous one, bit for bit
+    same = {"scale": [160, 120], "ratio_range": [1.0, 1.0], "photometric": True}
+    for seed in range(12):
+        raw, new_label, valid = TrainTransform(_data_cfg(**same))(image, label, np.random.default_rng(seed))
+        old_image, old_label = _old_train(image, label, np.random.default_rng(seed), **same)
+        assert torch.equal(normalize_batch(raw[None], valid[None])[0], old_image)
+        assert torch.equal(new_label.long(), old_label)
+    # with resampling: labels and padding exact, pixels within one grey level (photometric off: it would
+    # amplify a one-level difference through PIL's 8-bit HSV)
+    smooth = _test_image(160, 120, seed=3)
+    smooth_label = np.kron(np.arange(12).reshape(3, 4), np.ones((40, 40))).astype(np.uint8)
+    for image_, label_ in ((image, label), (smooth, smooth_label)):
+        for seed in range(12):
+            raw, new_label, valid = TrainTransform(_data_cfg())(image_, label_, np.random.default_rng(seed))
+            old_image, old_label = _old_train(image_, label_, np.random.default_rng(seed))
+            new_image = normalize_batch(raw[None], valid[None])[0]
+            assert torch.equal(new_label.long(), old_label)
+            assert torch.equal(new_image == 0, old_image == 0)  # the padding
+            assert (new_image - old_image).abs().max() <= 1.0001 / min(IMAGENET_STD)
+
+
+def test_normalize_batch_layouts_and_padding() -> None:
+    images = torch.randint(0, 256, (3, 3, 20, 30), dtype=torch.uint8)
+    valid = torch.tensor([[20, 30], [10, 30], [5, 7]])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    plain = (images.float() - mean) / std
+    assert torch.equal(normalize_batch(images), plain)
+    out = normalize_batch(images, valid)
+    for i, (height, width) in enumerate(valid.tolist()):
+        expected = torch.zeros_like(plain[i])
+        expected[:, :height, :width] = plain[i, :, :height, :width]
+        assert torch.equal(out[i], expected)
+    channels_last = normalize_batch(images.contiguous(memory_format=torch.channels_last), valid)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and torch.equal(channels_last, out)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_batch(images.float(), valid)
+
+
+def test_lookup_in_pairs_touches_only_its_view() -> None:
+    from data.transforms import _lookup
+
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 256, 256).astype(np.uint8)
+    for region in (np.s_[:, :, :], np.s_[:, :7, :12], np.s_[:, 1:, 3:29], np.s_[:, :, :11], np.s_[:, 2:9, 1:2]):
+        planes = rng.integers(0, 256, (3, 20, 31)).astype(np.uint8)
+        expected = planes.copy()
+        expected[region] = table[expected[region]]
+        _lookup(planes[region], table)
+        assert np.array_equal(planes, expected), region
 
 
 # ---------------------------------------------------------------- dataset
@@ -171,9 +401,27 @@ def test_train_samples_are_pure_functions_of_the_key(make_ade_tree) -> None:
     torch.manual_seed(7)  # the global RNGs play no part
     second = dataset[(0, 123)]
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.equal(first[2], second[2])
     others = [dataset[(0, seed)] for seed in range(1, 4)]
     assert any(not torch.equal(first[1], other[1]) for other in others)
     assert any(not torch.equal(first[0], other[0]) for other in others)
+
+
+def test_training_decoders_give_the_pixels_pil_gives(make_ade_tree) -> None:
+    root = make_ade_tree()
+    dataset = SegmentationFolder(root, "training", TrainTransform(_data_cfg(photometric=True)))
+    for index in range(len(dataset)):
+        fast, label = dataset._load(index, pixels=True)
+        slow, slow_label = dataset._load(index)
+        assert isinstance(fast, torch.Tensor) and fast.shape == (3, 30, 40) and fast.dtype == torch.uint8
+        assert np.array_equal(fast.permute(1, 2, 0).numpy(), np.asarray(slow)) and np.array_equal(label, slow_label)
+        sample = dataset[(index, 77)]
+        reference = dataset.transform(slow, slow_label, np.random.default_rng(77))
+        assert all(torch.equal(a, b) for a, b in zip(sample, reference))
+    grey = root / "images" / "training" / "ADE_train_00000001.jpg"  # a greyscale JPEG goes through PIL
+    Image.fromarray(np.full((30, 40), 90, np.uint8), "L").save(grey)
+    image, _ = dataset._load(0, pixels=True)
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.getpixel((0, 0)) == (90, 90, 90)
 
 
 def test_dataset_errors_name_the_file(make_ade_tree) -> None:
@@ -225,19 +473,23 @@ def test_train_loader_batches_and_resumes(make_ade_tree) -> None:
     config = _config(make_ade_tree())
     loader = build_train_loader(config, rank=1, world_size=2, start_iter=0)
     batches = [batch for _, batch in zip(range(3), loader)]
-    images, labels = batches[0]
+    raw_images, labels, valid = batches[0]
+    assert raw_images.shape == (2, 3, 64, 64) and raw_images.dtype == torch.uint8
+    assert valid.shape == (2, 2) and valid.dtype == torch.int64
+    images = normalize_batch(raw_images, valid)  # what training does on the device
     assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
-    assert labels.shape == (2, 64, 64) and labels.dtype == torch.int64
+    assert labels.shape == (2, 64, 64) and labels.dtype == torch.uint8  # .long() on the device for the loss
     resumed = next(iter(build_train_loader(config, rank=1, world_size=2, start_iter=2)))
     assert torch.equal(resumed[0], batches[2][0]) and torch.equal(resumed[1], batches[2][1])
+    assert torch.equal(resumed[2], batches[2][2])
 
 
 def test_train_loader_with_a_worker(make_ade_tree) -> None:
     config = _config(make_ade_tree(), num_workers=1)
     loader = build_train_loader(config, rank=0, world_size=1, start_iter=0)
     stream = iter(loader)
-    images, labels = next(stream)
-    assert images.shape == (4, 3, 64, 64) and labels.shape == (4, 64, 64)
+    images, labels, valid = next(stream)
+    assert images.shape == (4, 3, 64, 64) and labels.shape == (4, 64, 64) and valid.shape == (4, 2)
     del stream, loader  # shuts the persistent worker down
 
 

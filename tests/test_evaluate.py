@@ -17,6 +17,7 @@ from torch import nn
 from configs import UserError, load_config
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from engine.inference import predict_logits
+from engine.statistics import PerImageCounts
 from evaluate import main
 from models.segmentor import build_model
 
@@ -257,3 +258,53 @@ def test_flip_tta_of_a_flip_equivariant_model() -> None:
     assert torch.allclose(flipped, 2 * plain.softmax(1), atol=1e-5)  # sum of softmax over 2 views
     assert torch.equal(flipped.argmax(1), plain.argmax(1))
     assert torch.allclose(multi.sum(1), torch.full((1, 37, 61), 6.0), atol=1e-4)
+
+
+def test_identity_perturbation_equals_plain_and_rotation_differs(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """--perturb rotate=0 is the plain evaluation exactly; rotate=30 warps images and labels (other numbers);
+    --per-image counts sum to the dataset metric of the same evaluation."""
+    records = {}
+    for name, extra in (("plain", ["--per-image", str(tmp_path / "counts.npz")]), ("identity", ["--perturb", "rotate=0"]),
+                        ("rotated", ["--perturb", "rotate=30"])):
+        json_path = tmp_path / f"{name}.json"
+        args = ["--checkpoint", str(checkpoint), "--data-root", str(tree), "--device", "cpu", "--json", str(json_path)]
+        assert main(args + extra) == 0
+        records[name] = json.loads(json_path.read_text())
+    assert records["identity"]["per_class"] == records["plain"]["per_class"]
+    assert records["identity"]["perturb"] == "rotate=0" and records["plain"]["perturb"] is None
+    assert records["rotated"]["per_class"] != records["plain"]["per_class"]
+    counts = PerImageCounts.load(tmp_path / "counts.npz")
+    assert len(counts) == 3 and counts.metrics()["mIoU"] == records["plain"]["mIoU"]
+
+
+def test_unwritable_outputs_fail_before_evaluating(tree: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["--checkpoint", str(checkpoint), "--data-root", str(tree), "--device", "cpu"]
+    assert main(args + ["--json", str(blocker / "res.json")]) == 2
+    err = capsys.readouterr()
+    assert "cannot write" in err.err and "nothing was evaluated" in err.err and "per-class" not in err.out
+    assert main(args + ["--perturb", "twist=3"]) == 2 and "unknown kind 'twist'" in capsys.readouterr().err
+
+
+def test_predict_writes_class_maps_and_overlays_and_skips_broken_files(tree: Path, checkpoint: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    from scripts import predict
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((tree / "images" / "validation").glob("*.jpg"))[:2]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    (photos / "broken.jpg").write_text("not an image")
+    out = tmp_path / "pred"
+    assert predict.main(["--checkpoint", str(checkpoint), "--input", str(photos), "--out", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "wrote 2 class maps" in captured.out
+    for p in sorted(photos.glob("ADE_*.jpg")):
+        with Image.open(p) as im:
+            size = im.size
+        class_map = np.asarray(Image.open(out / f"{p.stem}.png"))
+        assert class_map.shape == size[::-1] and 1 <= class_map.min() and class_map.max() <= 150
+        with Image.open(out / f"{p.stem}_overlay.jpg") as im:
+            assert im.size[0] > size[0] and im.size[1] >= size[1]  # the legend sits to the right
+    assert predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "none"), "--out", str(out)]) == 2

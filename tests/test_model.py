@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -471,3 +473,20 @@ def test_parameter_groups(models: dict[str, SegmentationModel], no_decay: bool) 
             assert group["weight_decay"] == 0.0, name
         if param.ndim == 4 or not no_decay:
             assert group["weight_decay"] == train_cfg["weight_decay"], name
+
+
+def test_nan_offsets_do_not_crash_the_deformable_op() -> None:
+    """A diverged model predicts NaN offsets; torchvision's CPU kernel segfaults on them (exit 139), so the layer
+    zeroes non-finite offsets and the non-finite-loss check can stop the run with its message. In a subprocess:
+    without the guard the crash would take the test runner with it."""
+    code = (
+        "import torch\n"
+        "from models.deform_conv import DeformConv2d\n"
+        "layer = DeformConv2d(8, 8, (3, 3), padding=(4, 4), dilation=(4, 4), version=2)\n"
+        "torch.nn.init.constant_(layer.offset_conv.weight, float('nan'))\n"
+        "out = layer(torch.randn(2, 8, 16, 16))\n"
+        "assert out.shape == (2, 8, 16, 16)\n"
+        "print('alive')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "alive" in result.stdout, (result.returncode, result.stderr[-500:])

@@ -9,7 +9,7 @@ import torch
 from conftest import write_ade_tree
 
 import train
-from configs import load_config
+from configs import UserError, check_same_model, load_config
 from engine.checkpoint import load_checkpoint
 from engine.loss import compute_loss, segmentation_loss
 from models.heads import MMSegFCNHead
@@ -84,3 +84,21 @@ def test_mmseg_config_trains_on_the_demo_data(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["iteration"] == 2 and checkpoint["config"]["model"]["head"] == "mmseg"
     assert any(k.startswith("head.conv_cat.") for k in checkpoint["model"])
+
+
+def test_receptive_field_control_dilates_the_selected_convs() -> None:
+    """norm-conv-dilated: layer4's conv2 with dilation (and padding) 12, nothing else changed; with a deformable
+    version the dilation carries into the deformable layers; the dilation is part of the architecture."""
+    plain, _ = build_model(load_config("norm-conv", NO_DOWNLOAD), load_pretrained=False)
+    dilated, names = build_model(load_config("norm-conv-dilated", NO_DOWNLOAD), load_pretrained=False)
+    assert names == [] and count_parameters(dilated) == count_parameters(plain)
+    assert [b.conv2.dilation for b in plain.backbone.layer4] == [(2, 2), (4, 4), (4, 4)]
+    assert all(b.conv2.dilation == (12, 12) and b.conv2.padding == (12, 12) for b in dilated.backbone.layer4)
+    assert all(b.conv2.dilation != (12, 12) for b in dilated.backbone.layer3)
+    dilated.eval()
+    with torch.no_grad():
+        assert dilated(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 150, 8, 8)
+    deform, names = build_model(load_config("def-conv-v2", [*NO_DOWNLOAD, "model.deform.dilation=12"]), load_pretrained=False)
+    assert len(names) == 3 and all(b.conv2.dilation == (12, 12) for b in deform.backbone.layer4)
+    with pytest.raises(UserError, match="model.deform.dilation"):
+        check_same_model(load_config("norm-conv"), load_config("norm-conv-dilated"), "a", "b")

@@ -289,3 +289,114 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(tree: Path, tmp_
     assert proc.returncode == 0, err[-2000:]
     stopped_at = load_checkpoint(work_dir / "last.pt")["iteration"]
     assert 2 <= stopped_at < 20 and f"stopped by SIGTERM at iteration {stopped_at}" in out
+
+
+def test_refused_resume_leaves_the_record_alone(tree: Path, reference_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """A --resume that changes the model is refused before anything is written: config.yaml stays the run's."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(reference_run, run)
+    before = (run / "config.yaml").read_text()
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(run), "--resume", *tiny_overrides(tree),
+                       "model.deform.version=0"])
+    assert code == 2 and "model.deform.version" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == before and not (run / ".lock").exists()
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(tree: Path, reference_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """Continuing a finished 6-iteration run to 8 with another lr: the schedule of the new config runs from
+    iteration 6, the change is recorded, and the validation logged at iteration 6 is kept in TensorBoard."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "copy"
+    shutil.copytree(reference_run, run)
+    overrides = [*tiny_overrides(tree, iters=8), "train.lr=0.05", "train.min_lr=0.001"]
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(run), "--resume", *overrides]) == 0
+    assert "resumed at iteration 6 with changed settings" in capsys.readouterr().out
+    last = load_checkpoint(run / "last.pt")
+    assert last["iteration"] == 8 and last["config"]["train"]["lr"] == 0.05
+    (change,) = last["config_changes"]
+    assert change["iteration"] == 6 and change["changes"]["train.lr"] == [0.02, 0.05]
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)  # the new min_lr at the new end
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4, 6, 8]
+
+
+def test_any_artefact_marks_the_work_dir_as_taken(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for artefact in ("best.pt", "tb"):
+        run = tmp_path / artefact.replace(".", "_")
+        run.mkdir()
+        (run / artefact).mkdir() if artefact == "tb" else (run / artefact).write_bytes(b"x")
+        assert train.main(["--config", "demo.yaml", "--work-dir", str(run), *tiny_overrides(tree)]) == 2
+        assert "already holds" in capsys.readouterr().err
+
+
+def test_a_running_training_locks_its_work_dir(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+    import socket
+
+    run = tmp_path / "locked"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: this process
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(run), *tiny_overrides(tree, iters=1)]) == 2
+    assert "in use by process" in capsys.readouterr().err
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))  # stale
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(run), *tiny_overrides(tree, iters=1)]) == 0
+    assert not (run / ".lock").exists()
+
+
+def test_sigterm_during_validation_stops_it_and_saves(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """A stop signal that arrives while validation runs ends validation after the current image and saves
+    last.pt at that iteration, instead of finishing a validation that may take longer than a scheduler waits."""
+    real, seen = trainer_module.evaluate_loader, []
+
+    def signal_during_validation(*args, **kwargs):  # type: ignore[no-untyped-def]
+        should_stop = kwargs["should_stop"]
+
+        def stop_after_first_image() -> bool:
+            seen.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler train.main installed records it
+            return should_stop()
+
+        return real(*args, **{**kwargs, "should_stop": stop_after_first_image})
+
+    monkeypatch.setattr(trainer_module, "evaluate_loader", signal_during_validation)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *tiny_overrides(tree)])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == 0 and len(seen) == 1  # one image of two, then the stop
+    assert "stopped by SIGTERM at iteration 2" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2
+
+
+def test_a_bad_last_update_reaches_no_checkpoint(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """The update of iteration 4 makes a weight NaN while every loss up to it was finite: the run stops before
+    validating or saving at 4, and last.pt keeps iteration 2 (the advised --resume starts from good weights)."""
+    real = trainer_module.Trainer.train_step
+
+    def step_that_breaks_the_weights(self, images, labels):  # type: ignore[no-untyped-def]
+        losses = real(self, images, labels)
+        if self.iteration == 4:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return losses
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_that_breaks_the_weights)
+    work_dir = tmp_path / "nan_weights"
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)])
+    err = capsys.readouterr().err
+    assert code == 1 and "the weights became non-finite" in err and "last.pt holds iteration 2" in err
+    assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
+    assert load_checkpoint(work_dir / "best.pt")["iteration"] == 2

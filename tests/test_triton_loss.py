@@ -24,8 +24,12 @@ from models.triton_loss import (
     triton_available,
     upsample_cross_entropy,
 )
+from models.triton_support import INTERPRETER_WORKS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+if DEVICE.type == "cpu" and not INTERPRETER_WORKS:
+    pytest.skip("Triton < 3.7's interpreter fails with NumPy >= 2.4 (triton-lang/triton#9171)", allow_module_level=True)
 
 
 def make_inputs(
