@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm import tqdm
 
 try:  # torchvision's libjpeg-turbo/libpng decoders: PIL's pixels, faster. torchvision 0.29 deprecates them in
     # favour of TorchCodec; _decode silences that notice, and PIL takes over if they ever disappear.
@@ -71,6 +72,11 @@ def _read_image(path: Path) -> torch.Tensor | Image.Image:
         pixels = _decode(decode_jpeg, path)
         if pixels is not None and pixels.dim() == 3 and pixels.shape[0] == 3:
             return pixels
+    return _read_pil(path)
+
+
+def _read_pil(path: Path) -> Image.Image:
+    """``path`` decoded by PIL as an RGB image (no copy for RGB JPEGs)."""
     with Image.open(path) as im:
         im.load()  # decoded now: the pixels outlive the file
         return im if im.mode == "RGB" else im.convert("RGB")
@@ -155,20 +161,27 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _read(self, path: Path, reader: Any) -> Any:
+        """``reader(path)``, with a file that cannot be read (deleted after the start, truncated, not an image)
+        turned into one message naming it."""
+        try:
+            return reader(path)
+        except OSError as err:
+            raise UserError(
+                f"cannot read {path} ({type(err).__name__}: {err}). The file is missing, truncated or not an image; "
+                f"replace it from ADEChallengeData2016.zip, and run `python scripts/download_ade20k.py --check "
+                f"{self.root}` to find every such file."
+            ) from None
+
     def _load(self, index: int, pixels: bool = False) -> tuple[Image.Image | torch.Tensor, np.ndarray]:
         """The RGB image and the mapped training label (0..149, 255) of file ``index``.
 
         ``pixels=True`` (training) may return the image as a uint8 [3, H, W] tensor (``_read_image``),
         which ``TrainTransform`` takes as it is; otherwise it is a PIL image.
         """
-        if pixels:
-            image = _read_image(self.images[index])
-        else:
-            with Image.open(self.images[index]) as im:
-                im.load()  # decoded now: the pixels outlive the file
-                image = im if im.mode == "RGB" else im.convert("RGB")  # no copy for RGB JPEGs
+        image = self._read(self.images[index], _read_image if pixels else _read_pil)
+        raw = self._read(self.labels[index], _read_label)
         height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
-        raw = _read_label(self.labels[index])
         if raw.shape != (height, width):
             raise UserError(
                 f"annotation {self.labels[index]} is {raw.shape[1]}x{raw.shape[0]} but its image "
@@ -353,8 +366,9 @@ def _check_pair(pair: tuple[str | None, str | None]) -> list[str]:
             with Image.open(label_path) as im:
                 im.load()
                 sizes.append(im.size)
-                if im.mode not in ("L", "P"):
-                    problems.append(f"{label_path}: annotation has mode {im.mode}, expected a single-channel PNG")
+                if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):  # single-channel, 8 or 16 bit: as training reads
+                    problems.append(f"{label_path}: annotation has mode {im.mode} ({len(im.getbands())} channels), "
+                                    f"expected a single-channel PNG of class ids")
                 else:
                     top = int(np.asarray(im).max())
                     if top > NUM_ADE_CLASSES:
@@ -368,12 +382,7 @@ def _check_pair(pair: tuple[str | None, str | None]) -> list[str]:
 
 
 def _map_files(pairs: list[tuple[str | None, str | None]], desc: str, workers: int) -> list[list[str]]:
-    """``_check_pair`` over all pairs, in a process pool for big lists, with a tqdm bar if available."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional here
-        def tqdm(iterable, **kwargs):  # type: ignore[no-redef]
-            return iterable
+    """``_check_pair`` over all pairs, in a process pool for big lists, with a progress bar."""
     if workers <= 1 or len(pairs) < POOL_MIN_FILES:
         return [_check_pair(p) for p in tqdm(pairs, desc=desc, disable=len(pairs) < 256)]
     with Pool(workers) as pool:

@@ -332,8 +332,8 @@ def _save_before_error(trainer: Trainer, window: _Window, last_good: int, bar: t
 
     One process only: under torchrun the error reaches one rank, and a save needs all of them.
     """
-    bar.close()
     if trainer.world_size == 1 and trainer.iteration > last_good:
+        bar.close()
         if window.losses:
             checked_losses(window.losses, trainer.iteration, trainer.world_size, last_good)
         _save_last(trainer, last_good)

@@ -115,6 +115,20 @@ def test_check_cli_reports_a_bad_file(make_ade_tree) -> None:
     assert "Traceback" not in output
 
 
+def test_check_accepts_16_bit_annotations_as_training_does(make_ade_tree, capsys) -> None:
+    """A 16-bit single-channel annotation with ids 0..150 trains fine, so --check must not call it broken;
+    an RGB annotation is named with its mode and channel count."""
+    root = make_ade_tree()
+    label = root / "annotations" / "validation" / "ADE_val_00000001.png"
+    ids = np.asarray(Image.open(label)).astype(np.uint16)
+    Image.fromarray(ids).save(label)  # mode I;16
+    assert Image.open(label).mode.startswith("I")
+    assert download_ade20k.main(["--check", str(root)]) == 0
+    Image.fromarray(np.stack([ids.astype(np.uint8)] * 3, axis=-1), "RGB").save(label)
+    assert download_ade20k.main(["--check", str(root)]) == 1
+    assert "mode RGB (3 channels)" in capsys.readouterr().out
+
+
 def test_check_passes_a_valid_tree_and_fails_a_missing_one(make_ade_tree, tmp_path, capsys) -> None:
     root = make_ade_tree()
     assert download_ade20k.main(["--check", str(root)]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -400,3 +401,39 @@ def test_a_bad_last_update_reaches_no_checkpoint(tree: Path, tmp_path: Path, mon
     assert code == 1 and "the weights became non-finite" in err and "last.pt holds iteration 2" in err
     assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
     assert load_checkpoint(work_dir / "best.pt")["iteration"] == 2
+
+
+def test_a_work_dir_that_is_a_file_or_unwritable_is_one_message(tree: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(blocker), *tiny_overrides(tree)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(blocker / "run"), *tiny_overrides(tree)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the work dir" in err and "Traceback" not in err
+
+
+def test_an_unreadable_image_during_training_saves_then_names_the_file(tree: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """A training image truncated after the start: one message naming it and the --check command, after
+    last.pt was saved at the iteration reached (here the file is read first at iteration 3)."""
+    import shutil
+
+    from data.dataset import TrainSampler
+
+    bad_tree = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(tree, bad_tree)
+    images = sorted((bad_tree / "images" / "training").glob("*.jpg"))
+    order = [i for i, _ in itertools.islice(iter(TrainSampler(len(images), 2, 0, 1, seed=0)), 12)]
+    first_use = {}
+    for position, index in enumerate(order):
+        first_use.setdefault(index, position // 2)  # the iteration that reads it first
+    victim = max(first_use, key=first_use.get)
+    assert first_use[victim] >= 2, "the tiny tree's sampler order changed: choose another victim"
+    images[victim].write_bytes(images[victim].read_bytes()[:100])  # truncated JPEG
+    work_dir = tmp_path / "run"
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(bad_tree)])
+    err = capsys.readouterr().err
+    assert code == 2 and images[victim].name in err and "--check" in err and "Traceback" not in err
+    assert load_checkpoint(work_dir / "last.pt")["iteration"] == first_use[victim]
