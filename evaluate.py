@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from engine.checkpoint import load_checkpoint
 from engine.distributed import init_distributed, shutdown
 from engine.evaluation import EvalOptions, evaluate_checkpoint
 from engine.precision import AMP_DTYPES
+from engine.workdir import make_writable_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,21 +93,6 @@ def checkpoint_names(paths: list[Path]) -> list[str]:
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def check_writable(path: Path, is_dir: bool) -> None:
-    """UserError now, before any evaluation, if ``path`` (a file, or a folder with ``is_dir``) cannot be written."""
-    folder = path if is_dir else path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(
-            f"cannot write to {folder} ({err.strerror or err}), where {path} should go. Choose a folder you can "
-            f"write to; nothing was evaluated."
-        ) from None
-
-
 def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
@@ -150,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:  # a typo in the last of several checkpoints should not wait for the others
         if not path.is_file():
             load_checkpoint(path)
-    for target in (args.json, args.save_predictions, args.per_image):
+    for target in (args.json, args.save_predictions, args.per_image):  # fail now, not after the evaluation
         if target:
-            check_writable(Path(target), is_dir=target == args.save_predictions)
+            folder = Path(target) if target == args.save_predictions else Path(target).parent
+            make_writable_folder(folder, f"{target} should go there: choose a folder you can write to; nothing was evaluated.")
     names = checkpoint_names(paths)
     rank, world_size, device = init_distributed(device_name)
     try:

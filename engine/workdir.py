@@ -52,18 +52,23 @@ def check_work_dir(work_dir: Path, config: dict[str, Any], resume: bool) -> None
     )
 
 
-def prepare_work_dir(work_dir: Path) -> None:
-    """Create the work dir and check that files can be written there (UserError naming the folder otherwise)."""
+def make_writable_folder(folder: Path, advice: str) -> None:
+    """Create ``folder`` and write a probe file there now, so a read-only or full disk fails before any work.
+
+    Raises UserError naming the folder, the reason and ``advice``.
+    """
     try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        probe = work_dir / f".write_test.{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise UserError(
-            f"cannot write to the work dir {work_dir} ({err.strerror or err}). Give --work-dir a folder you can "
-            f"write to, with free space."
-        ) from None
+        raise UserError(f"cannot write to {folder} ({err.strerror or err}). {advice}") from None
+
+
+def prepare_work_dir(work_dir: Path) -> None:
+    """Create the work dir and check that files can be written there (UserError naming the folder otherwise)."""
+    make_writable_folder(work_dir, "Give --work-dir a folder you can write to (the work dir), with free space.")
 
 
 def _process_alive(pid: int) -> bool:

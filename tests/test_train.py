@@ -411,7 +411,7 @@ def test_a_work_dir_that_is_a_file_or_unwritable_is_one_message(tree: Path, tmp_
     assert "is a file, not a folder" in capsys.readouterr().err
     assert train.main(["--config", "demo.yaml", "--work-dir", str(blocker / "run"), *tiny_overrides(tree)]) == 2
     err = capsys.readouterr().err
-    assert "cannot write to the work dir" in err and "Traceback" not in err
+    assert "cannot write to" in err and "--work-dir" in err and "Traceback" not in err
 
 
 def test_an_unreadable_image_during_training_saves_then_names_the_file(tree: Path, tmp_path: Path,
