@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -574,6 +575,43 @@ def plot(groups: list[Group], summary: dict[str, Any], out: Path) -> None:
     ax.legend(loc="upper left", ncol=2, fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "final_miou.png", dpi=120)
+    plt.close(fig)
+    for record in summary.get("bootstrap", []):
+        plot_per_class(record, out / f"per_class_{_file_label(record['label'])}.png")
+
+
+def _file_label(label: str) -> str:
+    """A group label as a file-name part: letters, digits, '-', '_' and '.'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
+
+
+def plot_per_class(record: dict[str, Any], path: Path) -> None:
+    """Per-class IoU differences (variant minus reference), sorted, with their 95% bootstrap intervals."""
+    import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")
+    rows = sorted((c for c in record["per_class"] if c["diff"] is not None), key=lambda c: c["diff"])
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.14 * len(rows) + 2), 4.8))
+    x = list(range(len(rows)))
+    diffs = [c["diff"] for c in rows]
+    low = [c["diff"] - c["low"] if c["low"] is not None else 0.0 for c in rows]
+    high = [c["high"] - c["diff"] if c["high"] is not None else 0.0 for c in rows]
+    colours = ["tab:green" if d > 0 else "tab:red" for d in diffs]
+    ax.bar(x, diffs, color=colours, alpha=0.8)
+    ax.errorbar(x, diffs, yerr=[low, high], fmt="none", ecolor="black", elinewidth=0.8, capsize=1.5)
+    ax.axhline(0, color="black", linewidth=0.8)
+    if len(rows) <= 40:
+        ax.set_xticks(x, [c["name"] for c in rows], rotation=90, fontsize=7)
+    else:  # name only the ten largest changes each way
+        shown = set(x[:10]) | set(x[-10:])
+        ax.set_xticks(sorted(shown), [rows[i]["name"] for i in sorted(shown)], rotation=90, fontsize=7)
+    ax.set(title=f"Per-class IoU: {record['label']} minus {record['reference']} (95% bootstrap intervals over images)",
+           ylabel="Δ IoU (points)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by train.py")
     parser.add_argument(
-        "--out", type=Path, metavar="DIR", help="also write comparison.md, comparison.json, curves.png, final_miou.png here"
+        "--out", type=Path, metavar="DIR", help="also write comparison.md, comparison.json, curves.png, final_miou.png and per_class_<variant>.png here"
     )
     parser.add_argument(
         "--no-eval", action="store_true",
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table, end="")
     if args.out is not None:
-        print(f"\nwrote {args.out}/comparison.md, comparison.json, curves.png, final_miou.png", file=sys.stderr)
+        print(f"\nwrote {args.out}/comparison.md, comparison.json and figures (curves, final mIoU, per-class differences)", file=sys.stderr)
     return 0
 
 

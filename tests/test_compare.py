@@ -127,7 +127,9 @@ def test_json_holds_mean_and_std_of_the_runs(compared: tuple[str, Path], runs: d
 
 def test_figures_and_markdown_are_written(compared: tuple[str, Path]) -> None:
     stdout, out = compared
-    for name in ("curves.png", "final_miou.png"):
+    per_class = sorted(out.glob("per_class_*.png"))
+    assert [p.name for p in per_class] == ["per_class_demo_model.deform.version_2.png"]
+    for name in ("curves.png", "final_miou.png", per_class[0].name):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert (out / "comparison.md").read_text() == stdout

@@ -12,6 +12,7 @@ import torch
 
 from data import IGNORE_INDEX
 from engine import statistics as st
+from engine.metric import ConfusionMatrix
 from engine.statistics import (
     ImageCounts,
     PerImageCounts,
@@ -45,11 +46,6 @@ def random_maps(rng: np.random.Generator, n: int, num_classes: int) -> list[tupl
 
 def confusion_metrics(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> dict:
     """Reference: the project's ConfusionMatrix over all pairs."""
-    try:
-        from engine.metric import ConfusionMatrix
-    except ImportError:  # the layout before engine/ held the metric
-        from evaluate import ConfusionMatrix
-
     cm = ConfusionMatrix(num_classes, "cpu")
     for pred, label in pairs:
         cm.update(torch.from_numpy(pred), torch.from_numpy(label))
@@ -379,11 +375,3 @@ def test_compare_several_seeds() -> None:
     assert v.count("\n") == 0 and "test-set sampling" in v and "training randomness: 95% CI" in v and "two-level" in v
     one = compare_variants(runs_a[:1], runs_b, resamples=50)
     assert one["training_randomness"] is None and one["two_level"] is None
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_tensors_give_the_same_counts() -> None:
-    pred, label = random_maps(np.random.default_rng(13), 1, 9)[0]
-    cuda = [torch.from_numpy(x).cuda() for x in (pred, label)]
-    assert all(np.array_equal(x, y) for x, y in zip(image_counts(*cuda, 9), image_counts(pred, label, 9)))
-    assert np.array_equal(size_counts(*cuda), size_counts(pred, label))

@@ -5,15 +5,11 @@ Without a GPU the kernels run in Triton's CPU interpreter (conftest.py sets TRIT
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton", minversion="3.2")  # models/triton_support.py: older Tritons are not used
 
-REPO = Path(__file__).resolve().parents[1]
 
 from models import triton_loss
 from models.triton_loss import (
