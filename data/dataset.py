@@ -34,7 +34,12 @@ except ImportError:  # pragma: no cover - future torchvision
 
 from configs import UserError
 from data.perturb import Perturbation
-from data.transforms import NUM_ADE_CLASSES, TrainTransform, ValTransform, map_ade_labels
+from data.transforms import (
+    NUM_ADE_CLASSES,
+    TrainTransform,
+    ValTransform,
+    map_ade_labels,
+)
 
 CLASSES_CSV = Path(__file__).resolve().parent / "ade20k_classes.csv"
 SPLITS = ("training", "validation")

@@ -33,7 +33,12 @@ import torch
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
-from models.triton_support import HAVE_TRITON, INTERPRET, OP_NAMESPACE, triton_available
+from models.triton_support import (
+    HAVE_TRITON,
+    INTERPRET,
+    define_op_with_backward,
+    triton_available,
+)
 
 if HAVE_TRITON:
     import triton
@@ -490,24 +495,15 @@ def _backward_rule(ctx, grad_out: torch.Tensor) -> tuple:
 
 
 if HAVE_TRITON:
-    _deform_conv2d = torch.library.custom_op(f"{OP_NAMESPACE}::deform_conv2d", _deform_forward_impl, mutates_args=())
-    _deform_conv2d.register_fake(_deform_forward_fake)
-    _deform_backward = torch.library.custom_op(
-        f"{OP_NAMESPACE}::deform_conv2d_backward", _deform_backward_impl, mutates_args=()
+    _deform_conv2d, _deform_backward = define_op_with_backward(
+        "deform_conv2d", _deform_forward_impl, _deform_forward_fake, _deform_backward_impl, _deform_backward_fake,
+        _backward_rule, _setup_context,
     )
-    _deform_backward.register_fake(_deform_backward_fake)
-    _deform_conv2d.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast would give a conv on ``device_type`` now, or None when autocast is off."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        return torch.get_autocast_dtype(device_type) if enabled else None
-    except TypeError:  # torch < 2.4: only the CUDA/CPU specific functions exist
-        if device_type == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    """The dtype autocast would give a conv on ``device_type`` now, or None when autocast is off (torch >= 2.4)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _check_shapes(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,

@@ -15,7 +15,7 @@ upsample backward alone is a third of the GPU time. Here no (N, C, H, W) tensor 
   reduction along y is one dense torch matmul with the (H, h) row-interpolation matrix (it follows torch's fp32
   matmul precision setting: exact fp32 unless TF32 matmuls are allowed).
 
-Use ``upsample_cross_entropy``; it falls back to ``reference_upsample_cross_entropy`` (train.py's loss) where
+Use ``upsample_cross_entropy``; it falls back to ``reference_upsample_cross_entropy`` (the reference of engine/loss.py) where
 Triton cannot run: no triton, or CPU tensors without ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which
 the tests use when there is no GPU; it must be set before this module is imported); and for widths downsampled
 by more than about 2x, which the backward's tiles are not sized for.
@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from models.triton_support import HAVE_TRITON, OP_NAMESPACE, triton_available
+from models.triton_support import HAVE_TRITON, define_op_with_backward, triton_available
 
 if HAVE_TRITON:
     import triton
@@ -56,7 +56,7 @@ MAX_SPAN = 128
 def reference_upsample_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
 ) -> torch.Tensor:
-    """The unfused loss (train.py's ``segmentation_loss``): upsample, cross-entropy, mean over labelled pixels.
+    """The unfused loss (``engine.loss.LOSS_OPS["reference"]``): upsample, cross-entropy, mean over labelled pixels.
 
     As train.py, the cross-entropy runs in float32 for float32/bfloat16/float16 logits; float64 stays float64.
     """
@@ -361,10 +361,7 @@ if HAVE_TRITON:
             tl.atomic_add(ptrs, reduced, mask=c_mask[:, None] & j_mask[None, :], sem="relaxed")
 
     # Registered here, after the kernels they launch (see the comment above ``_loss_sum_impl``).
-    _loss_sum = torch.library.custom_op(f"{OP_NAMESPACE}::upsample_cross_entropy_sum", _loss_sum_impl, mutates_args=())
-    _loss_sum.register_fake(_loss_sum_fake)
-    _loss_backward = torch.library.custom_op(
-        f"{OP_NAMESPACE}::upsample_cross_entropy_sum_backward", _loss_backward_impl, mutates_args=()
+    _loss_sum, _loss_backward = define_op_with_backward(
+        "upsample_cross_entropy_sum", _loss_sum_impl, _loss_sum_fake, _loss_backward_impl, _loss_backward_fake,
+        _loss_backward_rule, _loss_setup_context,
     )
-    _loss_backward.register_fake(_loss_backward_fake)
-    _loss_sum.register_autograd(_loss_backward_rule, setup_context=_loss_setup_context)

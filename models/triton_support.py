@@ -8,6 +8,8 @@ node), which needs torch 2.4 or newer. Elsewhere the callers use the reference i
 """
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,3 +48,20 @@ def triton_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels run for tensors on ``device``."""
     kind = torch.device(device).type
     return HAVE_TRITON and (kind == "cuda" or (INTERPRET and INTERPRETER_WORKS and kind == "cpu"))
+
+
+def define_op_with_backward(
+    name: str, impl: Callable, fake: Callable, backward_impl: Callable, backward_fake: Callable,
+    backward_rule: Callable, setup_context: Callable,
+) -> tuple[Any, Any]:
+    """Register ``seg_triton::name`` and ``seg_triton::name_backward`` as custom ops with fake (meta)
+    implementations, and the first's autograd through ``backward_rule`` (which calls the second).
+
+    Custom ops are what lets torch.compile keep a Triton launch as one opaque graph node instead of tracing into it.
+    """
+    op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    backward = torch.library.custom_op(f"{OP_NAMESPACE}::{name}_backward", backward_impl, mutates_args=())
+    backward.register_fake(backward_fake)
+    op.register_autograd(backward_rule, setup_context=setup_context)
+    return op, backward
