@@ -119,7 +119,7 @@ class Trainer:
             )
         if self.tcfg["compile"]:
             self.train_model = torch.compile(self.train_model)
-        self.writer = tb.open_writer(work_dir, self.iteration) if self.master else None
+        self.writer = None  # opened by ``run`` once the start has succeeded (tb/ marks the work dir as taken)
         self.environment = describe(self.device)
 
     def _barrier(self) -> None:
@@ -361,6 +361,7 @@ def run(trainer: Trainer) -> int:
     val_loader = build_val_loader(cfg, "validation", trainer.rank, trainer.world_size, max_images=tcfg["val_max_images"])
     if trainer.master:
         write_record(trainer.work_dir, cfg)  # the start succeeded: now the work dir belongs to this run
+        trainer.writer = tb.open_writer(trainer.work_dir, trainer.iteration)
         print(trainer.banner())
         for change in trainer.config_changes[-1:]:
             if change["iteration"] == trainer.iteration:

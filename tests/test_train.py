@@ -437,3 +437,20 @@ def test_an_unreadable_image_during_training_saves_then_names_the_file(tree: Pat
     err = capsys.readouterr().err
     assert code == 2 and images[victim].name in err and "--check" in err and "Traceback" not in err
     assert load_checkpoint(work_dir / "last.pt")["iteration"] == first_use[victim]
+
+
+def test_a_failed_start_leaves_the_work_dir_usable(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A start that fails on the data (an image without its annotation) writes no run artefact: once the data
+    are fixed, the same command starts in the same work dir."""
+    import shutil
+
+    broken = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(tree, broken)
+    label = next((broken / "annotations" / "training").glob("*.png"))
+    moved = tmp_path / label.name
+    label.rename(moved)
+    command = ["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *tiny_overrides(broken, iters=1)]
+    assert train.main(command) == 2 and "no annotation" in capsys.readouterr().err
+    assert not [p.name for p in (tmp_path / "run").iterdir()]
+    moved.rename(label)
+    assert train.main(command) == 0
