@@ -19,6 +19,7 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -607,8 +608,9 @@ def plot_per_class(record: dict[str, Any], path: Path) -> None:
     else:  # name only the ten largest changes each way
         shown = set(x[:10]) | set(x[-10:])
         ax.set_xticks(sorted(shown), [rows[i]["name"] for i in sorted(shown)], rotation=90, fontsize=7)
-    ax.set(title=f"Per-class IoU: {record['label']} minus {record['reference']} (95% bootstrap intervals over images)",
-           ylabel="Δ IoU (points)")
+    title = f"Per-class IoU: {record['label']} minus {record['reference']} (95% bootstrap intervals over images)"
+    ax.set_title("\n".join(textwrap.wrap(title, width=int(fig.get_figwidth() * 11))), fontsize=9)
+    ax.set_ylabel("Δ IoU (points)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
