@@ -56,7 +56,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(
             f"checkpoint {path} does not exist or is not a file. Give the path of a checkpoint written by "
-            f"train.py, for example runs/def-conv-v2/best.pt."
+            f"train.py, for example runs/def-conv-v2/last.pt."
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -71,11 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ),
         epilog=(
             "example:\n"
-            "  python scripts/visualize_offsets.py --checkpoint runs/def-conv-v2/best.pt \\\n"
+            "  python scripts/visualize_offsets.py --checkpoint runs/def-conv-v2/last.pt \\\n"
             "      --image ADE_val_00000001.jpg --points 300,200 500,380 --out offsets.png"
         ),
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by train.py (best.pt, last.pt)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by train.py (last.pt, best.pt)")
     parser.add_argument("--image", required=True, type=Path, help="image to draw on (any size; resized as in evaluation)")
     parser.add_argument("--points", nargs="+", default=None, metavar="X,Y",
                         help="output positions in pixels of the original image (default: a few on different classes)")
