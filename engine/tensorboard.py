@@ -62,12 +62,13 @@ def log_samples(
     model.eval()
     try:
         with capture_offsets(model) as captured:
-            outputs = []
+            outputs, photos = [], []
             for i, (image, label) in enumerate(samples):
                 logits = model(image[None].to(device))["out"]
                 outputs.append(logits)
                 pred = upsample_logits(logits, tuple(label.shape)).argmax(1)[0].cpu().numpy()
                 rgb = np.asarray(Image.fromarray(denormalize(image)).resize(label.shape[::-1], Image.BILINEAR))
+                photos.append(rgb)
                 panel = np.concatenate([rgb, colorize(label.numpy(), palette), colorize(pred, palette)], axis=1)
                 writer.add_image(f"val_panels/{i}", panel, iteration, dataformats="HWC")
     finally:
@@ -83,9 +84,8 @@ def log_samples(
             writer.add_histogram(f"mask/{name}", torch.cat([c.mask.float().flatten() for c in calls]).cpu(), iteration)
     from engine.offset_figure import offset_figure  # matplotlib, only where a figure is drawn
 
-    image, label = samples[0]
-    rgb = np.asarray(Image.fromarray(denormalize(image)).resize(label.shape[::-1], Image.BILINEAR))
+    image = samples[0][0]
     first = [calls[0] for calls in captured.values()]
     fields = fields_from_captures(first, tuple(image.shape[-2:]))
-    figure = offset_figure(model, image, rgb, iteration=iteration, observed=(outputs[0], fields))
+    figure = offset_figure(model, image, photos[0], iteration=iteration, observed=(outputs[0], fields))
     writer.add_image("offsets/sampling_locations", figure, iteration, dataformats="HWC")

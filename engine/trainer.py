@@ -120,6 +120,7 @@ class Trainer:
         if self.tcfg["compile"]:
             self.train_model = torch.compile(self.train_model)
         self.writer = None  # opened by ``run`` once the start has succeeded (tb/ marks the work dir as taken)
+        self.samples: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # validation images shown in TensorBoard
         self.environment = describe(self.device)
 
     def _barrier(self) -> None:
@@ -310,9 +311,10 @@ def _validate(trainer: Trainer, val_loader: DataLoader) -> dict[str, Any] | None
     start = time.perf_counter()
     metrics = trainer.evaluate(val_loader)
     if metrics is not None:
-        n = min(trainer.tcfg["tb_images"], len(val_loader.dataset))
-        samples = [val_loader.dataset[i][:2] for i in range(n)] if trainer.master else []
-        trainer.record_validation(metrics, time.perf_counter() - start, samples)
+        if trainer.samples is None:  # the fixed panel images, read once per run
+            n = min(trainer.tcfg["tb_images"], len(val_loader.dataset)) if trainer.master else 0
+            trainer.samples = [val_loader.dataset[i][:2] for i in range(n)]
+        trainer.record_validation(metrics, time.perf_counter() - start, trainer.samples)
     return metrics
 
 
