@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,18 @@ def make_ade_tree(tmp_path: Path) -> Callable[..., Path]:
         return write_ade_tree(root, num_train, num_val, size)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A folder for the files one test module shares (trained runs, checkpoints), removed after the module.
+
+    Each ResNet-50 checkpoint is about 280 MB and the suite writes some forty: with ``tmp_path_retention_policy =
+    "failed"`` (pyproject.toml) a passing test's tmp_path goes at once, and this folder goes when its module is done,
+    so the suite needs about 2 GB of free disk instead of 10. Kept when a test of the module failed, to look into.
+    """
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)

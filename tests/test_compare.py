@@ -39,9 +39,9 @@ def run_compare(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(module_dir: Path) -> dict[str, Path]:
     """Three 4-iteration demo runs trained side by side (one thread each), shared by the tests here."""
-    root = tmp_path_factory.mktemp("runs")
+    root = module_dir / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ensure_demo_dataset(REPO / "data" / "demo")  # once, before the parallel runs
     procs = {
@@ -58,9 +58,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def compared(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def compared(runs: dict[str, Path], module_dir: Path) -> tuple[str, Path]:
     """compare.py over the three runs (evaluating them); returns its stdout and the --out folder."""
-    out = tmp_path_factory.mktemp("compare")
+    out = module_dir / "compare"
     code, stdout, stderr = run_compare([str(p) for p in runs.values()] + ["--out", str(out), *FAST])
     assert code == 0, stderr
     return stdout, out

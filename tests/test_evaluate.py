@@ -43,8 +43,8 @@ def make_ade_tree(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
+def tree(module_dir: Path) -> Path:
+    root = module_dir / "ade" / "ADEChallengeData2016"
     make_ade_tree(root)
     return root
 
@@ -62,10 +62,10 @@ def config(tree: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(config: dict, module_dir: Path) -> Path:
     torch.manual_seed(0)
     model, _ = build_model(config, load_pretrained=False)
-    path = tmp_path_factory.mktemp("ckpt") / "def-conv-v2.pt"
+    path = module_dir / "def-conv-v2.pt"
     torch.save(
         {
             "model": model.state_dict(),
@@ -141,9 +141,10 @@ def test_training_split_max_images(tree: Path, checkpoint: Path, tmp_path: Path,
 
 
 @pytest.fixture(scope="module")
-def broken_checkpoints(checkpoint: Path, config: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def broken_checkpoints(checkpoint: Path, config: dict, module_dir: Path) -> dict:
     """Command lines that must fail cleanly, with the file names their message must hold."""
-    folder = tmp_path_factory.mktemp("broken")
+    folder = module_dir / "broken"
+    folder.mkdir()
     truncated, no_model = folder / "truncated.pt", folder / "no_model.pt"
     data = checkpoint.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])

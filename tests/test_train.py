@@ -46,14 +46,14 @@ def tiny_overrides(tree: Path, iters: int = 6) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_ade_tree(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
+def tree(module_dir: Path) -> Path:
+    return write_ade_tree(module_dir / "ade" / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
 
 
 @pytest.fixture(scope="module")
-def reference_run(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_run(tree: Path, module_dir: Path) -> Path:
     """One uninterrupted 6-iteration run, shared by the tests that inspect a finished run."""
-    work_dir = tmp_path_factory.mktemp("runs") / "reference"
+    work_dir = module_dir / "reference"
     assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)]) == 0
     return work_dir
 
@@ -290,6 +290,30 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(tree: Path, tmp_
     assert proc.returncode == 0, err[-2000:]
     stopped_at = load_checkpoint(work_dir / "last.pt")["iteration"]
     assert 2 <= stopped_at < 20 and f"stopped by SIGTERM at iteration {stopped_at}" in out
+
+
+def children(pid: int) -> int:
+    """How many child processes ``pid`` has (Linux /proc)."""
+    return sum(len(f.read_text().split()) for f in Path(f"/proc/{pid}/task").glob("*/children"))
+
+
+def test_sigterm_to_the_whole_process_group_during_validation(tmp_path: Path) -> None:
+    """The scheduler's signal reaches the training process and all four loader workers (two training, two
+    validation) while validation runs: validation is cut short, last.pt is saved at that iteration."""
+    tree = write_ade_tree(tmp_path / "ADEChallengeData2016", num_train=4, num_val=40, size=(48, 40))
+    work_dir = tmp_path / "group"
+    command = [sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir),
+               *tiny_overrides(tree, iters=4), "data.num_workers=2", "data.scale=[96,96]"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while children(proc.pid) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # the validation loader's workers start with the first validation, at iteration 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM at iteration 2" in out and "val mIoU" not in out, out  # no validation finished
+    assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
 
 
 def test_refused_resume_leaves_the_record_alone(tree: Path, reference_run: Path, tmp_path: Path,

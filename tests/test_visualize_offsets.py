@@ -329,8 +329,8 @@ def save_checkpoint(path: Path, version: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("offsets")
+def files(module_dir: Path) -> dict[str, Path]:
+    root = module_dir
     return {
         "v2": save_checkpoint(root / "v2.pt", 2),
         "v0": save_checkpoint(root / "v0.pt", 0),
