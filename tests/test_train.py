@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -275,21 +276,19 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(
     assert "out of memory" in err and "train.batch_size=" in err and "Traceback" not in err
 
 
-def test_sigterm_to_the_whole_process_group_with_loader_workers(tree: Path, tmp_path: Path) -> None:
-    """A scheduler signals every process of the job: the workers must outlive the final save."""
-    work_dir = tmp_path / "group"
-    command = [sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir),
-               *tiny_overrides(tree, iters=20), "data.num_workers=2"]
+def signal_the_group_when(work_dir: Path, overrides: list[str], ready: Callable[[int], bool]) -> str:
+    """Start train.py in its own process group; once ``ready(pid)`` holds, SIGTERM the whole group, as a scheduler
+    does; return stdout after checking that the run exited with 0."""
+    command = [sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir), *overrides]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 120
-    while not (work_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    while not ready(proc.pid) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    stopped_at = load_checkpoint(work_dir / "last.pt")["iteration"]
-    assert 2 <= stopped_at < 20 and f"stopped by SIGTERM at iteration {stopped_at}" in out
+    return out
 
 
 def children(pid: int) -> int:
@@ -303,21 +302,23 @@ def children(pid: int) -> int:
     return count
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers(tree: Path, tmp_path: Path) -> None:
+    """A scheduler signals every process of the job: the workers must outlive the final save."""
+    work_dir = tmp_path / "group"
+    out = signal_the_group_when(work_dir, [*tiny_overrides(tree, iters=20), "data.num_workers=2"],
+                                lambda pid: (work_dir / "last.pt").exists())
+    stopped_at = load_checkpoint(work_dir / "last.pt")["iteration"]
+    assert 2 <= stopped_at < 20 and f"stopped by SIGTERM at iteration {stopped_at}" in out
+
+
 def test_sigterm_to_the_whole_process_group_during_validation(tmp_path: Path) -> None:
     """The scheduler's signal reaches the training process and all four loader workers (two training, two
     validation) while validation runs: validation is cut short, last.pt is saved at that iteration."""
     tree = write_ade_tree(tmp_path / "ADEChallengeData2016", num_train=4, num_val=40, size=(48, 40))
     work_dir = tmp_path / "group"
-    command = [sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir),
-               *tiny_overrides(tree, iters=4), "data.num_workers=2", "data.scale=[96,96]"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while children(proc.pid) < 4 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)  # the validation loader's workers start with the first validation, at iteration 2
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    # the validation loader's two workers start with the first validation, at iteration 2
+    out = signal_the_group_when(work_dir, [*tiny_overrides(tree, iters=4), "data.num_workers=2", "data.scale=[96,96]"],
+                                lambda pid: children(pid) >= 4)
     assert "stopped by SIGTERM at iteration 2" in out and "val mIoU" not in out, out  # no validation finished
     assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
 
