@@ -36,6 +36,11 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, op: str = "ref
     return loss
 
 
+def counted_pixels(labels: torch.Tensor, norm: str) -> torch.Tensor:
+    """The pixels a loss normalised by ``norm`` divides by: the labelled ones, or all of them."""
+    return (labels != IGNORE_INDEX).sum() if norm == "labelled" else torch.tensor(labels.numel(), device=labels.device)
+
+
 def compute_loss(
     outputs: dict[str, torch.Tensor], labels: torch.Tensor, aux_weight: float, op: str = "reference",
     norm: str = "labelled",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from engine.distributed import init_distributed
 from engine.environment import describe
 from engine.inference import evaluate_loader
 from engine.optim import build_optimizer, set_learning_rate
-from engine.precision import amp_dtype, autocast, memory_format
+from engine.device import AMP_DTYPES, autocast, device_facts, resolve_config
+from engine.precision import memory_format
 from engine.workdir import write_record
 from models import triton_deform
 from models.segmentor import build_model, count_parameters
@@ -52,6 +54,37 @@ def iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
 
 
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
+    labels: torch.Tensor, config: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch, run as ``train.accum_steps`` micro-batches; the batch's detached losses.
+
+    Each micro-batch's loss is weighted by its share of the pixels the loss normalises by (``counted_pixels``),
+    so the summed gradients are the whole batch's. Under DDP the gradients are averaged over the processes on
+    the last micro-batch only (``no_sync`` before it). ``train.amp`` must be resolved (``engine.device``).
+    """
+    tcfg, accum = config["train"], config["train"]["accum_steps"]
+    total_pixels = loss_module.counted_pixels(labels, tcfg["loss_norm"]).clamp(min=1)
+    losses: dict[str, torch.Tensor] = {}
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        with model.no_sync() if ddp and i < accum - 1 else nullcontext():
+            with autocast(x.device, tcfg["amp"]):
+                outputs = model(x)
+            micro = loss_module.compute_loss(
+                outputs, y, config["model"]["aux_loss_weight"], tcfg["loss_op"], tcfg["loss_norm"]
+            )
+            share = loss_module.counted_pixels(y, tcfg["loss_norm"]) / total_pixels
+            scaler.scale(micro["total"] * share).backward()
+        for key, value in micro.items():
+            losses[key] = losses.get(key, 0) + value.detach() * share
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
 def op_summary(config: dict[str, Any], device: torch.device) -> str:
     """Which implementations of the deformable op and of the loss will run on ``device``, in words."""
     parts = []
@@ -70,9 +103,10 @@ class Trainer:
     """State and steps of one training run; ``run`` drives it."""
 
     def __init__(self, config: dict[str, Any], work_dir: Path, resume: bool) -> None:
+        self.rank, self.world_size, self.device = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+        config = resolve_config(config, self.device, device_facts())
         self.config, self.work_dir = config, work_dir
         self.tcfg, self.mcfg = config["train"], config["model"]
-        self.rank, self.world_size, self.device = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
         self.master = self.rank == 0
         self.stop_signal: str | None = None
         if self.tcfg["batch_size"] % self.world_size:
@@ -82,7 +116,7 @@ class Trainer:
             )
         cuda = self.device.type == "cuda"
         torch.backends.cudnn.benchmark = cuda
-        self.amp_dtype = amp_dtype(self.tcfg["amp"], self.device)
+        self.amp_dtype = AMP_DTYPES[self.tcfg["amp"]]
         self.memory_format = memory_format(self.device, self.tcfg["channels_last"])
 
         # Rank 0 checks the dataset (and generates the demo data) before anything slow happens.
@@ -150,18 +184,10 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One SGD step; returns the detached losses of this rank."""
         torch.manual_seed(iteration_seed(self.config["seed"], self.iteration, self.rank))
-        with autocast(self.device, self.amp_dtype):
-            outputs = self.train_model(images)
-        losses = loss_module.compute_loss(
-            outputs, labels, self.mcfg["aux_loss_weight"], self.tcfg["loss_op"], self.tcfg["loss_norm"]
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["total"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        losses = train_step(self.train_model, self.optimizer, self.scaler, images, labels, self.config)
         self.iteration += 1
         set_learning_rate(self.optimizer, self.iteration, self.tcfg)  # the next step's (as a per-step scheduler)
-        return {k: v.detach() for k, v in losses.items()}
+        return losses
 
     def learning_rate(self) -> float:
         """The base learning rate (lr_mult 1) of the next step."""

@@ -1,0 +1,206 @@
+"""The device and the numeric precision of a run: decided once, from what torch and the machine say, said out loud.
+
+``device_facts()`` reads what torch was built for and what the machine has. Every decision below takes those
+facts as an argument, so the rules are tested on any machine with another machine's facts (a V100, an old driver).
+A config meant for a GPU never falls back to the CPU without a word: ``choose_device`` stops with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import subprocess
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from configs import UserError
+from models.triton_support import triton_available
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+# The oldest NVIDIA driver branch that runs each CUDA major version (CUDA's minor-version compatibility).
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What torch was built for and what the machine has: the inputs of every device decision."""
+
+    torch: str  # torch.__version__
+    cuda: str | None  # the CUDA torch was built against (torch.version.cuda); None for a CPU-only build
+    arch_list: tuple[str, ...]  # GPU architectures torch has kernels for (torch.cuda.get_arch_list())
+    available: bool  # torch.cuda.is_available()
+    gpu: str | None  # name of GPU 0, from torch or nvidia-smi
+    capability: tuple[int, int] | None  # its compute capability
+    driver: str | None  # the NVIDIA driver version (nvidia-smi)
+    init_warning: str | None = None  # what torch warned while looking for a GPU (an old driver, say)
+
+
+def _nvidia_smi() -> tuple[str | None, tuple[int, int] | None, str | None]:
+    """GPU 0's name, compute capability and driver version as nvidia-smi reports them (None where it cannot)."""
+    for fields in ("name,driver_version,compute_cap", "name,driver_version"):
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None, None, None
+        if out.returncode == 0 and out.stdout.strip():
+            parts = [p.strip() for p in out.stdout.splitlines()[0].split(",")]
+            capability = tuple(int(x) for x in parts[2].split(".")) if len(parts) > 2 else None
+            return parts[0], capability, parts[1]
+    return None, None, None
+
+
+def device_facts() -> DeviceFacts:
+    """The facts of this machine and this torch build."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    gpu, capability, driver = _nvidia_smi() if torch.version.cuda else (None, None, None)
+    if available:
+        gpu, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+    init_warning = " ".join(str(w.message).split()) if caught else None
+    return DeviceFacts(torch.__version__, torch.version.cuda, tuple(torch.cuda.get_arch_list()), available, gpu,
+                       capability, driver, init_warning)
+
+
+def arch_supported(capability: tuple[int, int], arch_list: tuple[str, ...]) -> bool:
+    """Whether a build with kernels for ``arch_list`` runs on a GPU of ``capability``.
+
+    A kernel for sm_XY runs on capability X.Z for Z >= Y; PTX (compute_XY) is compiled at run time for any newer GPU.
+    """
+    for arch in arch_list:
+        found = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
+        if found:
+            major, minor = int(found.group(2)), int(found.group(3))
+            if (found.group(1) == "sm" and major == capability[0] and minor <= capability[1]) or (
+                found.group(1) == "compute" and (major, minor) <= capability
+            ):
+                return True
+    return False
+
+
+def cuda_usable(facts: DeviceFacts) -> bool:
+    """Whether CUDA can run this build's kernels here."""
+    return facts.available and (facts.capability is None or arch_supported(facts.capability, facts.arch_list))
+
+
+def _likely_cause(facts: DeviceFacts) -> str:
+    if facts.cuda is None:
+        return "this torch is a CPU-only build"
+    if facts.gpu is None and facts.driver is None:
+        return "no NVIDIA GPU or driver was found (nvidia-smi did not answer)"
+    need = MIN_DRIVER.get(int(facts.cuda.split(".")[0]))
+    driver_major = int(facts.driver.split(".")[0]) if facts.driver and facts.driver.split(".")[0].isdigit() else None
+    if need and driver_major is not None and driver_major < need:
+        return f"the driver {facts.driver} is older than CUDA {facts.cuda} needs (the R{need} series or newer)"
+    if facts.capability and facts.arch_list and not arch_supported(facts.capability, facts.arch_list):
+        return (f"this build has no kernels for the GPU's architecture sm_{facts.capability[0]}{facts.capability[1]} "
+                f"(it has {', '.join(facts.arch_list)})")
+    return "torch could not initialise CUDA" + (f": {facts.init_warning}" if facts.init_warning else "")
+
+
+def cuda_unusable_message(facts: DeviceFacts, why: str) -> str:
+    """One paragraph: why CUDA cannot run here, what torch was built for, what the machine has, and what to do."""
+    build = f"torch {facts.torch} was built for CUDA {facts.cuda}" if facts.cuda else f"torch {facts.torch} is a CPU-only build"
+    if facts.arch_list:
+        build += f" (kernels for {', '.join(facts.arch_list)})"
+    machine = "this machine shows no NVIDIA GPU"
+    if facts.gpu or facts.driver:
+        capability = f", capability {facts.capability[0]}.{facts.capability[1]}" if facts.capability else ""
+        machine = f"this machine has {facts.gpu or 'an NVIDIA GPU'}{capability}, driver {facts.driver or 'unknown'}"
+    return (
+        f"{why}, but CUDA is not usable here: {build}; {machine}. Likely cause: {_likely_cause(facts)}. To use the "
+        f"GPU, install a torch/torchvision pair built for a CUDA version the driver supports (the selector on "
+        f"pytorch.org lists the builds; CUDA 12 builds run on drivers of the R525 series and newer), then `pip install "
+        f"-r requirements-gpu.txt`. To run on the CPU deliberately (slow), add --device cpu."
+    )
+
+
+def gpu_reasons(config: dict[str, Any]) -> list[str]:
+    """The settings that say a config is meant for a GPU (none for the demo, which runs on the CPU as it is).
+
+    channels_last is not one: it is a layout preference that the CPU resolves to the plain layout.
+    """
+    train, model = config["train"], config["model"]
+    reasons = [f"data.dataset={config['data']['dataset']}"] if config["data"]["dataset"] == "ade20k" else []
+    reasons += [f"train.amp={train['amp']}"] if train["amp"] in ("bf16", "fp16") else []
+    reasons += ["train.compile=true"] if train["compile"] else []
+    reasons += [f"{key}=triton" for key, value in (("model.deform_op", model["deform_op"]),
+                                                   ("train.loss_op", train["loss_op"])) if value == "triton"]
+    return reasons
+
+
+def choose_device(requested: str, config: dict[str, Any] | None, facts: DeviceFacts) -> str:
+    """``cuda`` or ``cpu`` for ``--device requested`` (auto, cuda or cpu); UserError rather than a silent CPU run.
+
+    ``auto`` takes CUDA when it is usable; otherwise the CPU, unless ``config`` is meant for a GPU (``gpu_reasons``).
+    """
+    if requested == "cpu":
+        return "cpu"
+    if cuda_usable(facts):
+        return "cuda"
+    if requested == "cuda":
+        raise UserError(cuda_unusable_message(facts, "--device cuda was asked for"))
+    reasons = gpu_reasons(config) if config is not None else []
+    if reasons:
+        raise UserError(cuda_unusable_message(facts, f"this config is meant for a GPU ({', '.join(reasons)})"))
+    return "cpu"
+
+
+def resolve_amp(name: str, device_type: str, capability: tuple[int, int] | None) -> str:
+    """``train.amp`` as it will run: auto is bf16 on GPUs of capability 8.0 or newer, fp16 below, none on the CPU."""
+    if device_type != "cuda":
+        if name in ("bf16", "fp16"):
+            raise UserError(
+                f"train.amp={name} is a GPU setting: on the CPU autocast stays off (torchvision's deformable "
+                f"convolution has no {name} CPU kernel). Use train.amp=auto (or none) with --device cpu."
+            )
+        return "none"
+    native_bf16 = capability is not None and capability >= (8, 0)
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if name == "bf16" and not native_bf16:
+        raise UserError(
+            f"train.amp=bf16 needs a GPU with native bfloat16 (compute capability 8.0 or newer: A100, RTX 30xx, "
+            f"H100...); this one has {capability}. Use train.amp=fp16 (with the gradient scaler) or train.amp=auto."
+        )
+    return name
+
+
+def resolve_config(config: dict[str, Any], device: torch.device, facts: DeviceFacts) -> dict[str, Any]:
+    """``config`` with the settings that depend on the device replaced by what will run on ``device``.
+
+    train.amp (auto resolved), train.channels_last (CUDA only) and the op keys (triton only where Triton runs):
+    these are what config.yaml, the checkpoint and compare.py show.
+    """
+    resolved = copy.deepcopy(config)
+    train, model = resolved["train"], resolved["model"]
+    train["amp"] = resolve_amp(train["amp"], device.type, facts.capability)
+    train["channels_last"] = train["channels_last"] and device.type == "cuda"
+    fast = triton_available(device)
+    model["deform_op"] = model["deform_op"] if fast else "reference"
+    train["loss_op"] = train["loss_op"] if fast else "reference"
+    return resolved
+
+
+def describe_device(device: torch.device, facts: DeviceFacts) -> str:
+    """The device in words for the start banner: GPU, capability, torch, CUDA and driver versions."""
+    if device.type != "cuda":
+        return f"CPU, torch {facts.torch}"
+    capability = f"capability {facts.capability[0]}.{facts.capability[1]}" if facts.capability else "capability unknown"
+    return f"{facts.gpu} ({capability}), torch {facts.torch}, CUDA {facts.cuda}, driver {facts.driver or 'unknown'}"
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for a resolved ``amp`` name (bf16, fp16) on ``device``, or a no-op for none."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of a resolved ``train.channels_last``: channels_last (cuDNN's and the Triton kernels' fast one)."""
+    return torch.channels_last if channels_last else torch.contiguous_format

@@ -1,0 +1,100 @@
+"""The device and precision decisions, with the facts of other machines passed in (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from configs import UserError, load_config
+from engine.device import DeviceFacts, arch_supported, choose_device, cuda_usable, resolve_amp, resolve_config
+
+CU13_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
+
+
+def facts(**changes: object) -> DeviceFacts:
+    """An H100 with a CUDA 13 build of torch and a recent driver, changed where a test says."""
+    base = dict(torch="2.14.1", cuda="13.0", arch_list=CU13_ARCHS, available=True, gpu="NVIDIA H100 80GB HBM3",
+                capability=(9, 0), driver="580.65.06")
+    return DeviceFacts(**{**base, **changes})  # type: ignore[arg-type]
+
+
+NO_GPU = facts(available=False, arch_list=(), gpu=None, capability=None, driver=None)
+OLD_DRIVER = facts(available=False, arch_list=(), gpu="NVIDIA GeForce RTX 3090", capability=(8, 6), driver="535.129.03",
+                   init_warning="The NVIDIA driver on your system is too old (found version 12020).")
+V100 = facts(gpu="Tesla V100-SXM2-32GB", capability=(7, 0))
+
+
+@pytest.mark.parametrize(("capability", "archs", "expected"), [
+    ((9, 0), CU13_ARCHS, True),
+    ((8, 9), CU13_ARCHS, True),  # sm_86 kernels run on 8.9 (same major, newer minor)
+    ((7, 0), CU13_ARCHS, False),  # a V100 with a build that starts at sm_75
+    ((7, 0), ("sm_50", "sm_70", "sm_80"), True),
+    ((12, 1), ("sm_90", "compute_90"), True),  # PTX is compiled for newer GPUs at run time
+    ((12, 1), ("sm_90", "sm_100"), False),
+    ((9, 0), ("sm_90a",), True),
+])
+def test_a_build_runs_on_the_architectures_cuda_says_it_does(capability, archs, expected) -> None:
+    assert arch_supported(capability, archs) is expected
+
+
+def test_auto_takes_a_usable_gpu_and_the_cpu_only_for_a_config_meant_for_it() -> None:
+    ade, demo = load_config("def-conv-v2.yaml"), load_config("demo.yaml")
+    assert choose_device("auto", ade, facts()) == "cuda"
+    assert choose_device("auto", demo, NO_GPU) == "cpu"  # the demo runs on a CPU without flags
+    assert choose_device("cpu", ade, facts()) == "cpu"  # deliberately
+    assert not cuda_usable(V100)
+
+
+@pytest.mark.parametrize(("machine", "cause"), [
+    (NO_GPU, "no NVIDIA GPU or driver was found"),
+    (OLD_DRIVER, "the driver 535.129.03 is older than CUDA 13.0 needs (the R580 series or newer)"),
+    (V100, "no kernels for the GPU's architecture sm_70"),
+    (facts(cuda=None, available=False, arch_list=(), gpu=None, capability=None, driver=None), "a CPU-only build"),
+])
+def test_an_ade20k_config_without_a_usable_gpu_stops_with_the_cause_and_the_fix(machine: DeviceFacts, cause: str) -> None:
+    with pytest.raises(UserError) as err:
+        choose_device("auto", load_config("def-conv-v2.yaml"), machine)
+    text = str(err.value)
+    assert "data.dataset=ade20k" in text and cause in text
+    assert "requirements-gpu.txt" in text and "--device cpu" in text and "\n" not in text
+    if machine.gpu:
+        assert machine.gpu in text
+
+
+@pytest.mark.parametrize("override", ["train.amp=bf16", "train.compile=true", "model.deform_op=triton"])
+def test_any_gpu_setting_on_the_demo_asks_for_a_gpu(override: str) -> None:
+    with pytest.raises(UserError, match=override.replace("true", "true").split("=")[0]):
+        choose_device("auto", load_config("demo.yaml", [override]), NO_GPU)
+
+
+def test_device_cuda_without_cuda_is_refused_even_for_the_demo() -> None:
+    with pytest.raises(UserError, match="--device cuda was asked for"):
+        choose_device("cuda", load_config("demo.yaml"), NO_GPU)
+
+
+@pytest.mark.parametrize(("name", "device", "capability", "expected"), [
+    ("auto", "cuda", (9, 0), "bf16"),
+    ("auto", "cuda", (8, 0), "bf16"),
+    ("auto", "cuda", (7, 5), "fp16"),  # a T4
+    ("auto", "cpu", None, "none"),
+    ("fp16", "cuda", (7, 0), "fp16"),
+    ("none", "cuda", (9, 0), "none"),
+])
+def test_amp_resolves_to_what_the_gpu_runs_natively(name, device, capability, expected) -> None:
+    assert resolve_amp(name, device, capability) == expected
+
+
+def test_bf16_on_a_gpu_without_native_bf16_proposes_fp16() -> None:
+    with pytest.raises(UserError, match="train.amp=fp16"):
+        resolve_amp("bf16", "cuda", (7, 5))
+    with pytest.raises(UserError, match="GPU setting"):
+        resolve_amp("bf16", "cpu", None)
+
+
+def test_the_resolved_config_says_what_runs() -> None:
+    config = load_config("def-conv-v2.yaml", ["model.deform_op=triton"])
+    on_cpu = resolve_config(config, torch.device("cpu"), NO_GPU)
+    assert on_cpu["train"]["amp"] == "none" and on_cpu["train"]["channels_last"] is False
+    assert config["train"]["amp"] == "auto"  # the config asked for is left alone
+    t4 = resolve_config(config, torch.device("cuda"), facts(gpu="Tesla T4", capability=(7, 5)))
+    assert t4["train"]["amp"] == "fp16" and t4["train"]["channels_last"] is True and t4["model"]["deform_op"] == "triton"
