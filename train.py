@@ -1,11 +1,11 @@
 """Train a (deformable) ResNet-50 FCN for semantic segmentation.
 
-    python train.py --config def-conv-v2.yaml                          # one GPU or the CPU
+    python train.py --config def-conv-v2.yaml                          # one GPU (or the demo on the CPU)
     torchrun --nproc_per_node=8 train.py --config def-conv-v2.yaml     # DDP, global batch split over GPUs
-    python train.py --config def-conv-v2.yaml --resume                 # continue from runs/def-conv-v2/last.pt
+    python train.py --config def-conv-v2.yaml --resume auto            # start, or continue from last.pt
 
-The command line around ``engine.trainer``: it loads the config, claims the work dir, installs the
-stop-signal handlers and runs the loop. SIGTERM or Ctrl-C saves last.pt and exits; --resume continues.
+The command line around ``engine.trainer``: it loads the config, chooses the device, holds the work dir's lock,
+installs the stop-signal handlers and runs the loop. SIGTERM, SIGUSR1 or Ctrl-C save last.pt and exit 0.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from configs import UserError, error_message, load_config
+from engine.device import choose_device, device_facts
 from engine.distributed import env_rank, shutdown
-from engine.trainer import NonFiniteLoss, Trainer, run
-from engine.workdir import WorkDirLock, check_work_dir, prepare_work_dir
+from engine.trainer import NonFiniteLoss, Stop, loop, start
+from engine.workdir import Lock, make_writable_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,44 +32,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. def-conv-v2.yaml) or a path")
     parser.add_argument("--work-dir", help="where checkpoints, logs and the resolved config go (default runs/<config name>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the work dir from its last.pt")
+    parser.add_argument(
+        "--resume", nargs="?", const="last", choices=["last", "auto"],
+        help="--resume: continue the run in the work dir from its last.pt; --resume auto: continue when last.pt "
+        "exists, start otherwise (one command line for starts and restarts: torchrun --max-restarts, SLURM requeue)",
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cuda", "cpu"], default="auto",
+        help="auto (default): CUDA when usable; a config meant for a GPU (ADE20K data, amp, compile, Triton) stops "
+        "with the reason instead of training on the CPU. cpu: on the CPU deliberately",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value, typed like the value they replace")
     return parser.parse_args(argv)
 
 
-def install_stop_handlers(trainer: Trainer) -> None:
-    """SIGTERM/SIGINT ask the loop to save and stop; a second one stops at once."""
+def install_stop_handlers(stop: Stop) -> None:
+    """SIGTERM, SIGUSR1 (sbatch --signal, torchrun --signals-to-handle) and Ctrl-C ask the loop to save and stop.
+
+    A second Ctrl-C stops at once. A repeated SIGTERM or SIGUSR1 (a scheduler signalling every process while a
+    launcher forwards it too) is ignored: the scheduler's SIGKILL after its grace time is the hard stop.
+    """
 
     def on_signal(signum: int, frame: Any) -> None:
-        trainer.stop_signal = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
+        stop.reason = stop.reason or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, on_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for user errors, 1 for a non-finite loss)."""
     args = parse_args(argv)
-    trainer = None
+    stop = Stop()
+    install_stop_handlers(stop)
     try:
         config = load_config(args.config, args.overrides)
+        facts = device_facts()
+        device = choose_device(args.device, config, facts)
         work_dir = Path(args.work_dir or Path("runs") / config["config_name"])
         master = env_rank() == 0
         if master:
-            check_work_dir(work_dir, config, args.resume)
-            prepare_work_dir(work_dir)
-        with WorkDirLock(work_dir) if master else nullcontext():
-            trainer = Trainer(config, work_dir, args.resume)
-            install_stop_handlers(trainer)
-            return run(trainer)
+            make_writable_folder(work_dir, "Give --work-dir a folder you can write to (the work dir), with free space.")
+        with Lock(work_dir / ".lock", f"the work dir {work_dir}") if master else nullcontext():
+            run = start(config, work_dir, args.resume, device, facts)
+            try:
+                return loop(run, stop)
+            finally:
+                if run.writer is not None:
+                    run.writer.close()
     except (UserError, NonFiniteLoss) as err:
         prefix = f"[rank {env_rank()}] " if env_rank() else ""
         print(f"{prefix}error: {error_message(err)}", file=sys.stderr)
         return 2 if isinstance(err, UserError) else 1
     finally:
-        if trainer is not None and trainer.writer is not None:
-            trainer.writer.close()
         shutdown()
 
 

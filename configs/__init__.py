@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,37 +23,6 @@ BASE_CONFIG = CONFIG_DIR / "ade20k-base.yaml"
 # ResNet-50's stages: blocks per stage and the channels of their 3x3 conv2 (what model.deform.* may select).
 STAGE_BLOCKS = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
 STAGE_WIDTHS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
-# Values of the enumerated keys. The op keys share one vocabulary: "reference" (PyTorch/torchvision) or "triton".
-CHOICES = {
-    "model.deform_op": ("reference", "triton"),
-    "model.head": ("torchvision", "mmseg"),
-    "data.dataset": ("ade20k", "demo"),
-    "data.resize_filter": ("antialias", "bilinear"),
-    "train.amp": ("auto", "bf16", "fp16", "none"),
-    "train.loss_op": ("reference", "triton"),
-    "train.loss_norm": ("labelled", "all"),
-    "eval.mode": ("whole", "slide"),
-}
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that ``1e-3`` is a float (YAML 1.1 reads it as a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-# Integers must stay integers: the int resolver, added first for these characters, is tried before the float one.
-_Loader.yaml_implicit_resolvers = {
-    k: sorted(v, key=lambda tag_re: tag_re[0] != "tag:yaml.org,2002:int") for k, v in _Loader.yaml_implicit_resolvers.items()
-}
-
-
-def read_yaml_text(text: str) -> Any:
-    """Parse YAML text with the config loader (safe; ``1e-3`` is a float)."""
-    return yaml.load(text, Loader=_Loader)
 
 
 class UserError(Exception):
@@ -84,7 +52,7 @@ def resolve_config_path(name: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = read_yaml_text(path.read_text())
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {err}. Fix the syntax and try again.") from None
     if not isinstance(data, dict):
@@ -92,15 +60,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _type_ok(old: Any, new: Any) -> bool:
-    """True if ``new`` may replace ``old``: same type, an int where a float was, or None for None."""
-    if old is None:
-        return True
+def _typed(old: Any, new: Any) -> Any:
+    """``new`` as the type of ``old`` (an int or a number like ``1e-3``, which YAML reads as a string, where a float
+    was), or raise TypeError."""
     if isinstance(old, bool) or isinstance(new, bool):
-        return isinstance(old, bool) and isinstance(new, bool)
-    if isinstance(old, float) and isinstance(new, int):
-        return True
-    return isinstance(new, type(old))
+        if isinstance(old, bool) and isinstance(new, bool):
+            return new
+    elif isinstance(old, float) and isinstance(new, (int, str)):
+        return float(new)  # ValueError for a string that is not a number
+    elif isinstance(new, type(old)):
+        return new
+    raise TypeError
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
@@ -116,13 +86,14 @@ def _merge(base: dict[str, Any], child: dict[str, Any], source: str, prefix: str
             if not isinstance(value, dict):
                 raise UserError(f"config key '{dotted}' in {source} must be a mapping, got {value!r}.")
             merged[key] = _merge(old, value, source, f"{dotted}.")
-        elif not _type_ok(old, value):
-            raise UserError(
-                f"config key '{dotted}' in {source} must be of type {type(old).__name__} "
-                f"(like the default {old!r}), got {value!r} of type {type(value).__name__}."
-            )
         else:
-            merged[key] = float(value) if isinstance(old, float) else value
+            try:
+                merged[key] = _typed(old, value)
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"config key '{dotted}' in {source} must be of type {type(old).__name__} "
+                    f"(like the default {old!r}), got {value!r} of type {type(value).__name__}."
+                ) from None
     return merged
 
 
@@ -132,7 +103,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"override '{text}' must look like key.sub=value (for example train.iters=1000).")
     key, raw = text.split("=", 1)
     try:
-        value = read_yaml_text(raw) if raw != "" else ""
+        value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -176,6 +147,110 @@ def load_config(name: str, overrides: list[str] | None = None) -> dict[str, Any]
     return config
 
 
+# ------------------------------------------------------------------------------------------ the key table
+Rule = tuple[Callable[[Any], bool], str]  # a test of a value, and what the value must be
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(low: int, text: str = "") -> Rule:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), text or f"an integer >= {low}"
+
+
+def _real(low: float) -> Rule:
+    return (lambda v: _number(v) and v >= low), f"a number >= {low}"
+
+
+def _choice(*values: Any) -> Rule:
+    return (lambda v: v in values), "one of " + ", ".join(str(v) for v in values)
+
+
+def _pair(text: str, ordered: bool = False) -> Rule:
+    return (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) and x > 0 for x in v)
+            and (not ordered or v[0] <= v[1])), text
+
+
+_BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
+_STAGES: Rule = (lambda v: isinstance(v, list) and len(set(v)) == len(v) and all(s in STAGE_BLOCKS for s in v),
+                 f"a list of distinct stages from {list(STAGE_BLOCKS)}")
+_BLOCKS: Rule = (lambda v: isinstance(v, list) and len(set(v)) == len(v)
+                 and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in v),
+                 "a list of distinct block indices >= 0 ([] = every block)")
+_SCALES: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(_number(x) and x > 0 for x in v),
+                 "a non-empty list of positive test scales, like [1.0]")
+
+# Every key of configs/ade20k-base.yaml: the rule its value must follow and its kind. The kind says what a
+# key decides, and every list of keys the code needs derives from it:
+#   architecture  the model's state dict (checkpoint and config must agree); fixed on resume; differs between variants
+#   variant       how a variant trains (offset learning rate); may change on resume; may differ between variants
+#   recipe        what every step sees (data, seed, batch, loss); fixed on resume; the same in compared runs
+#   schedule      the optimisation and evaluation settings; may change on resume (recorded); the same in compared runs
+#   run           speed, logging and locations: change no number; free on resume; ignored by comparisons
+KEYS: dict[str, tuple[Rule, str]] = {
+    "seed": (_integer(0), "recipe"),
+    "model.num_classes": (_integer(1), "architecture"),
+    "model.pretrained_backbone": (_BOOL, "recipe"),
+    "model.aux_head": (_BOOL, "architecture"),
+    "model.aux_loss_weight": (_real(0), "recipe"),
+    "model.deform.version": (_choice(0, 1, 2), "architecture"),
+    "model.deform.stages": (_STAGES, "architecture"),
+    "model.deform.blocks": (_BLOCKS, "architecture"),
+    "model.deform.groups": (_integer(1), "architecture"),
+    "model.deform.offset_lr_mult": (_real(0), "variant"),
+    "model.deform.dilation": (_integer(0, "an integer >= 0 (0 = the network's own)"), "architecture"),
+    "model.deform_op": (_choice("reference", "triton"), "run"),
+    "model.head": (_choice("torchvision", "mmseg"), "architecture"),
+    "data.dataset": (_choice("ade20k", "demo"), "recipe"),
+    "data.root": (((lambda v: isinstance(v, str) and v != ""), "a folder path"), "run"),
+    "data.scale": (_pair("a list of two positive numbers (long side, short side), like [2048, 512]"), "recipe"),
+    "data.ratio_range": (_pair("a list of two positive numbers [low, high] with low <= high, like [0.5, 2.0]", True),
+                         "recipe"),
+    "data.crop_size": (_integer(8, "an integer >= 8, like 512"), "recipe"),
+    "data.cat_max_ratio": (((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1] (1 turns the test off)"),
+                           "recipe"),
+    "data.photometric": (_BOOL, "recipe"),
+    "data.resize_filter": (_choice("antialias", "bilinear"), "recipe"),
+    "data.num_workers": (_integer(0), "run"),
+    "data.train_eval_images": (_integer(0, "an integer >= 0 (0 = all)"), "schedule"),
+    "train.iters": (_integer(1), "schedule"),
+    "train.batch_size": (_integer(1), "recipe"),
+    "train.accum_steps": (_integer(1, "a positive integer (micro-batches per optimizer step)"), "schedule"),
+    "train.lr": (((lambda v: _number(v) and v > 0), "a positive number"), "schedule"),
+    "train.min_lr": (_real(0), "schedule"),
+    "train.poly_power": (_real(0), "schedule"),
+    "train.momentum": (((lambda v: _number(v) and 0 <= v < 1), "a number in [0, 1)"), "schedule"),
+    "train.weight_decay": (_real(0), "schedule"),
+    "train.no_decay_norm_bias": (_BOOL, "schedule"),
+    "train.amp": (_choice("auto", "bf16", "fp16", "none"), "schedule"),
+    "train.channels_last": (_BOOL, "run"),
+    "train.compile": (_BOOL, "run"),
+    "train.loss_op": (_choice("reference", "triton"), "run"),
+    "train.loss_norm": (_choice("labelled", "all"), "recipe"),
+    "train.sync_bn": (_BOOL, "schedule"),
+    "train.log_interval": (_integer(1), "run"),
+    "train.val_interval": (_integer(1), "run"),
+    "train.ckpt_interval": (_integer(1), "run"),
+    "train.val_max_images": (_integer(0, "an integer >= 0 (0 = all)"), "run"),
+    "train.tb_images": (_integer(0), "run"),
+    "eval.mode": (_choice("whole", "slide"), "schedule"),
+    "eval.slide_crop": (_integer(8), "schedule"),
+    "eval.slide_stride": (_integer(1), "schedule"),
+    "eval.scales": (_SCALES, "schedule"),
+    "eval.flip": (_BOOL, "schedule"),
+}
+
+
+def keys_of(*kinds: str) -> tuple[str, ...]:
+    """The dotted keys of the given kinds (``KEYS``), in table order."""
+    return tuple(key for key, (_, kind) in KEYS.items() if kind in kinds)
+
+
+ARCHITECTURE_KEYS = keys_of("architecture")
+RESUME_FIXED = keys_of("architecture", "recipe")
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config to ``{"a.b": value}`` (the dotted keys that overrides use)."""
     flat: dict[str, Any] = {}
@@ -187,12 +262,52 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# The keys that decide the model's architecture (its state-dict keys and shapes). Everything else, the
-# offset learning-rate multiplier and the op implementation included, may differ between a checkpoint and a config.
-ARCHITECTURE_KEYS = (
-    "model.num_classes", "model.aux_head", "model.head", "model.deform.version", "model.deform.stages",
-    "model.deform.blocks", "model.deform.groups", "model.deform.dilation",
-)
+def _fail(source: str, key: str, requirement: str, value: Any) -> UserError:
+    return UserError(
+        f"config key '{key}' in {source} must be {requirement}, got {value!r}. Fix it in the config file or "
+        f"override it on the command line ({key}=...)."
+    )
+
+
+def validate_config(config: dict[str, Any], source: str) -> None:
+    """Check every value of a resolved config against ``KEYS``, and the rules that tie keys together.
+
+    Raises UserError naming the key, the rule and the fix. Builders and the training loop trust a config that
+    passed; checks that depend on the launch (batch size vs processes) stay with the launch.
+    """
+    flat = {k: v for k, v in flatten(config).items() if k != "config_name"}
+    missing, unknown = [k for k in KEYS if k not in flat], [k for k in flat if k not in KEYS]
+    if missing or unknown:
+        raise UserError(
+            f"config {source} does not have the keys of this version of the repository (missing: "
+            f"{', '.join(missing) or 'none'}; unknown: {', '.join(unknown) or 'none'}). A config file names "
+            f"configs/ade20k-base.yaml as its base; a run or checkpoint made by another version is read by that version."
+        )
+    for key, ((test, requirement), _) in KEYS.items():
+        if not test(flat[key]):
+            raise _fail(source, key, requirement, flat[key])
+    if flat["train.min_lr"] > flat["train.lr"]:
+        raise _fail(source, "train.min_lr", f"at most train.lr ({flat['train.lr']})", flat["train.min_lr"])
+    if flat["eval.slide_stride"] > flat["eval.slide_crop"]:
+        raise _fail(source, "eval.slide_stride", f"at most eval.slide_crop ({flat['eval.slide_crop']})",
+                    flat["eval.slide_stride"])
+    _validate_deform(flat, source)
+
+
+def _validate_deform(flat: dict[str, Any], source: str) -> None:
+    """model.deform.stages/blocks/groups against ResNet-50's stages (only when deformable or dilated layers are on)."""
+    stages, blocks, groups = flat["model.deform.stages"], flat["model.deform.blocks"], flat["model.deform.groups"]
+    if flat["model.deform.version"] == 0 and flat["model.deform.dilation"] == 0:
+        return
+    if not stages:
+        raise _fail(source, "model.deform.stages", "non-empty when model.deform.version or dilation is set", stages)
+    for stage in stages:
+        if blocks and max(blocks) >= STAGE_BLOCKS[stage]:
+            raise _fail(source, "model.deform.blocks", f"block indices that exist in {stage} (0..{STAGE_BLOCKS[stage] - 1})",
+                        blocks)
+        if STAGE_WIDTHS[stage] % groups:
+            raise _fail(source, "model.deform.groups",
+                        f"a divisor of the {STAGE_WIDTHS[stage]} input channels of {stage}'s conv2 (a power of 2)", groups)
 
 
 def check_same_model(saved: dict[str, Any], wanted: dict[str, Any], saved_name: str, wanted_name: str) -> None:
@@ -207,160 +322,14 @@ def check_same_model(saved: dict[str, Any], wanted: dict[str, Any], saved_name: 
         )
 
 
-# ------------------------------------------------------------------------------------------ validation
-def _fail(source: str, key: str, requirement: str, value: Any) -> UserError:
-    return UserError(
-        f"config key '{key}' in {source} must be {requirement}, got {value!r}. Fix it in the config file or "
-        f"override it on the command line ({key}=...)."
-    )
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# key -> (test, what the value must be); each test sees the key's value.
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: _integer(v) and v >= 0, "a non-negative integer"),
-    "model.num_classes": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-    "model.aux_loss_weight": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "model.deform.version": (lambda v: v in (0, 1, 2) and _integer(v), "0 (plain conv), 1 (DCNv1) or 2 (DCNv2)"),
-    "model.deform.groups": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-    "model.deform.offset_lr_mult": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "model.deform.dilation": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0 = the network's own)"),
-    "data.root": (lambda v: isinstance(v, str) and v != "", "a folder path"),
-    "data.scale": (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) and x > 0 for x in v),
-                   "a list of two positive numbers (long side, short side), like [2048, 512]"),
-    "data.ratio_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) and x > 0 for x in v)
-                         and v[0] <= v[1], "a list of two positive numbers [low, high] with low <= high, like [0.5, 2.0]"),
-    "data.crop_size": (lambda v: _integer(v) and v >= 8, "an integer >= 8, like 512"),
-    "data.cat_max_ratio": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1] (1 turns the test off)"),
-    "data.num_workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "data.train_eval_images": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0 = all)"),
-    "train.iters": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-    "train.batch_size": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-    "train.accum_steps": (lambda v: _integer(v) and v >= 1, "a positive integer (micro-batches per optimizer step)"),
-    "train.lr": (lambda v: _number(v) and v > 0, "a positive number"),
-    "train.min_lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "train.poly_power": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "train.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "train.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "train.log_interval": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-    "train.val_interval": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-    "train.ckpt_interval": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-    "train.val_max_images": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0 = all)"),
-    "train.tb_images": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "eval.slide_crop": (lambda v: _integer(v) and v >= 8, "an integer >= 8"),
-    "eval.slide_stride": (lambda v: _integer(v) and v >= 1, "a positive integer"),
-}
-_BOOLEANS = (
-    "model.pretrained_backbone", "model.aux_head", "data.photometric", "train.no_decay_norm_bias",
-    "train.channels_last", "train.compile", "train.sync_bn",
-)
-
-
-def validate_config(config: dict[str, Any], source: str) -> None:
-    """Check every value of a resolved config (types, ranges, choices, ResNet-50 stage and block indices).
-
-    Raises UserError naming the key, the rule and the fix. Builders and the training loop trust a
-    config that passed; checks that depend on the launch (batch size vs processes) stay with the launch.
-    """
-    flat = flatten(config)
-    base_keys = flatten(_read_yaml(BASE_CONFIG))
-    missing = [k for k in base_keys if k not in flat]
-    if missing:
-        raise UserError(
-            f"config {source} lacks the keys {', '.join(missing)}. Name configs/ade20k-base.yaml as its base "
-            f"(base: ade20k-base.yaml) or add them."
-        )
-    for key, (test, requirement) in _RULES.items():
-        if not test(flat[key]):
-            raise _fail(source, key, requirement, flat[key])
-    for key in _BOOLEANS:
-        if not isinstance(flat[key], bool):
-            raise _fail(source, key, "true or false", flat[key])
-    for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            raise _fail(source, key, "one of " + ", ".join(choices), flat[key])
-    if flat["train.min_lr"] > flat["train.lr"]:
-        raise _fail(source, "train.min_lr", f"at most train.lr ({flat['train.lr']})", flat["train.min_lr"])
-    if flat["eval.slide_stride"] > flat["eval.slide_crop"]:
-        raise _fail(source, "eval.slide_stride", f"at most eval.slide_crop ({flat['eval.slide_crop']})",
-                    flat["eval.slide_stride"])
-    _validate_deform(flat, source)
-
-
-def _validate_deform(flat: dict[str, Any], source: str) -> None:
-    """model.deform.stages/blocks/groups against ResNet-50's stages (only when deformable layers are on)."""
-    stages, blocks, groups = flat["model.deform.stages"], flat["model.deform.blocks"], flat["model.deform.groups"]
-    if not isinstance(stages, list) or any(s not in STAGE_BLOCKS for s in stages) or len(set(stages)) != len(stages):
-        raise _fail(source, "model.deform.stages", f"a list of distinct stages from {list(STAGE_BLOCKS)}", stages)
-    if not isinstance(blocks, list) or any(not _integer(b) or b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
-        raise _fail(source, "model.deform.blocks", "a list of distinct block indices >= 0 ([] = every block)", blocks)
-    if flat["model.deform.version"] == 0 and flat["model.deform.dilation"] == 0:
-        return
-    if not stages:
-        raise _fail(source, "model.deform.stages", "non-empty when model.deform.version or dilation is set", stages)
-    for stage in stages:
-        if blocks and max(blocks) >= STAGE_BLOCKS[stage]:
-            raise _fail(source, "model.deform.blocks", f"block indices that exist in {stage} (0..{STAGE_BLOCKS[stage] - 1})",
-                        blocks)
-        if STAGE_WIDTHS[stage] % groups:
-            raise _fail(source, "model.deform.groups",
-                        f"a divisor of the {STAGE_WIDTHS[stage]} input channels of {stage}'s conv2 (a power of 2)", groups)
-
-
-# ------------------------------------------------------------------------------ configs of older runs
-# Values renamed since earlier versions of this repository: (dotted key, old value) -> new value.
-_RENAMED_VALUES = {("model.deform_op", "torchvision"): "reference"}
-
-
-def upgrade_config(saved: dict[str, Any], source: str) -> dict[str, Any]:
-    """A config saved by an earlier version (in a checkpoint or run folder) completed for today's code.
-
-    Keys added since then take their values from configs/ade20k-base.yaml, which are chosen to behave
-    as the code did before they existed; renamed values are translated. The result is validated.
-    """
-    def fill(base: dict[str, Any], old: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        merged = copy.deepcopy(old)
-        for key, value in base.items():
-            if isinstance(value, dict):
-                merged[key] = fill(value, old.get(key, {}) if isinstance(old.get(key), dict) else {}, f"{prefix}{key}.")
-            elif key not in merged:
-                merged[key] = copy.deepcopy(value)
-            elif isinstance(merged[key], str):
-                merged[key] = _RENAMED_VALUES.get((f"{prefix}{key}", merged[key]), merged[key])
-        return merged
-
-    config = fill(_read_yaml(BASE_CONFIG), saved)
-    validate_config(config, source)
-    return config
-
-
-# ------------------------------------------------------------------------------------------ resuming
-# What may differ between a run's checkpoint and the config it is resumed with. The learning rate and its
-# schedule, the optimizer's settings and everything about speed, logging and locations may change: they apply
-# from the resume iteration on and are recorded. Whatever decides the data a step sees (seed, batch size,
-# augmentation) may not: the run would silently become another experiment.
-RESUME_FIXED = ARCHITECTURE_KEYS + (
-    "seed", "model.pretrained_backbone", "model.aux_loss_weight", "data.dataset", "data.scale", "data.ratio_range",
-    "data.crop_size", "data.cat_max_ratio", "data.photometric", "data.resize_filter", "train.batch_size",
-    "train.loss_norm",
-)
-RESUME_IGNORED = ("config_name",)
-
-
 def resume_changes(saved: dict[str, Any], wanted: dict[str, Any], source: str) -> dict[str, list[Any]]:
     """The keys whose values differ between a checkpoint's config and the resumed one: ``{key: [old, new]}``.
 
-    Raises UserError for keys in ``RESUME_FIXED``, naming them and what to do instead.
+    Raises UserError for keys in ``RESUME_FIXED`` (the model, or what a step sees: the run would become another
+    experiment), naming them and what to do instead.
     """
     a, b = flatten(saved), flatten(wanted)
-    changes = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUME_IGNORED}
+    changes = {k: [a.get(k), b.get(k)] for k in KEYS if a.get(k) != b.get(k)}
     fixed = [k for k in changes if k in RESUME_FIXED]
     if fixed:
         details = "; ".join(f"{k}: {changes[k][0]} vs {changes[k][1]}" for k in fixed)

@@ -270,15 +270,18 @@ def _exit_quietly(signum: int, frame: Any) -> None:
 
 
 def _worker_init(worker_id: int) -> None:
-    """One intra-op thread per loader worker; Ctrl-C left to the main process, SIGTERM a quiet exit.
+    """One intra-op thread per loader worker; Ctrl-C left to the main process, SIGTERM/SIGUSR1 a quiet exit.
 
-    Ctrl-C in a terminal or a scheduler's SIGTERM reaches the whole process group. A worker killed
-    by a signal makes PyTorch raise in the training process at once, before it can save last.pt;
-    a worker that exits with status 0 does not, and the training process then stops on its own signal.
+    Ctrl-C in a terminal, a scheduler's SIGTERM or SIGUSR1 and torchrun's forwarding reach the whole process
+    group. A worker killed by a signal makes PyTorch raise in the training process at once, before it can save
+    last.pt; a worker that exits with status 0 does not, and the training process then stops on its own signal
+    (its loader's RuntimeError is expected then). Ignoring the signal instead would keep workers alive that
+    Python's exit terminates with SIGTERM and then waits for.
     """
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_quietly)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, _exit_quietly)
 
 
 def build_train_loader(config: dict, rank: int, world_size: int, start_iter: int) -> DataLoader:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from configs import UserError, check_same_model, upgrade_config
+from configs import UserError, check_same_model, validate_config
 from models.segmentor import build_model
 
 REQUIRED_KEYS = ("model", "config")
@@ -48,7 +48,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by train.py (tensors only, onto the CPU), its config brought up to date.
+    """Read a checkpoint written by train.py (tensors only, onto the CPU) by this version of the repository.
 
     Raises UserError, naming the file and what to do, when it is missing, unreadable or not a checkpoint.
     """
@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["config"].get("model"), dict):
         raise UserError(f"checkpoint {path} holds no usable config (no 'model' section); it was not written by train.py.")
-    checkpoint["config"] = upgrade_config(checkpoint["config"], f"the config stored in checkpoint {path}")
+    validate_config(checkpoint["config"], f"the config stored in checkpoint {path}")
     return checkpoint
 
 

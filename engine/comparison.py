@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from configs import UserError, flatten, upgrade_config
+from configs import UserError, flatten, validate_config
 from engine.checkpoint import load_checkpoint
 from data.dataset import load_class_info
 from engine.evaluation import EvalOptions, evaluate_checkpoint
@@ -116,7 +116,8 @@ def load_run(path: Path) -> Run:
             saved = None
         if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
             raise UserError(f"{config_path} holds no usable config (no 'model' section); is {path} a run dir of train.py?")
-        config = upgrade_config(saved, str(config_path))
+        config = saved
+        validate_config(config, str(config_path))
     else:
         config = load_checkpoint(checkpoint)["config"]
     return Run(path=path, config=config, checkpoint=checkpoint, seed=int(config["seed"]))

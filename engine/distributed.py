@@ -1,6 +1,8 @@
-"""Distributed set-up: the process group torchrun describes in the environment (nanoGPT's rule).
+"""Distributed set-up: the process group torchrun describes in the environment (nanoGPT's rule), and agreement.
 
-Without ``RANK``/``WORLD_SIZE`` in the environment everything runs in one process.
+Without ``RANK``/``WORLD_SIZE`` in the environment everything runs in one process. Decisions every rank must
+share (stop now: a signal, a file that cannot be read) go through a CPU (gloo) group, so asking costs no GPU
+synchronisation and can be done every iteration.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import os
 import torch
 import torch.distributed as dist
 
+_control: dist.ProcessGroup | None = None  # the gloo group for CPU-side agreement (None: the default group)
+
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """Join the process group that torchrun describes in the environment; (rank, world size, device)."""
+    global _control
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device(device_name)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -23,6 +28,7 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return rank, world_size, device
 
 
@@ -41,7 +47,27 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (every rank must call it at the same point)."""
+    if not is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
+    return bool(value.item())
+
+
+def first_message(message: str | None) -> str | None:
+    """The message of the first rank that has one, on every rank (every rank must call it at the same point)."""
+    if not is_initialized():
+        return message
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message, group=_control)
+    return next((m for m in messages if m), None)
+
+
 def shutdown() -> None:
     """Leave the process group, if one is up."""
+    global _control
     if is_initialized():
         dist.destroy_process_group()
+    _control = None

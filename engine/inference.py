@@ -8,7 +8,7 @@ probabilities of every augmented view. Predictions are scored at the original im
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from engine.distributed import is_rank0
 from engine.metric import ConfusionMatrix
-from engine.precision import autocast
+from engine.device import autocast, memory_format
+from engine.precision import autocast as autocast_dtype
 
 INFERENCE_MODES = ("whole", "slide")
 
@@ -103,6 +104,45 @@ def predict_logits(
     return total
 
 
+def predictions(
+    model: nn.Module, loader: Any, device: torch.device, config: dict[str, Any], amp: str = "none"
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, prediction, label)`` for every image of a validation loader, both at the original image size.
+
+    The settings come from ``config``: ``eval`` (mode, scales, flip, slide window), ``model.num_classes`` and the
+    training's layout (``train.channels_last``, on CUDA). The model runs in eval mode and without cuDNN's benchmark
+    mode (whole images change size almost every time, so it would autotune every convolution per image); both are
+    restored when the generator is exhausted or closed (``contextlib.closing``).
+    """
+    net = plain_module(model)  # a DDP wrapper could sync buffers; a compiled one would recompile per image size
+    ecfg, num_classes = config["eval"], config["model"]["num_classes"]
+    layout = memory_format(device.type == "cuda" and config["train"]["channels_last"])
+    was_training, benchmark = net.training, torch.backends.cudnn.benchmark
+    net.eval()
+    torch.backends.cudnn.benchmark = False
+    try:
+        for image, label, names in loader:
+            image = image.to(device, non_blocking=True).contiguous(memory_format=layout)
+            label = label.to(device, non_blocking=True)
+            with torch.inference_mode(), autocast(device, amp):
+                scores = predict_logits(net, image, tuple(label.shape[-2:]), ecfg["mode"], ecfg["scales"], ecfg["flip"],
+                                        ecfg["slide_crop"], ecfg["slide_stride"], num_classes)
+            yield from zip(names, scores.argmax(1), label)
+    finally:
+        net.train(was_training)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def evaluate(model: nn.Module, loader: Any, device: torch.device, config: dict[str, Any], amp: str = "none") -> ConfusionMatrix:
+    """The confusion matrix of ``model`` over ``loader``'s images, summed over processes (``predictions``)."""
+    matrix = ConfusionMatrix(config["model"]["num_classes"], device)
+    for _, pred, label in predictions(model, loader, device, config, amp):
+        matrix.update(pred, label)
+        matrix.num_images += 1
+    matrix.all_reduce()
+    return matrix
+
+
 def plain_module(model: nn.Module) -> nn.Module:
     """The model inside DDP and torch.compile wrappers."""
     net = getattr(model, "module", model)
@@ -151,7 +191,7 @@ def evaluate_loader(
             for image, label, names in tqdm(loader, desc="eval", disable=not (progress and is_rank0())):
                 image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 label = label.to(device, non_blocking=True)
-                with autocast(device, amp_dtype):
+                with autocast_dtype(device, amp_dtype):
                     scores = predict_logits(
                         net, image, tuple(label.shape[-2:]), mode, scales, flip, crop, stride, num_classes
                     )

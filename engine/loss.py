@@ -15,17 +15,11 @@ import torch
 
 from data import IGNORE_INDEX
 from models.triton_loss import reference_upsample_cross_entropy, upsample_cross_entropy
-from models.triton_support import triton_available
 
 LOSS_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
     "reference": reference_upsample_cross_entropy,
     "triton": upsample_cross_entropy,
 }
-
-
-def effective_op(name: str, device: torch.device) -> str:
-    """The implementation that really runs for ``train.loss_op=name`` on ``device`` (triton needs CUDA)."""
-    return name if name != "triton" or triton_available(device) else "reference"
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, op: str = "reference", norm: str = "labelled") -> torch.Tensor:

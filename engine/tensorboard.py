@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 
 from data import IGNORE_INDEX
@@ -32,6 +32,16 @@ def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
     valid = label != IGNORE_INDEX
     rgb[valid] = palette[label[valid]]
     return rgb
+
+
+def titled_panel(strips: list[np.ndarray], titles: list[str]) -> np.ndarray:
+    """RGB strips of one height side by side, under a white band that names each (PIL's built-in font)."""
+    width = strips[0].shape[1]
+    band = Image.new("RGB", (width * len(strips), 14), "white")
+    draw = ImageDraw.Draw(band)
+    for i, title in enumerate(titles):
+        draw.text((i * width + 3, 1), title, fill="black")
+    return np.concatenate([np.asarray(band), np.concatenate(strips, axis=1)], axis=0)
 
 
 def log_train(writer: SummaryWriter, iteration: int, values: dict[str, float]) -> None:
@@ -54,7 +64,8 @@ def log_samples(
     writer: SummaryWriter, iteration: int, model: torch.nn.Module, samples: list[tuple[torch.Tensor, torch.Tensor]],
     palette: np.ndarray, device: torch.device,
 ) -> None:
-    """Panels of the fixed validation images, offset/mask histograms over them and the sampling-location figure.
+    """Panels of the fixed validation images (input | truth | prediction, titled), offset/mask histograms over them
+    and the sampling-location figure.
 
     One eval-mode forward per image; the model's train/eval mode is restored.
     """
@@ -69,7 +80,8 @@ def log_samples(
                 pred = upsample_logits(logits, tuple(label.shape)).argmax(1)[0].cpu().numpy()
                 rgb = np.asarray(Image.fromarray(denormalize(image)).resize(label.shape[::-1], Image.BILINEAR))
                 photos.append(rgb)
-                panel = np.concatenate([rgb, colorize(label.numpy(), palette), colorize(pred, palette)], axis=1)
+                panel = titled_panel([rgb, colorize(label.numpy(), palette), colorize(pred, palette)],
+                                     ["input", "truth", "prediction"])
                 writer.add_image(f"val_panels/{i}", panel, iteration, dataformats="HWC")
     finally:
         model.train(was_training)

@@ -1,40 +1,39 @@
-"""The training run: set-up, the SGD step, validation, checkpoints and the loop (train.py drives it).
+"""The training run: set-up, then one loop counted in iterations (nanoGPT's shape), with one exit for every stop.
 
-One flat loop counted in iterations (after nanoGPT); the recipe is mmsegmentation's FCN-R50-D8 for
-ADE20K (SGD, poly schedule, aux loss 0.4). Everything random derives from the config seed and the
-iteration number, so a run stopped at any point and resumed ends where the uninterrupted run ends.
-Rank 0 alone logs and writes files; under torchrun the ranks agree on stopping at logging boundaries.
+The recipe is mmsegmentation's FCN-R50-D8 for ADE20K (SGD, poly schedule, aux loss 0.4). Everything random
+derives from the config seed and the iteration number, so a run stopped at any point and resumed ends where
+the uninterrupted run ends. Rank 0 alone logs and writes files. Every way out of the loop (the end, a stop
+signal, a file that cannot be read, a non-finite loss, any error) passes one ``finally``, which saves last.pt
+when the work since the last save is sound; under torchrun the ranks agree on stopping every iteration.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision
-from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from configs import UserError, resume_changes
+from configs import UserError, error_message, flatten, resume_changes
 from data.dataset import build_train_loader, build_val_loader, load_class_info, prepare_dataset_root
 from data.transforms import normalize_batch
 from engine import loss as loss_module
 from engine import tensorboard as tb
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.distributed import init_distributed
+from engine.device import DeviceFacts, autocast, describe_device, memory_format, resolve_config
+from engine.distributed import any_rank, first_message, init_distributed
 from engine.environment import describe
-from engine.inference import evaluate_loader
+from engine.inference import predictions
+from engine.metric import ConfusionMatrix
 from engine.optim import build_optimizer, set_learning_rate
-from engine.device import AMP_DTYPES, autocast, device_facts, resolve_config
-from engine.precision import memory_format
-from engine.workdir import write_record
-from models import triton_deform
+from engine.workdir import check_work_dir, wants_resume, write_record
 from models.segmentor import build_model, count_parameters
 
 
@@ -45,8 +44,15 @@ class NonFiniteLoss(Exception):
         super().__init__(
             f"training stopped: {what} became non-finite (NaN or inf) at iteration {iteration}. The weights after it "
             f"are not saved; last.pt holds iteration {last_good}. Lower train.lr, check the data, or use train.amp=bf16, "
-            f"then continue with --resume (a changed train.lr applies from the resume iteration on)."
+            f"then continue with --resume auto (a changed train.lr applies from the resume iteration on)."
         )
+
+
+@dataclass
+class Stop:
+    """Set by the signal handlers train.py installs: the name of the signal that asked the run to stop."""
+
+    reason: str | None = None
 
 
 def iteration_seed(seed: int, iteration: int, rank: int) -> int:
@@ -85,385 +91,325 @@ def train_step(
     return losses
 
 
-def op_summary(config: dict[str, Any], device: torch.device) -> str:
-    """Which implementations of the deformable op and of the loss will run on ``device``, in words."""
-    parts = []
-    for key, chosen, runs in (
-        ("model.deform_op", config["model"]["deform_op"], "triton" if triton_deform.triton_available(device) else "reference"),
-        ("train.loss_op", config["train"]["loss_op"], loss_module.effective_op(config["train"]["loss_op"], device)),
-    ):
-        if chosen == "triton" and runs != "triton":
-            parts.append(f"{key}=triton falls back to reference (Triton runs on CUDA only)")
-        else:
-            parts.append(f"{key}={chosen}")
-    return ", ".join(parts)
+@dataclass
+class Run:
+    """What a training run holds: the config as it runs, the model (plain, and as trained), optimizer and place."""
+
+    config: dict[str, Any]
+    work_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module  # the plain model: what checkpoints hold
+    train_model: torch.nn.Module  # the model as trained (compiled, DDP)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    banner: str
+    iteration: int = 0
+    validated: int = 0  # the iteration of the last completed validation
+    best_miou: float = -1.0
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    writer: SummaryWriter | None = None
+    samples: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # validation images shown in TensorBoard
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
 
 
-class Trainer:
-    """State and steps of one training run; ``run`` drives it."""
-
-    def __init__(self, config: dict[str, Any], work_dir: Path, resume: bool) -> None:
-        self.rank, self.world_size, self.device = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
-        config = resolve_config(config, self.device, device_facts())
-        self.config, self.work_dir = config, work_dir
-        self.tcfg, self.mcfg = config["train"], config["model"]
-        self.master = self.rank == 0
-        self.stop_signal: str | None = None
-        if self.tcfg["batch_size"] % self.world_size:
-            raise UserError(
-                f"train.batch_size={self.tcfg['batch_size']} (the global batch) must be divisible by the "
-                f"{self.world_size} processes of this launch."
-            )
-        cuda = self.device.type == "cuda"
-        torch.backends.cudnn.benchmark = cuda
-        self.amp_dtype = AMP_DTYPES[self.tcfg["amp"]]
-        self.memory_format = memory_format(self.device, self.tcfg["channels_last"])
-
-        # Rank 0 checks the dataset (and generates the demo data) before anything slow happens.
-        if self.master:
-            prepare_dataset_root(config)
-        self._barrier()
-        checkpoint = load_checkpoint(work_dir / "last.pt") if resume else None
-        self.config_changes: list[dict[str, Any]] = []
-        if checkpoint is not None:
-            changes = resume_changes(checkpoint["config"], config, str(work_dir / "last.pt"))
-            self.config_changes = list(checkpoint.get("config_changes", []))
-            if changes:
-                self.config_changes.append({"iteration": checkpoint["iteration"], "changes": changes})
-        # Rank 0 fetches the ImageNet weights first; the others then read them from the cache.
-        if self.rank != 0:
-            self._barrier()
-        torch.manual_seed(config["seed"])  # the initial weights (the same on every rank)
-        model, self.deform_names = build_model(config, load_pretrained=checkpoint is None)
-        if self.rank == 0:
-            self._barrier()
-        if self.world_size > 1 and self.tcfg["sync_bn"] and cuda:  # SyncBatchNorm is CUDA-only
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device, memory_format=self.memory_format)
-        self.optimizer = build_optimizer(model, config)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.iteration, self.best_miou = 0, -1.0
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        set_learning_rate(self.optimizer, self.iteration, self.tcfg)  # from the config, also after a resume
-        self.train_model: torch.nn.Module = self.model
-        if self.world_size > 1:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if cuda else None
-            )
-        if self.tcfg["compile"]:
-            self.train_model = torch.compile(self.train_model)
-        self.writer = None  # opened by ``run`` once the start has succeeded (tb/ marks the work dir as taken)
-        self.samples: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # validation images shown in TensorBoard
-        self.environment = describe(self.device)
-
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def _restore(self, checkpoint: dict[str, Any]) -> None:
-        """Weights, optimizer, scaler, iteration, best mIoU and RNG from ``checkpoint``; the config's settings win."""
-        self.model.load_state_dict(checkpoint["model"])
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError:  # another offset_lr_mult merged or split the parameter groups
-            raise UserError(
-                f"--resume: model.deform.offset_lr_mult={self.mcfg['deform']['offset_lr_mult']} groups the parameters "
-                f"differently from the checkpoint's value, so its optimizer state does not fit. Resume with the "
-                f"checkpoint's offset_lr_mult, or start a new run."
-            ) from None
-        for group, settings in zip(self.optimizer.param_groups, fresh):
-            group.update(settings)  # momentum, weight decay, lr_mult: the resumed config's
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.iteration, self.best_miou = checkpoint["iteration"], checkpoint["best_miou"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-
-    # ----------------------------------------------------------------------------------------- steps
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One SGD step; returns the detached losses of this rank."""
-        torch.manual_seed(iteration_seed(self.config["seed"], self.iteration, self.rank))
-        losses = train_step(self.train_model, self.optimizer, self.scaler, images, labels, self.config)
-        self.iteration += 1
-        set_learning_rate(self.optimizer, self.iteration, self.tcfg)  # the next step's (as a per-step scheduler)
-        return losses
-
-    def learning_rate(self) -> float:
-        """The base learning rate (lr_mult 1) of the next step."""
-        group = self.optimizer.param_groups[0]
-        return group["lr"] / group["lr_mult"]
-
-    def weights_finite(self) -> bool:
-        """Whether every weight is finite (checked before a checkpoint is written)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        if self.world_size > 1:
-            flag = finite.to(torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.bool()
-        return bool(finite)
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "iteration": self.iteration,
-            "rng": rng,
-            "best_miou": self.best_miou,
-            "config": self.config,
-            "config_changes": self.config_changes,
-            "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-                         "python": sys.version.split()[0]},
-            "environment": self.environment,
-        }
-
-    def save(self, name: str) -> None:
-        """Rank 0 writes ``name`` in the work dir atomically; file-system errors become a UserError."""
-        if not self.master:
-            return
-        try:
-            save_checkpoint(self.checkpoint_state(), self.work_dir / name)
-        except OSError as err:
-            raise UserError(
-                f"could not write {self.work_dir / name} ({err.strerror or err}); the previous {name} is unchanged. "
-                f"Free disk space or fix the folder's permissions, then continue with --resume."
-            ) from None
-
-    def stop_requested(self) -> bool:
-        """True when SIGTERM/SIGINT arrived on any rank (a collective under torchrun: all ranks agree)."""
-        flag = self.stop_signal is not None
-        if self.world_size > 1:
-            t = torch.tensor([int(flag)], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
-    # ------------------------------------------------------------------------------------ validation
-    def evaluate(self, val_loader: DataLoader) -> dict[str, Any] | None:
-        """Validation metrics with the shared evaluator, or None when a stop signal cut it short.
-
-        In one process a stop signal ends validation after the current image (schedulers give ~30 s); under
-        torchrun validation runs to its end, since the ranks hold different images.
-        """
-        ecfg = self.config["eval"]
-        should_stop = (lambda: self.stop_signal is not None) if self.world_size == 1 else None
-        try:
-            matrix = evaluate_loader(
-                self.model, val_loader, self.device, self.mcfg["num_classes"], mode=ecfg["mode"],
-                crop=ecfg["slide_crop"], stride=ecfg["slide_stride"], amp_dtype=self.amp_dtype,
-                memory_format=self.memory_format, progress=False, should_stop=should_stop,
-            )
-        except RuntimeError:  # loader workers gone: the stop signal reached them too (process group)
-            if self.stop_signal is None:
-                raise
-            return None
-        return None if matrix is None else matrix.metrics()
-
-    def record_validation(self, metrics: dict[str, Any], seconds: float, samples: list) -> None:
-        """Rank 0: log the metrics, panels and offsets, print a line, and save best.pt on a new best."""
-        if not self.master:
-            return
-        names, palette = load_class_info()
-        tb.log_validation(self.writer, self.iteration, metrics, names)
-        tb.log_samples(self.writer, self.iteration, self.model, samples, palette, self.device)
-        is_best = metrics["mIoU"] > self.best_miou
-        self.best_miou = max(self.best_miou, metrics["mIoU"])
-        tqdm.write(
-            f"iter {self.iteration}: val mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  "
-            f"mAcc {metrics['mAcc']:.2f}  ({seconds:.0f}s){'  new best' if is_best else ''}"
+def start(config: dict[str, Any], work_dir: Path, resume_mode: str | None, device_name: str, facts: DeviceFacts) -> Run:
+    """Join the process group, resolve the config for the device, check the work dir and the data, build the
+    model and optimizer, and restore them from last.pt when the run resumes."""
+    rank, world_size, device = init_distributed(device_name)
+    asked, config = config, resolve_config(config, device, facts)
+    tcfg, cuda = config["train"], device.type == "cuda"
+    if tcfg["batch_size"] % (world_size * tcfg["accum_steps"]):
+        raise UserError(
+            f"train.batch_size={tcfg['batch_size']} (the global batch) must be divisible by the {world_size} "
+            f"process(es) of this launch times train.accum_steps={tcfg['accum_steps']}."
         )
-        if is_best:
-            self.save("best.pt")
-
-    def banner(self) -> str:
-        """The first line of a run: model size, deformable layers, processes, batch, ops."""
-        info = count_parameters(self.model)
-        return (
-            f"{self.config['config_name']}: {info['params']:,} parameters (inference), {info['deform_params']:,} in "
-            f"offset/mask predictors; deformable layers: {', '.join(self.deform_names) or 'none'}; "
-            f"{self.world_size} process(es) on {self.device.type}, global batch {self.tcfg['batch_size']}; "
-            f"{op_summary(self.config, self.device)}"
-        )
-
-
-def checked_losses(window: list[dict[str, torch.Tensor]], iteration: int, world_size: int, last_good: int) -> torch.Tensor:
-    """The (total, main, aux) losses of the window's iterations averaged over ranks, on the CPU.
-
-    One sync per window; raises NonFiniteLoss naming the first bad iteration, so nothing after it is saved.
-    """
-    stacked = torch.stack([torch.stack([w["total"], w["main"], w.get("aux", w["main"])]) for w in window])
+    torch.backends.cudnn.benchmark = cuda
+    resume = wants_resume(work_dir, resume_mode)
+    note = check_work_dir(work_dir, config, resume) if rank == 0 else None
+    if rank == 0:  # the dataset is checked (and the demo data made) before anything slow happens
+        prepare_dataset_root(config)
+    checkpoint = load_checkpoint(work_dir / "last.pt") if resume else None
+    changes = list(checkpoint["config_changes"]) if checkpoint else []
+    if checkpoint and (diff := resume_changes(checkpoint["config"], config, str(work_dir / "last.pt"))):
+        changes.append({"iteration": checkpoint["iteration"], "changes": diff})
+    if rank != 0 and world_size > 1:
+        dist.barrier()  # rank 0 fetches the ImageNet weights first; the others then read them from the cache
+    torch.manual_seed(config["seed"])  # the initial weights (the same on every rank)
+    model, deform_names = build_model(config, load_pretrained=checkpoint is None)
+    if rank == 0 and world_size > 1:
+        dist.barrier()
+    if world_size > 1 and tcfg["sync_bn"] and cuda:  # SyncBatchNorm is CUDA-only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=memory_format(tcfg["channels_last"]))
+    optimizer = build_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cuda", enabled=tcfg["amp"] == "fp16")
+    train_model = torch.compile(model) if tcfg["compile"] else model  # compiled inside DDP, as nanoGPT
     if world_size > 1:
-        dist.all_reduce(stacked)
-        stacked /= world_size
-    stacked = stacked.cpu()
-    bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
-    if len(bad):
-        raise NonFiniteLoss(iteration - len(window) + int(bad[0]) + 1, last_good)
-    return stacked
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if cuda else None)
+    how = note or (f"resuming {work_dir / 'last.pt'} at iteration {checkpoint['iteration']}" if checkpoint
+                   else f"starting a new run in {work_dir}")
+    run = Run(config, work_dir, rank, world_size, device, model, train_model, optimizer, scaler,
+              banner(config, asked, model, deform_names, world_size, device, facts, how), config_changes=changes,
+              environment={**describe(device), "device": describe_device(device, facts)})
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    set_learning_rate(optimizer, run.iteration, tcfg)  # from the config, also after a resume
+    return run
 
 
-class _Window:
+def banner(config: dict[str, Any], asked: dict[str, Any], model: torch.nn.Module, deform_names: list[str],
+           world_size: int, device: torch.device, facts: DeviceFacts, how: str) -> str:
+    """The start lines: start or resume, model size, deformable layers, device, batch, and what runs where the
+    config said otherwise."""
+    info, tcfg = count_parameters(model), config["train"]
+    per_forward = tcfg["batch_size"] // (world_size * tcfg["accum_steps"])
+    resolved = [f"{k}={v} runs as {flatten(config)[k]}" for k, v in flatten(asked).items() if flatten(config).get(k, v) != v]
+    return (
+        f"{how}\n{config['config_name']}: {info['params']:,} parameters (inference), {info['deform_params']:,} in offset/mask "
+        f"predictors; deformable layers: {', '.join(deform_names) or 'none'}\n"
+        f"  {world_size} process(es) on {describe_device(device, facts)}; global batch {tcfg['batch_size']} "
+        f"({per_forward} per forward x {tcfg['accum_steps']} micro-batch(es) per step in each)\n"
+        f"  precision {tcfg['amp']}, layout {'channels_last' if tcfg['channels_last'] else 'contiguous'}, deform op "
+        f"{config['model']['deform_op']}, loss op {tcfg['loss_op']}{', compiled' if tcfg['compile'] else ''}"
+        + (f" ({'; '.join(resolved)} on this device)" if resolved else "")
+    )
+
+
+def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+    """Weights, optimizer, scaler, position, best mIoU and RNG from ``checkpoint``; the config's settings win."""
+    run.model.load_state_dict(checkpoint["model"])
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    try:
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError:  # another offset_lr_mult merged or split the parameter groups
+        raise UserError(
+            f"--resume: model.deform.offset_lr_mult={run.config['model']['deform']['offset_lr_mult']} groups the "
+            f"parameters differently from the checkpoint's value, so its optimizer state does not fit. Resume with the "
+            f"checkpoint's offset_lr_mult, or start a new run."
+        ) from None
+    for group, settings in zip(run.optimizer.param_groups, fresh):
+        group.update(settings)  # momentum, weight decay, lr_mult: the resumed config's
+    if checkpoint["scaler"] and run.scaler.is_enabled():
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    run.iteration, run.validated, run.best_miou = checkpoint["iteration"], checkpoint["validated"], checkpoint["best_miou"]
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+
+
+def loop(run: Run, stop: Stop) -> int:
+    """Train to ``train.iters``: a step per iteration; losses, validation and last.pt at their intervals."""
+    cfg, tcfg = run.config, run.config["train"]
+    batches = iter(build_train_loader(cfg, run.rank, run.world_size, start_iter=run.iteration))
+    val_loader = build_val_loader(cfg, "validation", run.rank, run.world_size, max_images=tcfg["val_max_images"])
+    if run.master:  # the start succeeded: now the work dir belongs to this run
+        write_record(run.work_dir, cfg)
+        run.writer = tb.open_writer(run.work_dir, run.iteration)
+        print(run.banner)
+        for change in run.config_changes[-1:]:
+            if change["iteration"] == run.iteration:
+                print(f"resumed at iteration {run.iteration} with changed settings: "
+                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in change["changes"].items()))
+
+    def due(interval: int) -> bool:
+        return run.iteration % interval == 0 or run.iteration == tcfg["iters"]
+
+    bar = tqdm(total=tcfg["iters"], initial=run.iteration, disable=not run.master, dynamic_ncols=True)
+    window, saved, error, stopped, agreed, metrics = Window(), run.iteration, None, False, False, None
+    try:
+        if run.validated < run.iteration and due(tcfg["val_interval"]):  # a validation a stop cut short
+            stopped = (metrics := validate(run, val_loader, stop)) is None
+        while not stopped and run.iteration < tcfg["iters"]:
+            try:
+                images, labels, valid = next(batches)
+            except UserError as err:  # a file that cannot be read: saved below, then named
+                error = error_message(err)
+            except RuntimeError:  # loader workers ended by the stop signal too (a signal to the process group)
+                if stop.reason is None:
+                    raise
+            if stopped := any_rank(stop.reason is not None or error is not None):
+                break
+            window.data_time += time.perf_counter() - window.mark
+            images = images.to(run.device, non_blocking=True).contiguous(memory_format=memory_format(tcfg["channels_last"]))
+            images, labels = normalize_batch(images, valid), labels.to(run.device, non_blocking=True).long()
+            torch.manual_seed(iteration_seed(cfg["seed"], run.iteration, run.rank))  # dropout
+            try:
+                window.losses.append(train_step(run.train_model, run.optimizer, run.scaler, images, labels, cfg))
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(out_of_memory_message(run)) from None
+            run.iteration += 1
+            set_learning_rate(run.optimizer, run.iteration, tcfg)  # the next step's (a per-step scheduler)
+            bar.update(1)
+            if due(tcfg["log_interval"]) or due(tcfg["val_interval"]) or due(tcfg["ckpt_interval"]):
+                log_window(run, window, saved, bar)  # checks the losses: NonFiniteLoss names the iteration
+                window = Window()
+            if due(tcfg["val_interval"]):
+                check_weights(run, saved)  # a bad last update must reach neither best.pt nor last.pt
+                if stopped := (metrics := validate(run, val_loader, stop)) is None:
+                    break
+            if due(tcfg["ckpt_interval"]):
+                saved = save_last(run, saved)
+            window.mark = time.perf_counter()
+        agreed = True  # every rank leaves here together: the end, or a stop they agreed on
+    finally:
+        bar.close()
+        if run.iteration > saved and (agreed or run.world_size == 1):  # one process may always save its own work
+            log_window(run, window, saved, bar)
+            saved = save_last(run, saved)
+    return finish(run, (stop.reason or "a stop signal on another rank") if stopped else None,
+                  first_message(error) if stopped else None, metrics)
+
+
+def finish(run: Run, stopped_by: str | None, error: str | None, metrics: dict[str, Any] | None) -> int:
+    """Say how the run ended; raise the error of a file that could not be read, after last.pt was saved."""
+    if error is not None:
+        saved = " (last.pt holds it)" if run.iteration > 0 else ""
+        raise UserError(f"{error} Training stopped at iteration {run.iteration}{saved}; after fixing the file, run the "
+                        f"same command with --resume auto to continue.")
+    if not run.master:
+        return 0
+    if stopped_by:
+        saved = "last.pt holds it" if run.iteration > 0 else "nothing trained yet"
+        print(f"stopped by {stopped_by} at iteration {run.iteration}; {saved}. Continue with the same command and "
+              f"--resume auto.")
+    elif metrics is None:
+        print(f"nothing to do: the run in {run.work_dir} is already at iteration {run.config['train']['iters']}.")
+    else:
+        print(
+            f"done: {run.iteration} iterations, final val mIoU {metrics['mIoU']:.2f} (best {run.best_miou:.2f}).\n"
+            f"  curves:    tensorboard --logdir {run.work_dir.parent}\n"
+            f"  evaluate:  python evaluate.py --checkpoint {run.work_dir / 'last.pt'}"
+        )
+    return 0
+
+
+@dataclass
+class Window:
     """The iterations since the last logging boundary: their losses, data-wait time and wall time."""
 
-    def __init__(self) -> None:
-        self.losses: list[dict[str, torch.Tensor]] = []
-        self.data_time, self.start = 0.0, time.perf_counter()
+    losses: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    data_time: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+    mark: float = field(default_factory=time.perf_counter)  # when the next batch was asked for
 
 
-def _log_window(trainer: Trainer, window: _Window, stacked: torch.Tensor, bar: tqdm) -> None:
-    """Rank 0: the window's mean losses, learning rate, speed, data-wait share and GPU memory."""
-    if not trainer.master:
+def log_window(run: Run, window: Window, last_good: int, bar: tqdm) -> None:
+    """Check the window's losses (averaged over ranks: one sync) and log them with the speed on rank 0.
+
+    Raises NonFiniteLoss naming the first bad iteration, so nothing after it is saved.
+    """
+    if not window.losses:
         return
-    elapsed = time.perf_counter() - window.start
-    mean = stacked.mean(0)
-    values = {"loss": mean[0].item(), "loss_main": mean[1].item()}
+    stacked = torch.stack([torch.stack([w["total"], w["main"], w.get("aux", w["main"])]) for w in window.losses])
+    if run.world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= run.world_size
+    stacked = stacked.float().cpu()
+    bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
+    if len(bad):
+        raise NonFiniteLoss(run.iteration - len(window.losses) + int(bad[0]) + 1, last_good)
+    if not run.master:
+        return
+    elapsed, mean, group = time.perf_counter() - window.start, stacked.mean(0), run.optimizer.param_groups[0]
+    values = {"loss": mean[0].item(), "loss_main": mean[1].item(), "lr": group["lr"] / group["lr_mult"],
+              "images_per_s": len(window.losses) * run.config["train"]["batch_size"] / elapsed,
+              "data_wait_share": window.data_time / elapsed}
     if "aux" in window.losses[0]:
         values["loss_aux"] = mean[2].item()
-    values["lr"] = trainer.learning_rate()
-    values["images_per_s"] = len(window.losses) * trainer.tcfg["batch_size"] / elapsed
-    values["data_wait_share"] = window.data_time / elapsed
-    if trainer.device.type == "cuda":
-        values["gpu_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
-    tb.log_train(trainer.writer, trainer.iteration, values)
+    if run.device.type == "cuda":
+        values["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    tb.log_train(run.writer, run.iteration, values)
     bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
 
 
-def _validate(trainer: Trainer, val_loader: DataLoader) -> dict[str, Any] | None:
-    """Validate, log and keep best.pt; None when a stop signal cut validation short."""
-    start = time.perf_counter()
-    metrics = trainer.evaluate(val_loader)
-    if metrics is not None:
-        if trainer.samples is None:  # the fixed panel images, read once per run
-            n = min(trainer.tcfg["tb_images"], len(val_loader.dataset)) if trainer.master else 0
-            trainer.samples = [val_loader.dataset[i][:2] for i in range(n)]
-        trainer.record_validation(metrics, time.perf_counter() - start, trainer.samples)
+def check_weights(run: Run, last_good: int) -> None:
+    """NonFiniteLoss if an update made a weight NaN or infinite (the losses before it were still finite)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all().to(torch.int32)
+    if run.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise NonFiniteLoss(run.iteration, last_good, "the weights")
+
+
+def validate(run: Run, loader: Any, stop: Stop) -> dict[str, Any] | None:
+    """Validation metrics (logged on rank 0, best.pt kept), or None when a stop signal cut validation short.
+
+    The ranks agree on stopping after each image, as many times as the longest shard has images (a rank whose
+    shard is shorter, or whose loader workers the signal ended, still takes part).
+    """
+    start, matrix = time.perf_counter(), ConfusionMatrix(run.config["model"]["num_classes"], run.device)
+    longest = -(-len(loader.dataset.dataset) // run.world_size)
+    with closing(predictions(run.model, loader, run.device, run.config, run.config["train"]["amp"])) as images:
+        for _ in range(longest):
+            try:
+                _, pred, label = next(images, (None, None, None))
+            except RuntimeError:  # loader workers ended by the stop signal too (a signal to the process group)
+                if stop.reason is None:
+                    raise
+            else:
+                if pred is not None:
+                    matrix.update(pred, label)
+            if any_rank(stop.reason is not None):
+                return None
+    matrix.all_reduce()
+    metrics, run.validated = matrix.metrics(), run.iteration
+    if run.master:
+        names, palette = load_class_info()
+        if run.samples is None:  # the fixed panel images, read once per run
+            run.samples = [loader.dataset[i][:2] for i in range(min(run.config["train"]["tb_images"], len(loader.dataset)))]
+        tb.log_validation(run.writer, run.iteration, metrics, names)
+        tb.log_samples(run.writer, run.iteration, run.model, run.samples, palette, run.device)
+        is_best, run.best_miou = metrics["mIoU"] > run.best_miou, max(run.best_miou, metrics["mIoU"])
+        tqdm.write(f"iter {run.iteration}: val mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc "
+                   f"{metrics['mAcc']:.2f}  ({time.perf_counter() - start:.0f}s){'  new best' if is_best else ''}")
+        if is_best:
+            save_checkpoint(checkpoint_state(run), run.work_dir / "best.pt")
     return metrics
 
 
-def _stop(trainer: Trainer, window: _Window, last_good: int, bar: tqdm) -> int:
-    """The one exit for a stop signal: check the losses since the last checkpoint, save last.pt, say so."""
-    bar.close()
-    if window.losses:
-        checked_losses(window.losses, trainer.iteration, trainer.world_size, last_good)
-    _save_last(trainer, last_good)
-    if trainer.master:
-        print(f"stopped by {trainer.stop_signal} at iteration {trainer.iteration}; last.pt saved. Continue with --resume.")
-    return 0
+def save_last(run: Run, last_good: int) -> int:
+    """last.pt at the current iteration, once the weights are checked finite; returns the iteration saved."""
+    check_weights(run, last_good)
+    if run.master:
+        save_checkpoint(checkpoint_state(run), run.work_dir / "last.pt")
+    return run.iteration
 
 
-def _save_before_error(trainer: Trainer, window: _Window, last_good: int, bar: tqdm) -> None:
-    """Before a data error ends the run: save last.pt at the current iteration if it is newer and sound.
-
-    One process only: under torchrun the error reaches one rank, and a save needs all of them.
-    """
-    if trainer.world_size == 1 and trainer.iteration > last_good:
-        bar.close()
-        if window.losses:
-            checked_losses(window.losses, trainer.iteration, trainer.world_size, last_good)
-        _save_last(trainer, last_good)
-        if trainer.master:
-            print(f"last.pt saved at iteration {trainer.iteration}; after fixing the file, continue with --resume.",
-                  file=sys.stderr)
-
-
-def _check_weights(trainer: Trainer, last_good: int) -> None:
-    """NonFiniteLoss if an update made a weight NaN or infinite (the losses before it were still finite)."""
-    if not trainer.weights_finite():
-        raise NonFiniteLoss(trainer.iteration, last_good, "the weights")
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    """The checkpoint: one plain dict (nanoGPT) of tensors and plain values."""
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "iteration": run.iteration,
+        "validated": run.validated,
+        "rng": rng,
+        "best_miou": run.best_miou,
+        "config": run.config,
+        "config_changes": run.config_changes,
+        "environment": run.environment,
+    }
 
 
-def _save_last(trainer: Trainer, last_good: int) -> None:
-    """last.pt, after checking that the weights are finite (a bad last update must not overwrite the good one)."""
-    _check_weights(trainer, last_good)
-    trainer.save("last.pt")
-
-
-def run(trainer: Trainer) -> int:
-    """The training loop; returns the process exit code."""
-    cfg, tcfg = trainer.config, trainer.tcfg
-    train_loader = build_train_loader(cfg, trainer.rank, trainer.world_size, start_iter=trainer.iteration)
-    val_loader = build_val_loader(cfg, "validation", trainer.rank, trainer.world_size, max_images=tcfg["val_max_images"])
-    if trainer.master:
-        write_record(trainer.work_dir, cfg)  # the start succeeded: now the work dir belongs to this run
-        trainer.writer = tb.open_writer(trainer.work_dir, trainer.iteration)
-        print(trainer.banner())
-        for change in trainer.config_changes[-1:]:
-            if change["iteration"] == trainer.iteration:
-                print(f"resumed at iteration {change['iteration']} with changed settings: "
-                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in change["changes"].items()))
-    data_iter = iter(train_loader)
-    trainer.model.train()
-    bar = tqdm(total=tcfg["iters"], initial=trainer.iteration, disable=not trainer.master, dynamic_ncols=True)
-    window, last_good, metrics = _Window(), trainer.iteration, None
-    single = trainer.world_size == 1
-    while trainer.iteration < tcfg["iters"]:
-        t0 = time.perf_counter()
-        try:
-            images, labels, valid = next(data_iter)
-        except RuntimeError:  # loader workers gone: the stop signal reached them too (process group)
-            if trainer.stop_signal is None:
-                raise
-            return _stop(trainer, window, last_good, bar)
-        except UserError:  # a file that cannot be read: keep the work done so far, then say which
-            _save_before_error(trainer, window, last_good, bar)
-            raise
-        # Batches travel as uint8 (a quarter of float32's bytes; labels an eighth of int64's) and are
-        # normalised on the device.
-        images = images.to(trainer.device, non_blocking=True).contiguous(memory_format=trainer.memory_format)
-        images = normalize_batch(images, valid)
-        labels = labels.to(trainer.device, non_blocking=True).long()
-        window.data_time += time.perf_counter() - t0
-        window.losses.append(_step(trainer, images, labels))
-        it = trainer.iteration
-        bar.update(1)
-        log_boundary = it % tcfg["log_interval"] == 0 or it == tcfg["iters"]
-        # Under torchrun the stop flag is a collective (a host sync): asked at logging boundaries only.
-        stop = trainer.stop_requested() if single or log_boundary else False
-        if not (log_boundary or stop or it % tcfg["val_interval"] == 0 or it % tcfg["ckpt_interval"] == 0):
-            continue
-        stacked = checked_losses(window.losses, it, trainer.world_size, last_good)
-        _log_window(trainer, window, stacked, bar)
-        window = _Window()
-        if stop:
-            return _stop(trainer, window, last_good, bar)
-        if it % tcfg["val_interval"] == 0 or it == tcfg["iters"]:
-            _check_weights(trainer, last_good)  # a bad last update must reach neither best.pt nor last.pt
-            try:
-                result = _validate(trainer, val_loader)  # before saving, so last.pt holds the best mIoU so far
-            except UserError:
-                _save_before_error(trainer, window, last_good, bar)
-                raise
-            if result is None:
-                return _stop(trainer, window, last_good, bar)
-            metrics = result
-        if it % tcfg["ckpt_interval"] == 0 or it == tcfg["iters"]:
-            _save_last(trainer, last_good)
-            last_good = it
-    bar.close()
-    if trainer.master:
-        if metrics is None:
-            print(f"nothing to do: the run in {trainer.work_dir} is already at iteration {tcfg['iters']}.")
-            return 0
-        print(
-            f"done: {tcfg['iters']} iterations, final val mIoU {metrics['mIoU']:.2f} (best {trainer.best_miou:.2f}).\n"
-            f"  curves:    tensorboard --logdir {trainer.work_dir.parent}\n"
-            f"  evaluate:  python evaluate.py --checkpoint {trainer.work_dir / 'last.pt'}"
-        )
-    return 0
-
-
-def _step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``trainer.train_step`` with CUDA out-of-memory turned into advice."""
-    try:
-        return trainer.train_step(images, labels)
-    except torch.cuda.OutOfMemoryError:
-        tcfg, world = trainer.tcfg, trainer.world_size
-        raise UserError(
-            f"CUDA out of memory at iteration {trainer.iteration} with train.batch_size={tcfg['batch_size']} "
-            f"({tcfg['batch_size'] // world} per GPU). Use a smaller batch (e.g. "
-            f"train.batch_size={max(world, tcfg['batch_size'] // 2)}), more GPUs, or train.amp=bf16."
-        ) from None
+def out_of_memory_message(run: Run) -> str:
+    """What to do when a step does not fit: first split it (the recipe stays), then a cheaper precision."""
+    tcfg = run.config["train"]
+    per_forward = tcfg["batch_size"] // (run.world_size * tcfg["accum_steps"])
+    advice = [f"train.accum_steps={tcfg['accum_steps'] * 2} ({per_forward // 2} images per forward, the same global "
+              f"batch and recipe)"] if per_forward > 1 else []
+    if tcfg["amp"] == "none":
+        advice.append("train.amp=auto (bf16 or fp16 autocast, about half the activation memory)")
+    advice.append("more GPUs under torchrun")
+    return (
+        f"CUDA out of memory at iteration {run.iteration} with {per_forward} images per forward (train.batch_size="
+        f"{tcfg['batch_size']} over {run.world_size} process(es) x train.accum_steps={tcfg['accum_steps']}, precision "
+        f"{tcfg['amp']}). Continue with --resume auto and {'; or '.join(advice)}. The README's memory table gives "
+        f"the memory per image."
+    )

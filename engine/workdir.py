@@ -1,8 +1,11 @@
-"""The work dir of a run: whether it may be used, its lock, and its record (config.yaml).
+"""The work dir of a run: whether a start may use it, whether a restart resumes, its lock, and its record.
 
-A work dir holding any run artefact (config.yaml, last.pt, best.pt, tb/) belongs to that run: a new run
-is refused there, ``--resume`` continues it. While a training runs, ``.lock`` (owner pid and host)
-keeps a second training out; a lock whose process is gone (same host) is stale and taken over.
+A work dir holding a checkpoint (last.pt, best.pt) or the record of a run belongs to that run: a new run is
+refused there and ``--resume`` continues it; ``--resume auto`` continues it when last.pt exists and starts
+otherwise, so one command line serves starts and restarts (torchrun --max-restarts, a SLURM requeue). A record
+of a start that never reached a checkpoint (config.yaml, tb/) of the same experiment is started over. While a
+training runs, ``.lock`` keeps a second one out; its owner refreshes it every minute, so a lock whose process is
+gone (same host) or that nobody refreshed for five minutes (any host) is stale and taken over.
 """
 
 from __future__ import annotations
@@ -10,46 +13,60 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from configs import UserError, upgrade_config
+from configs import UserError, resume_changes
 
 ARTEFACTS = ("config.yaml", "last.pt", "best.pt", "tb")
-LOCK_NAME = ".lock"
+CHECKPOINTS = ("last.pt", "best.pt")
 
 
-def check_work_dir(work_dir: Path, config: dict[str, Any], resume: bool) -> None:
-    """Refuse a new run over a work dir that holds another run's artefacts, or --resume without last.pt."""
-    last = work_dir / "last.pt"
+def wants_resume(work_dir: Path, mode: str | None) -> bool:
+    """Whether a run resumes: ``--resume`` (mode ``last``) always, ``--resume auto`` when last.pt exists."""
+    return mode == "last" or (mode == "auto" and (work_dir / "last.pt").is_file())
+
+
+def check_work_dir(work_dir: Path, config: dict[str, Any], resume: bool) -> str | None:
+    """Refuse a start that would overwrite another run, or a resume without last.pt.
+
+    Returns a line to print when a start replaces the record of a start that never reached a checkpoint.
+    """
     if resume:
-        if not last.is_file():
-            raise UserError(f"--resume was given but {last} does not exist. Start without --resume, or name the run's folder with --work-dir.")
-        return
-    if work_dir.exists() and not work_dir.is_dir():
-        raise UserError(f"the work dir {work_dir} is a file, not a folder. Give --work-dir a folder path.")
+        if not (work_dir / "last.pt").is_file():
+            raise UserError(f"--resume was given but {work_dir / 'last.pt'} does not exist. Use --resume auto to "
+                            f"start when there is nothing to resume, or name the run's folder with --work-dir.")
+        return None
     found = [name for name in ARTEFACTS if (work_dir / name).exists()]
     if not found:
-        return
-    saved_path = work_dir / "config.yaml"
-    saved = None
-    if saved_path.is_file():
+        return None
+    saved = _read_record(work_dir / "config.yaml")
+    if saved is not None and not any(name in found for name in CHECKPOINTS):
         try:
-            saved = upgrade_config(yaml.safe_load(saved_path.read_text()), str(saved_path))
-        except (yaml.YAMLError, UserError, AttributeError, TypeError):
-            saved = None  # not a config this code understands: still another run's
-    if saved == config:
-        what = "a run of this config"
-    elif saved is None:
-        what = f"another run ({', '.join(found)})"
-    else:
-        what = f"a run of a different config ({saved_path})"
+            resume_changes(saved, config, str(work_dir / "config.yaml"))
+        except UserError:
+            pass  # another experiment's record: refused below
+        else:
+            return f"starting over in {work_dir}: it holds only the record of a start that never reached a checkpoint"
+    what = "a run of this config" if saved == config else (
+        f"a run of a different config ({work_dir / 'config.yaml'})" if saved else f"another run ({', '.join(found)})")
     raise UserError(
-        f"the work dir {work_dir} already holds {what}. To continue it, add --resume; to start another run, "
-        f"give --work-dir DIR (or delete {work_dir}). Nothing was overwritten."
+        f"the work dir {work_dir} already holds {what}. To continue it, add --resume auto (the same command line "
+        f"starts and restarts); to start another run, give --work-dir DIR (or delete {work_dir}). Nothing was overwritten."
     )
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The config a run recorded in its work dir, or None when there is none this code can read."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def make_writable_folder(folder: Path, advice: str) -> None:
@@ -57,6 +74,8 @@ def make_writable_folder(folder: Path, advice: str) -> None:
 
     Raises UserError naming the folder, the reason and ``advice``.
     """
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder. {advice}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test.{os.getpid()}"
@@ -64,11 +83,6 @@ def make_writable_folder(folder: Path, advice: str) -> None:
         probe.unlink()
     except OSError as err:
         raise UserError(f"cannot write to {folder} ({err.strerror or err}). {advice}") from None
-
-
-def prepare_work_dir(work_dir: Path) -> None:
-    """Create the work dir and check that files can be written there (UserError naming the folder otherwise)."""
-    make_writable_folder(work_dir, "Give --work-dir a folder you can write to (the work dir), with free space.")
 
 
 def _process_alive(pid: int) -> bool:
@@ -81,14 +95,22 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-class WorkDirLock:
-    """``with WorkDirLock(work_dir):`` holds ``work_dir/.lock`` for one training; UserError if another holds it."""
+class Lock:
+    """``with Lock(path, what):`` holds the lock file ``path`` for one writer of ``what``; UserError if it is taken.
 
-    def __init__(self, work_dir: Path) -> None:
-        self.path = work_dir / LOCK_NAME
+    A thread refreshes the file's modification time every ``refresh_s`` seconds while it is held. A lock is stale,
+    and taken over, when its process is gone (same host), when it is this process's own (a restart that got the
+    old pid), or when it was not refreshed for ``stale_s`` seconds (any host: a node that crashed).
+    """
+
+    refresh_s, stale_s = 60.0, 300.0
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = Path(path), what
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        self._done = threading.Event()
 
-    def __enter__(self) -> "WorkDirLock":
+    def __enter__(self) -> Lock:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -97,26 +119,36 @@ class WorkDirLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
+            threading.Thread(target=self._refresh, daemon=True).start()
             return self
-        raise UserError(f"could not take the lock {self.path}; another training is starting in the same work dir.")
+        raise UserError(f"could not take the lock {self.path}; another process is starting on {self.what} right now.")
+
+    def _refresh(self) -> None:
+        while not self._done.wait(self.refresh_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # gone or unreachable for a moment: the next refresh tries again
 
     def _remove_if_stale(self) -> None:
         try:
-            owner = json.loads(self.path.read_text())
+            owner, age = json.loads(self.path.read_text()), time.time() - self.path.stat().st_mtime
         except (OSError, ValueError):
-            owner = {}
+            owner, age = {}, 0.0
         pid, host = owner.get("pid"), owner.get("host")
-        if host == self.owner["host"] and isinstance(pid, int) and not _process_alive(pid):
-            self.path.unlink(missing_ok=True)  # its process is gone: a crash or kill -9 left it
+        same_host = host == self.owner["host"] and isinstance(pid, int)
+        if age > self.stale_s or (same_host and (pid == self.owner["pid"] or not _process_alive(pid))):
+            self.path.unlink(missing_ok=True)
             return
         where = f"process {pid} on {host}" if pid else "another process"
         raise UserError(
-            f"the work dir {self.path.parent} is in use by {where} (lock file {self.path}). Two trainings must not "
-            f"share a work dir: wait for it, give --work-dir DIR, or, if that process is surely gone (another "
-            f"machine that crashed), delete {self.path}."
+            f"{self.what} is in use by {where} (lock file {self.path}, refreshed {age:.0f} s ago). Two processes must "
+            f"not write it at once: wait for that one, or choose another output. A lock that nobody refreshes for "
+            f"{self.stale_s / 60:.0f} minutes (a crashed node) is taken over."
         )
 
     def __exit__(self, *exc: object) -> None:
+        self._done.set()
         self.path.unlink(missing_ok=True)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from configs import UserError, load_config, upgrade_config
+from configs import UserError, load_config
 from engine.optim import parameter_groups
 from models.deform_conv import DeformConv2d
 from models.segmentor import (
@@ -167,13 +167,8 @@ def test_deform_op_is_chosen_by_config() -> None:
     assert {layer.op for layer in deformable_layers(build("def-conv-v2")[0]).values()} == {"reference"}
     with pytest.raises(UserError, match=r"model\.deform_op.*'cuda'"):
         build("def-conv-v2", ["model.deform_op=cuda"])
-    for old in (None, "torchvision"):  # configs stored by older versions: no key, or the op's former name
-        older = load_config("def-conv-v2", NO_DOWNLOAD)
-        del older["model"]["deform_op"], older["model"]["head"], older["train"]["loss_norm"]
-        if old is not None:
-            older["model"]["deform_op"] = old
-        upgraded = upgrade_config(older, "an old checkpoint")
-        assert {layer.op for layer in deformable_layers(build_model(upgraded, load_pretrained=False)[0]).values()} == {"reference"}
+    with pytest.raises(UserError, match=r"model\.deform_op.*'torchvision'"):  # the op's name before 0.2: refused
+        build("def-conv-v2", ["model.deform_op=torchvision"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import train
 from configs import load_config
 from data.transforms import normalize_batch
 from engine import loss as loss_module
+from engine import device as device_module
 from engine import trainer as trainer_module
 from engine.checkpoint import load_checkpoint
 from engine.optim import parameter_groups, poly_factor
@@ -30,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(tree: Path, iters: int = 6) -> list[str]:
-    """A def-conv-v2 run (demo.yaml) on 32x32 crops of a tiny ADE tree: seconds per run on a CPU."""
+    """A def-conv-v2 run (demo.yaml) on 32x32 crops of a tiny ADE tree: seconds per run on a CPU (deliberately:
+    ADE20K data asks for a GPU)."""
     return [
+        "--device=cpu",
         f"data.root={tree}",
         "data.dataset=ade20k",
         "data.num_workers=0",
@@ -42,7 +45,7 @@ def tiny_overrides(tree: Path, iters: int = 6) -> list[str]:
         "train.log_interval=1",
         "train.val_interval=2",
         "train.ckpt_interval=2",
-        "train.tb_images=1",
+        "train.tb_images=0",  # TensorBoard's panels and offset figure: only the reference run draws them
     ]
 
 
@@ -55,14 +58,16 @@ def tree(module_dir: Path) -> Path:
 def reference_run(tree: Path, module_dir: Path) -> Path:
     """One uninterrupted 6-iteration run, shared by the tests that inspect a finished run."""
     work_dir = module_dir / "reference"
-    assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)]) == 0
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree), "train.tb_images=1"]) == 0
     return work_dir
 
 
 def test_checkpoints_hold_the_full_training_state(reference_run: Path) -> None:
     last = load_checkpoint(reference_run / "last.pt")  # weights_only=True inside
     assert last["iteration"] == 6
-    assert set(last) >= {"model", "optimizer", "scaler", "iteration", "rng", "best_miou", "config", "versions"}
+    assert set(last) >= {"model", "optimizer", "scaler", "iteration", "validated", "rng", "best_miou", "config",
+                         "config_changes", "environment"}
+    assert last["validated"] == 6 and last["config"]["train"]["amp"] == "none"  # the precision as it ran
     assert last["config"]["model"]["deform"]["version"] == 2
     best = load_checkpoint(reference_run / "best.pt")
     assert best["best_miou"] == pytest.approx(last["best_miou"])
@@ -86,6 +91,14 @@ def test_tensorboard_holds_the_logged_scalars(reference_run: Path) -> None:
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.02
     assert any(t.startswith("val_class_iou/") for t in tags["scalars"])
     assert any(t.startswith("val_panels/") for t in tags["images"])
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    panel = np.asarray(Image.open(io.BytesIO(events.Images("val_panels/0")[-1].encoded_image_string)))
+    band, third = panel[:14], panel.shape[1] // 3  # the titles: dark text on white above each strip
+    assert (band > 200).mean() > 0.8 and all((band[:, i * third:(i + 1) * third] < 60).any() for i in range(3))
     assert sum(t.startswith("offset_magnitude/") for t in tags["histograms"]) == 3
     assert sum(t.startswith("mask/") for t in tags["histograms"]) == 3
     assert "offsets/sampling_locations" in tags["images"]
@@ -158,13 +171,13 @@ def test_work_dir_of_another_run_is_refused(tree: Path, reference_run: Path, cap
     code = train.main(["--config", "norm-conv.yaml", "--work-dir", str(reference_run), *tiny_overrides(tree)])
     err = capsys.readouterr().err
     assert code == 2 and "different config" in err and "--resume" in err
-    code = train.main(["--config", "demo.yaml", "--work-dir", str(reference_run), *tiny_overrides(tree)])
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(reference_run), *tiny_overrides(tree), "train.tb_images=1"])
     assert code == 2 and "already holds a run of this config" in capsys.readouterr().err
 
 
 def test_missing_dataset_root_names_layout_and_download(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     overrides = [f"data.root={tmp_path / 'nowhere'}", "data.dataset=ade20k"]
-    code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *overrides])
+    code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), "--device", "cpu", *overrides])
     err = capsys.readouterr().err
     assert code == 2
     assert "download_ade20k.py" in err and "annotations" in err and "Traceback" not in err
@@ -175,7 +188,7 @@ def test_missing_dataset_root_names_layout_and_download(tmp_path: Path, capsys: 
 
 def test_overfitting_a_tiny_batch_reaches_90_percent_pixel_accuracy(tree: Path) -> None:
     torch.manual_seed(0)
-    config = load_config("demo.yaml", tiny_overrides(tree))
+    config = load_config("demo.yaml", tiny_overrides(tree)[1:])  # the overrides after --device
     model, _ = build_model(config)
     model.train()
     optimizer = torch.optim.SGD(parameter_groups(model, config["train"], 1.0), lr=0.01, momentum=0.9)
@@ -207,13 +220,14 @@ def test_op_choices_are_checked_and_reported(
 ) -> None:
     code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "a"), *tiny_overrides(tree), "train.loss_op=fused"])
     assert code == 2 and "train.loss_op" in capsys.readouterr().err
-    # Where Triton cannot run (a CPU without TRITON_INTERPRET), asking for it says that the references run instead.
-    monkeypatch.setattr(trainer_module.triton_deform, "triton_available", lambda device: False)
-    monkeypatch.setattr(loss_module, "triton_available", lambda device: False)
+    # Where Triton cannot run (a CPU without TRITON_INTERPRET), asking for it says that the references run instead,
+    # and the run's record holds what ran.
+    monkeypatch.setattr(device_module, "triton_available", lambda device: False)
     overrides = [*tiny_overrides(tree, iters=1), "model.deform_op=triton", "train.loss_op=triton"]
     assert train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "b"), *overrides]) == 0
     out = capsys.readouterr().out
-    assert "model.deform_op=triton falls back to reference" in out and "train.loss_op=triton falls back to reference" in out
+    assert "model.deform_op=triton runs as reference" in out and "train.loss_op=triton runs as reference" in out
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["config"]["model"]["deform_op"] == "reference"
 
 
 @pytest.mark.parametrize("loss_op", list(loss_module.LOSS_OPS))
@@ -260,20 +274,22 @@ def test_bad_label_found_by_a_loader_worker_is_one_clean_message(
     code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *overrides])
     err = capsys.readouterr().err
     assert code == 2
-    assert "200" in err and "ADE_train_" in err and "Traceback" not in err and err.count("\n") == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]  # one paragraph, after the bar
+    assert "200" in line and "ADE_train_" in line and "Traceback" not in err and "Training stopped at iteration 0" in line
 
 
-def test_cuda_out_of_memory_suggests_a_smaller_batch(
+def test_cuda_out_of_memory_proposes_accumulation_not_a_smaller_batch(
     tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    def out_of_memory(self, images, labels):  # type: ignore[no-untyped-def]
+    def out_of_memory(*args):  # type: ignore[no-untyped-def]
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", out_of_memory)
+    monkeypatch.setattr(trainer_module, "train_step", out_of_memory)
     code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "oom"), *tiny_overrides(tree)])
     err = capsys.readouterr().err
-    assert code == 2
-    assert "out of memory" in err and "train.batch_size=" in err and "Traceback" not in err
+    assert code == 2 and "out of memory" in err and "Traceback" not in err
+    assert "train.accum_steps=2 (1 images per forward, the same global batch" in err
+    assert "train.batch_size=1" not in err and "train.batch_size=2 over 1 process(es)" in err
 
 
 def signal_the_group_when(work_dir: Path, overrides: list[str], ready: Callable[[int], bool]) -> str:
@@ -375,9 +391,13 @@ def test_a_running_training_locks_its_work_dir(tree: Path, tmp_path: Path, capsy
 
     run = tmp_path / "locked"
     run.mkdir()
-    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: this process
-    assert train.main(["--config", "demo.yaml", "--work-dir", str(run), *tiny_overrides(tree, iters=1)]) == 2
-    assert "in use by process" in capsys.readouterr().err
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        assert train.main(["--config", "demo.yaml", "--work-dir", str(run), *tiny_overrides(tree, iters=1)]) == 2
+        assert "in use by process" in capsys.readouterr().err
+    finally:
+        alive.kill()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))  # stale
     assert train.main(["--config", "demo.yaml", "--work-dir", str(run), *tiny_overrides(tree, iters=1)]) == 0
@@ -388,20 +408,16 @@ def test_sigterm_during_validation_stops_it_and_saves(tree: Path, tmp_path: Path
                                                       capsys: pytest.CaptureFixture) -> None:
     """A stop signal that arrives while validation runs ends validation after the current image and saves
     last.pt at that iteration, instead of finishing a validation that may take longer than a scheduler waits."""
-    real, seen = trainer_module.evaluate_loader, []
+    real, seen = trainer_module.predictions, []
 
     def signal_during_validation(*args, **kwargs):  # type: ignore[no-untyped-def]
-        should_stop = kwargs["should_stop"]
-
-        def stop_after_first_image() -> bool:
+        for item in real(*args, **kwargs):
             seen.append(1)
             os.kill(os.getpid(), signal.SIGTERM)  # the handler train.main installed records it
-            return should_stop()
+            yield item
 
-        return real(*args, **{**kwargs, "should_stop": stop_after_first_image})
-
-    monkeypatch.setattr(trainer_module, "evaluate_loader", signal_during_validation)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(trainer_module, "predictions", signal_during_validation)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *tiny_overrides(tree)])
     finally:
@@ -416,16 +432,17 @@ def test_a_bad_last_update_reaches_no_checkpoint(tree: Path, tmp_path: Path, mon
                                                  capsys: pytest.CaptureFixture) -> None:
     """The update of iteration 4 makes a weight NaN while every loss up to it was finite: the run stops before
     validating or saving at 4, and last.pt keeps iteration 2 (the advised --resume starts from good weights)."""
-    real = trainer_module.Trainer.train_step
+    real, calls = trainer_module.train_step, []
 
-    def step_that_breaks_the_weights(self, images, labels):  # type: ignore[no-untyped-def]
-        losses = real(self, images, labels)
-        if self.iteration == 4:
+    def step_that_breaks_the_weights(model, *args):  # type: ignore[no-untyped-def]
+        losses = real(model, *args)
+        calls.append(1)
+        if len(calls) == 4:  # the step that ends at iteration 4
             with torch.no_grad():
-                next(self.model.parameters()).fill_(float("nan"))
+                next(model.parameters()).fill_(float("nan"))
         return losses
 
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_that_breaks_the_weights)
+    monkeypatch.setattr(trainer_module, "train_step", step_that_breaks_the_weights)
     work_dir = tmp_path / "nan_weights"
     code = train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)])
     err = capsys.readouterr().err

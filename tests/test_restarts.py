@@ -1,0 +1,178 @@
+"""One command line for starts and restarts: --resume auto after SIGKILL, SIGTERM and SIGUSR1, torchrun's restart
+of a killed worker, the work-dir lock across hosts, and gradient accumulation (same update, bitwise resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_ade_tree
+from torch import nn
+
+import train
+from configs import UserError, load_config
+from engine import trainer as trainer_module
+from engine.checkpoint import load_checkpoint
+from engine.optim import build_optimizer
+from engine.workdir import Lock
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def overrides(tree: Path, iters: int) -> list[str]:
+    """A def-conv-v2 run on 32x32 crops, batch 4 in two micro-batches of 2, a checkpoint every 2 iterations."""
+    return ["--device=cpu", f"data.root={tree}", "data.dataset=ade20k", "data.num_workers=0", "data.scale=[48,48]",
+            "data.crop_size=32", "train.batch_size=4", "train.accum_steps=2", f"train.iters={iters}",
+            "train.log_interval=1", "train.val_interval=2", "train.ckpt_interval=2", "train.tb_images=0"]
+
+
+@pytest.fixture(scope="module")
+def tree(module_dir: Path) -> Path:
+    return write_ade_tree(module_dir / "ade" / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
+
+
+def wait_for_a_new_checkpoint(proc: subprocess.Popen, last: Path, after: float) -> None:
+    """Wait until ``last`` was written after the time ``after`` (or the process ended)."""
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline and not (last.exists() and last.stat().st_mtime > after):
+        time.sleep(0.02)
+
+
+def test_one_command_line_starts_and_restarts_after_every_kind_of_stop(tree: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """A start that died before its first checkpoint, SIGKILL, SIGTERM and SIGUSR1: the same command line carries
+    the run to its end, with the weights of an uninterrupted run (gradient accumulation on, bitwise)."""
+    work_dir = tmp_path / "run"
+    args = ["--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree, iters=16), "--resume", "auto"]
+
+    def dies_at_the_first_step(*step_args):  # type: ignore[no-untyped-def]
+        raise UserError("a crash before the first checkpoint")
+
+    monkeypatch.setattr(trainer_module, "train_step", dies_at_the_first_step)
+    assert train.main(args) == 2
+    assert (work_dir / "config.yaml").is_file() and not (work_dir / "last.pt").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    last, outputs = work_dir / "last.pt", []
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1):
+        before = last.stat().st_mtime if last.exists() else 0.0
+        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for_a_new_checkpoint(proc, last, before)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), err[-2000:]
+        outputs.append(out)
+    assert "starting over" in outputs[0] and "holds only the record of a start" in outputs[0]
+    assert "stopped by SIGTERM" in outputs[1] and "stopped by SIGUSR1" in outputs[2]
+    stopped_at = load_checkpoint(last)["iteration"]
+    assert 2 < stopped_at < 16, "the runs did not stop where the test meant them to"
+
+    assert train.main(args) == 0
+    assert f"resumed at iteration {stopped_at}" not in capsys.readouterr().out  # nothing changed: no change line
+    resumed = load_checkpoint(last)
+    reference = tmp_path / "reference"
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(reference), *overrides(tree, iters=16)]) == 0
+    uninterrupted = load_checkpoint(reference / "last.pt")
+    assert resumed["iteration"] == 16 and resumed["validated"] == 16 and resumed["config"]["train"]["accum_steps"] == 2
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+def worker_pids(launcher: int) -> list[int]:
+    """The processes torchrun started (children of the launcher, Linux /proc)."""
+    pids = []
+    for file in Path(f"/proc/{launcher}/task").glob("*/children"):
+        try:
+            pids += [int(p) for p in file.read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(tree: Path, tmp_path: Path) -> None:
+    """torchrun --max-restarts=1 with gradient accumulation over 2 processes: a worker killed after the first
+    checkpoint brings both down, torchrun starts them again with the same arguments, and --resume auto continues."""
+    work_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+               "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree, iters=8),
+               "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_a_new_checkpoint(proc, work_dir / "last.pt", 0.0)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None, "the run ended before a worker could be killed"
+    os.kill(workers[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("2 process(es)") == 2  # the first start and the restart
+    last = load_checkpoint(work_dir / "last.pt")
+    assert last["iteration"] == 8 and not any(k.startswith("module.") for k in last["model"])
+
+
+def test_a_lock_from_another_host_is_stale_once_nobody_refreshes_it(tmp_path: Path) -> None:
+    path = tmp_path / ".lock"
+    path.write_text(json.dumps({"pid": 1, "host": "another-node"}))
+    with pytest.raises(UserError, match="in use by process 1 on another-node"):
+        Lock(path, "the work dir").__enter__()
+    old = time.time() - Lock.stale_s - 1
+    os.utime(path, (old, old))  # its owner stopped refreshing it: a node that crashed
+    with Lock(path, "the work dir"):
+        assert json.loads(path.read_text())["host"] == socket.gethostname()
+    assert not path.exists()
+
+
+def test_the_holder_refreshes_its_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Lock, "refresh_s", 0.05)
+    path = tmp_path / ".lock"
+    with Lock(path, "the work dir"):
+        old = time.time() - 1000
+        os.utime(path, (old, old))
+        time.sleep(0.5)
+        assert time.time() - path.stat().st_mtime < 5
+
+
+class NoNorm(nn.Module):
+    """A segmentation model without BatchNorm or dropout: accumulation must not change its update at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.out, self.aux = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.Conv2d(8, 5, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return {"out": self.out(h), "aux": self.aux(h)}
+
+
+@pytest.mark.parametrize("loss_norm", ["labelled", "all"])
+def test_accumulation_gives_the_update_of_the_whole_batch(loss_norm: str) -> None:
+    config = load_config("demo.yaml", [f"train.loss_norm={loss_norm}", "model.num_classes=5"])
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4, 32, 32), generator=gen)
+    labels[0, :20] = 255  # the micro-batches hold different numbers of labelled pixels
+    labels[3, :, :5] = 255
+    results = []
+    for accum in (1, 2, 4):
+        torch.manual_seed(0)
+        model = NoNorm()
+        config["train"]["accum_steps"] = accum
+        optimizer = build_optimizer(model, config)
+        losses = trainer_module.train_step(model, optimizer, torch.amp.GradScaler("cuda", enabled=False), images,
+                                           labels, config)
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (whole, weights), *split = results
+    for losses, params in split:
+        for key in ("total", "main", "aux"):
+            torch.testing.assert_close(losses[key], whole[key], rtol=1e-6, atol=1e-7)
+        for p, q in zip(params, weights):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
