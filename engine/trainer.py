@@ -196,16 +196,9 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        """Rank 0 writes ``name`` in the work dir atomically; file-system errors become a UserError."""
-        if not self.master:
-            return
-        try:
+        """Rank 0 writes ``name`` in the work dir atomically (a full disk or other write error is a UserError)."""
+        if self.master:
             save_checkpoint(self.checkpoint_state(), self.work_dir / name)
-        except OSError as err:
-            raise UserError(
-                f"could not write {self.work_dir / name} ({err.strerror or err}); the previous {name} is unchanged. "
-                f"Free disk space or fix the folder's permissions, then continue with --resume."
-            ) from None
 
     def stop_requested(self) -> bool:
         """True when SIGTERM/SIGINT arrived on any rank (a collective under torchrun: all ranks agree)."""
