@@ -2,7 +2,8 @@
 
 A work dir holding any run artefact (config.yaml, last.pt, best.pt, tb/) belongs to that run: a new run
 is refused there, ``--resume`` continues it. While a training runs, ``.lock`` (owner pid and host)
-keeps a second training out; a lock whose process is gone (same host) is stale and taken over.
+keeps a second training out; a lock whose process is gone (same host) is stale and taken over. The same lock
+keeps a second evaluation from writing an output file (``.NAME.lock`` beside it) while one writes it.
 """
 
 from __future__ import annotations
@@ -82,11 +83,22 @@ def _process_alive(pid: int) -> bool:
 
 
 class WorkDirLock:
-    """``with WorkDirLock(work_dir):`` holds ``work_dir/.lock`` for one training; UserError if another holds it."""
+    """``with WorkDirLock(work_dir):`` holds ``work_dir/.lock`` for one training; UserError if another holds it.
 
-    def __init__(self, work_dir: Path) -> None:
-        self.path = work_dir / LOCK_NAME
+    ``WorkDirLock.for_output(path)`` holds ``.NAME.lock`` beside the output file ``path`` for one writer.
+    """
+
+    def __init__(self, work_dir: Path, lock_name: str = LOCK_NAME, held: str = "", advice: str = "") -> None:
+        self.path = work_dir / lock_name
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.held = held or f"the work dir {work_dir}"
+        self.advice = advice or "Two trainings must not share a work dir: wait for it, give --work-dir DIR"
+
+    @classmethod
+    def for_output(cls, path: Path) -> "WorkDirLock":
+        """The lock of one output file (an evaluation's --json or --per-image)."""
+        return cls(path.parent, f".{path.name}.lock", f"the output {path}",
+                   "Two processes must not write the same file: wait for it, give another path")
 
     def __enter__(self) -> "WorkDirLock":
         for _ in range(2):
@@ -98,7 +110,7 @@ class WorkDirLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
             return self
-        raise UserError(f"could not take the lock {self.path}; another training is starting in the same work dir.")
+        raise UserError(f"could not take the lock {self.path}; another process is starting to use {self.held}.")
 
     def _remove_if_stale(self) -> None:
         try:
@@ -111,9 +123,8 @@ class WorkDirLock:
             return
         where = f"process {pid} on {host}" if pid else "another process"
         raise UserError(
-            f"the work dir {self.path.parent} is in use by {where} (lock file {self.path}). Two trainings must not "
-            f"share a work dir: wait for it, give --work-dir DIR, or, if that process is surely gone (another "
-            f"machine that crashed), delete {self.path}."
+            f"{self.held} is in use by {where} (lock file {self.path}). {self.advice}, or, if that process is surely "
+            f"gone (another machine that crashed), delete {self.path}."
         )
 
     def __exit__(self, *exc: object) -> None:
