@@ -13,18 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from configs import UserError, error_message, load_config
+from data.perturb import HELP as PERTURB_HELP
 from engine.checkpoint import load_checkpoint
-from engine.distributed import init_distributed, shutdown
+from engine.distributed import env_rank, init_distributed, shutdown
 from engine.evaluation import EvalOptions, evaluate_checkpoint
 from engine.precision import AMP_DTYPES
-from engine.workdir import make_writable_folder
+from engine.workdir import make_writable_folder, output_lock
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write the metrics as JSON here")
     parser.add_argument(
         "--perturb", metavar="KIND=VALUE",
-        help="evaluate on warped images and labels: rotate=DEGREES, scale=FACTOR, shear=FACTOR or elastic=PIXELS "
-        "(deterministic per image; pixels from outside the image are ignored)",
+        help=f"evaluate on warped images and labels: {PERTURB_HELP} (deterministic per image; pixels from outside the "
+        "image are ignored)",
     )
     parser.add_argument(
         "--per-image", metavar="PATH",
@@ -91,6 +94,19 @@ def checkpoint_names(paths: list[Path]) -> list[str]:
     stems = [p.stem for p in paths]
     names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def per_image_path(template: str | None, name: str, several: bool) -> Path | None:
+    """Where --per-image saves the counts of checkpoint ``name``: NAME inserted before the suffix for several."""
+    if template is None:
+        return None
+    path = Path(template)
+    return path.with_name(f"{path.stem}_{name}{path.suffix}") if several else path
+
+
+def temporary(path: Path) -> Path:
+    """A name beside ``path`` to write to before renaming it to ``path``, so no reader sees half a file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _fmt(value: float | None) -> str:
@@ -140,19 +156,26 @@ def run(args: argparse.Namespace) -> int:
             folder = Path(target) if target == args.save_predictions else Path(target).parent
             make_writable_folder(folder, f"{target} should go there: choose a folder you can write to; nothing was evaluated.")
     names = checkpoint_names(paths)
-    rank, world_size, device = init_distributed(device_name)
+    per_images = [per_image_path(args.per_image, name, len(paths) > 1) for name in names]
+    outputs = ([Path(args.json)] if args.json else []) + [p for p in per_images if p is not None]
+    locks = ExitStack()
     try:
+        if env_rank() == 0:  # one writer per output file: a second evaluation writing the same file is refused now
+            for target in outputs:
+                locks.enter_context(output_lock(target))
+        rank, world_size, device = init_distributed(device_name)
         results = []
-        for path, name in zip(paths, names):
+        for path, name, per_image in zip(paths, names, per_images):
             save_dir = Path(args.save_predictions) / (name if len(paths) > 1 else "") if args.save_predictions else None
-            per_image = Path(args.per_image) if args.per_image else None
-            if per_image is not None and len(paths) > 1:
-                per_image = per_image.with_name(f"{per_image.stem}_{name}{per_image.suffix}")
             options = EvalOptions(
                 split=args.split, max_images=args.max_images, mode=args.mode, scales=scales, flip=args.tta == "flip",
-                amp=args.amp, data_root=args.data_root, save_dir=save_dir, per_image=per_image, perturb=args.perturb,
+                amp=args.amp, data_root=args.data_root, save_dir=save_dir, perturb=args.perturb,
+                per_image=temporary(per_image) if per_image is not None else None,
             )
             record = evaluate_checkpoint(path, options, device, rank, world_size, config_override)
+            if rank == 0 and per_image is not None:  # written whole, then renamed
+                os.replace(options.per_image, per_image)
+                record["per_image"] = str(per_image)
             if rank == 0:
                 print(class_table(f"\n{name} ({path}): per-class IoU and accuracy (%)", record))
             results.append((name, record))
@@ -165,10 +188,15 @@ def run(args: argparse.Namespace) -> int:
                 json_path = Path(args.json)
                 json_path.parent.mkdir(parents=True, exist_ok=True)
                 records = [r for _, r in results]
-                json_path.write_text(json.dumps(records[0] if len(records) == 1 else records, indent=2) + "\n")
+                text = json.dumps(records[0] if len(records) == 1 else records, indent=2) + "\n"
+                temporary(json_path).write_text(text)
+                os.replace(temporary(json_path), json_path)  # written whole, then renamed
                 print(f"wrote {json_path}")
     finally:
         shutdown()
+        for target in outputs:  # a temporary file is left only by a write that failed
+            temporary(target).unlink(missing_ok=True)
+        locks.close()
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
@@ -45,8 +45,11 @@ CLASSES_CSV = Path(__file__).resolve().parent / "ade20k_classes.csv"
 SPLITS = ("training", "validation")
 OFFICIAL_COUNTS = {"training": 20210, "validation": 2000}
 POOL_MIN_FILES = 256  # check_layout reads smaller splits in-process
+IMAGE_SUFFIXES = (".jpg", ".jpeg")  # compared in lower case: X.JPG and X.Jpeg are images too
+LABEL_SUFFIXES = (".png",)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's 16-bit greyscale
 LAYOUT_HELP = (
-    "ADEChallengeData2016/images/{training,validation}/*.jpg and "
+    "ADEChallengeData2016/images/{training,validation}/*.jpg (or .jpeg, any case) and "
     "ADEChallengeData2016/annotations/{training,validation}/*.png"
 )
 
@@ -72,18 +75,36 @@ def _decode(decoder: Any, path: Path) -> torch.Tensor | None:
 
 def _read_image(path: Path) -> torch.Tensor | Image.Image:
     """The RGB pixels of ``path``: a uint8 [3, H, W] tensor when torchvision decodes it as a 3-channel JPEG
-    (libjpeg-turbo, as PIL: the same pixels, but faster and without a copy into numpy), else a PIL RGB image."""
-    if decode_jpeg is not None and path.suffix.lower() in (".jpg", ".jpeg"):
+    (libjpeg-turbo, as PIL: the same pixels, but faster and without a copy into numpy), else ``read_rgb``'s image.
+    Neither applies the EXIF orientation (``decode_jpeg`` leaves it off by default), as ``read_rgb`` here."""
+    if decode_jpeg is not None and path.suffix.lower() in IMAGE_SUFFIXES:
         pixels = _decode(decode_jpeg, path)
         if pixels is not None and pixels.dim() == 3 and pixels.shape[0] == 3:
             return pixels
-    return _read_pil(path)
+    return read_rgb(path)
 
 
-def _read_pil(path: Path) -> Image.Image:
-    """``path`` decoded by PIL as an RGB image (no copy for RGB JPEGs)."""
+def read_rgb(path: Path, exif_orientation: bool = False) -> Image.Image:
+    """``path`` decoded by PIL as an 8-bit RGB image (no copy for RGB JPEGs): the one reader of photos.
+
+    16-bit greyscale is scaled to 8 bits (v / 257, rounded: 65535 -> 255), where PIL's conversion would clip every
+    value above 255 to white; 16-bit colour PNGs PIL itself reads as 8-bit RGB. 32-bit integer or floating-point
+    pixels (TIFF modes I and F) have no standard range and are refused (UserError naming the file).
+    ``exif_orientation`` turns the pixels as the EXIF Orientation tag says (a phone photo held upright), for
+    photos shown to people (scripts/predict.py); the dataset reads the stored pixels, see ``SegmentationFolder._load``.
+    """
     with Image.open(path) as im:
         im.load()  # decoded now: the pixels outlive the file
+        sixteen_bit = im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and im.format == "PNG")  # Pillow < 11: "I"
+        if im.mode in ("I", "F") and not sixteen_bit:
+            raise UserError(
+                f"{path} has {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels (PIL mode {im.mode}), "
+                f"which have no standard range to map to 8-bit colours. Save it as an 8- or 16-bit image (JPEG or PNG)."
+            )
+        if exif_orientation:
+            im = ImageOps.exif_transpose(im)
+        if sixteen_bit:
+            im = Image.fromarray(np.rint(np.asarray(im, dtype=np.float32) / 257).astype(np.uint8))
         return im if im.mode == "RGB" else im.convert("RGB")
 
 
@@ -142,26 +163,24 @@ class SegmentationFolder(Dataset):
         self.transform = transform
         self.train = isinstance(transform, TrainTransform)
         self.perturb = perturb
-        image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
-        images = sorted(image_dir.glob("*.jpg")) if image_dir.is_dir() else []
-        if not images:
+        pairs, problems = list_split(self.root, split)
+        if not any(image for image, _ in pairs):
             raise UserError(
-                f"no images found in {image_dir} (the folder is missing or holds no .jpg files). The dataset "
-                f"must follow the layout {LAYOUT_HELP}; check data.root, or run "
+                f"no images found in {self.root / 'images' / split} (the folder is missing or holds no .jpg/.jpeg "
+                f"files). The dataset must follow the layout {LAYOUT_HELP}; check data.root, or run "
                 f"`python scripts/download_ade20k.py --check {self.root}` to see what is wrong."
             )
-        if max_images > 0:
-            images = images[:max_images]
-        labels = [label_dir / f"{p.stem}.png" for p in images]
-        missing = [str(p) for p, q in zip(images, labels) if not q.is_file()]
-        if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise UserError(
-                f"{len(missing)} image(s) in {image_dir} have no annotation of the same name in {label_dir}: "
-                f"{shown}. Every images/{split}/X.jpg needs annotations/{split}/X.png; restore the missing files "
-                f"or run `python scripts/download_ade20k.py --check {self.root}` for a full report."
+                f"the {split} files of {self.root} do not pair up ({len(problems)} problem(s)): {shown}. Every "
+                f"images/{split}/X.jpg (or .jpeg, any case) needs annotations/{split}/X.png and the reverse, and "
+                f"nothing else belongs in those folders; fix the files named, or run "
+                f"`python scripts/download_ade20k.py --check {self.root}` for a full report."
             )
-        self.images, self.labels = images, labels
+        if max_images > 0:
+            pairs = pairs[:max_images]
+        self.images, self.labels = [image for image, _ in pairs], [label for _, label in pairs]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -184,7 +203,9 @@ class SegmentationFolder(Dataset):
         ``pixels=True`` (training) may return the image as a uint8 [3, H, W] tensor (``_read_image``),
         which ``TrainTransform`` takes as it is; otherwise it is a PIL image.
         """
-        image = self._read(self.images[index], _read_image if pixels else _read_pil)
+        # The stored pixels, without the EXIF orientation: ADE20K's annotations are aligned with the stored pixels,
+        # so turning a photo by its EXIF tag (as predict.py does for people's photos) would turn it away from its label.
+        image = self._read(self.images[index], _read_image if pixels else read_rgb)
         raw = self._read(self.labels[index], _read_label)
         height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
         if raw.shape != (height, width):
@@ -207,6 +228,38 @@ class SegmentationFolder(Dataset):
         if self.perturb is not None:
             image, label = self.perturb(image, label, key=name)
         return self.transform(image), torch.from_numpy(label.astype(np.int64)), name
+
+
+def list_split(root: Path, split: str) -> tuple[list[tuple[Path | None, Path | None]], list[str]]:
+    """The (image, annotation) pairs of one split, matched by file stem, and every problem with the files.
+
+    The one listing of the dataset, for training, evaluation and ``--check`` alike: images are
+    ``images/{split}/X.jpg`` or ``X.jpeg``, annotations ``annotations/{split}/X.png``, the suffixes in any case.
+    Nothing is dropped without a word: an image without its annotation (or the reverse) is a pair holding None and
+    a problem; two files of one stem (X.jpg and X.JPEG) and any other file or folder are problems. Pairs are sorted
+    by file name (the image's, else the annotation's); a missing folder lists as empty.
+    """
+    image_dir, label_dir = root / "images" / split, root / "annotations" / split
+    problems: list[str] = []
+    by_stem: list[dict[str, Path]] = []
+    for folder, suffixes, kind in ((image_dir, IMAGE_SUFFIXES, "image"), (label_dir, LABEL_SUFFIXES, "annotation")):
+        files: dict[str, Path] = {}
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.suffix.lower() not in suffixes or not path.is_file():
+                what = f"not an {kind} file ({' or '.join(suffixes)}, any case)"
+                problems.append(f"{path}: {what}; move it out of {folder}")
+            elif path.stem in files:
+                problems.append(f"{files[path.stem]} and {path}: two {kind}s named {path.stem}; keep one of them")
+            else:
+                files[path.stem] = path
+        by_stem.append(files)
+    images, labels = by_stem
+    for stem in sorted(images.keys() - labels.keys()):
+        problems.append(f"{images[stem]}: no annotation {label_dir / (stem + '.png')}")
+    for stem in sorted(labels.keys() - images.keys()):
+        problems.append(f"{labels[stem]}: annotation without an image {image_dir / stem}.jpg (or .jpeg)")
+    pairs = [(images.get(stem), labels.get(stem)) for stem in images.keys() | labels.keys()]
+    return sorted(pairs, key=lambda pair: (pair[0] or pair[1]).name), problems
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -423,24 +476,18 @@ def check_layout(root: Path, workers: int | None = None) -> tuple[list[str], lis
                 problems.append(f"{folder}: folder is missing")
         if not (image_dir.is_dir() and label_dir.is_dir()):
             continue
-        images = {p.stem: p for p in image_dir.glob("*.jpg")}
-        labels = {p.stem: p for p in label_dir.glob("*.png")}
-        report.append(f"{split}: {len(images)} images, {len(labels)} annotations")
-        if len(images) != OFFICIAL_COUNTS[split]:
+        pairs, listing_problems = list_split(root, split)
+        num_images, num_labels = sum(i is not None for i, _ in pairs), sum(a is not None for _, a in pairs)
+        report.append(f"{split}: {num_images} images, {num_labels} annotations")
+        if num_images != OFFICIAL_COUNTS[split]:
             report.append(
-                f"WARNING: {split} has {len(images)} images, the official split has {OFFICIAL_COUNTS[split]:,} "
+                f"WARNING: {split} has {num_images} images, the official split has {OFFICIAL_COUNTS[split]:,} "
                 f"(fine for a subset)"
             )
-        if not images:
-            problems.append(f"{image_dir}: no .jpg images")
-        for stem in sorted(images.keys() - labels.keys()):
-            problems.append(f"{images[stem]}: no annotation {label_dir / (stem + '.png')}")
-        for stem in sorted(labels.keys() - images.keys()):
-            problems.append(f"{labels[stem]}: annotation without an image {image_dir / (stem + '.jpg')}")
-        pairs = [
-            (str(images[s]) if s in images else None, str(labels[s]) if s in labels else None)
-            for s in sorted(images.keys() | labels.keys())
-        ]
+        if not num_images:
+            problems.append(f"{image_dir}: no .jpg/.jpeg images")
+        problems.extend(listing_problems)
+        pairs = [(str(i) if i is not None else None, str(a) if a is not None else None) for i, a in pairs]
         for found in _map_files(pairs, f"checking {split}", workers):
             problems.extend(found)
     return problems, report

@@ -23,7 +23,11 @@ Kinds (``KIND=VALUE``, see :func:`parse_perturbation`):
   displacement a little below A). The field is drawn from a numpy Generator seeded from (global seed, image key),
   so a given image gets the same warp in every run and every process.
 
-A value of 0 (1 for ``scale``) is the identity and returns the inputs unchanged (copies), bit for bit.
+A value of 0 (1 for ``scale``) is the identity and returns the inputs unchanged (copies), bit for bit. Values outside
+:data:`RANGES` are refused (:data:`HELP` states them): every rotation is within +-180 degrees; beyond 4x (or below
+0.25x) a scale leaves one object (or a sixteenth of the image) to score, beyond a shear of 1 (45 degrees) most of the
+image leaves the frame; an elastic amplitude above a quarter of its grid spacing folds more and more of the image over
+itself, and a grid beyond 256 pixels moves whole images rather than warping them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ IDENTITY = {"rotate": 0.0, "scale": 1.0, "shear": 0.0, "elastic": 0.0}
 DEFAULT_ELASTIC_SPACING = 64.0
 MEAN_FILL = (124, 116, 104)  # ImageNet mean (123.675, 116.28, 103.53) rounded: about 0 after normalisation
 _EXAMPLES = "rotate=15, scale=0.75, shear=0.2, elastic=8 or elastic=8:64"
+RANGES = {"rotate": (-180.0, 180.0), "scale": (0.25, 4.0), "shear": (-1.0, 1.0)}  # inclusive
+ELASTIC_SPACING_RANGE = (8.0, 256.0)  # pixels, inclusive
+ELASTIC_MAX_RATIO = 0.25  # amplitude / spacing
+HELP = (
+    f"rotate=DEGREES ({RANGES['rotate'][0]:g} to {RANGES['rotate'][1]:g}), scale=FACTOR ({RANGES['scale'][0]:g} to "
+    f"{RANGES['scale'][1]:g}), shear=FACTOR ({RANGES['shear'][0]:g} to {RANGES['shear'][1]:g}, the tangent of the "
+    f"angle) or elastic=PIXELS[:GRID] (0 to GRID/{1 / ELASTIC_MAX_RATIO:g} pixels; GRID {ELASTIC_SPACING_RANGE[0]:g} "
+    f"to {ELASTIC_SPACING_RANGE[1]:g} pixels, default {DEFAULT_ELASTIC_SPACING:g})"
+)
 
 
 @dataclass(frozen=True)
@@ -92,12 +105,14 @@ def _problem(kind: str, value: float, spacing: float) -> str:
         return f"unknown kind {kind!r}"
     if not math.isfinite(value):
         return "the value must be a finite number"
-    if kind == "scale" and value <= 0:
-        return "scale needs a factor > 0"
-    if kind == "elastic" and value < 0:
-        return "elastic needs an amplitude >= 0 pixels"
-    if not (math.isfinite(spacing) and spacing > 0):
-        return "the elastic grid spacing must be > 0 pixels"
+    if kind in RANGES and not RANGES[kind][0] <= value <= RANGES[kind][1]:
+        return f"{kind} must be between {RANGES[kind][0]:g} and {RANGES[kind][1]:g}, got {value:g}"
+    low, high = ELASTIC_SPACING_RANGE
+    if not (math.isfinite(spacing) and low <= spacing <= high):
+        return f"the elastic grid spacing must be between {low:g} and {high:g} pixels, got {spacing:g}"
+    if kind == "elastic" and not 0 <= value <= ELASTIC_MAX_RATIO * spacing:
+        return (f"elastic needs an amplitude between 0 and {ELASTIC_MAX_RATIO * spacing:g} pixels (a quarter of the "
+                f"grid spacing {spacing:g}; more folds the image over itself), got {value:g}")
     return ""
 
 

@@ -2,15 +2,17 @@
 
 A checkpoint is one plain dict (nanoGPT): model, optimizer, scheduler, scaler, iteration, RNG states,
 best metric and the resolved config. It is written to a temporary file in the same folder, flushed to
-disk and renamed, so a crash or power loss leaves the previous file intact; it is read with
+disk and renamed, so a crash, a power loss or a full disk leaves the previous file intact; it is read with
 ``torch.load(weights_only=True)``, which refuses pickles that would run code.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,9 @@ REQUIRED_KEYS = ("model", "config")
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically: a uniquely named temporary file, fsync, rename, fsync of the folder.
 
-    On any failure (a full disk, say) the temporary file is removed and the old ``path`` stays as it was.
+    On any failure the temporary file is removed and the old ``path`` stays as it was. A failed write is a
+    UserError: for a full disk (``torch.save`` reports it as Errno 28, then ``RuntimeError: unexpected pos``) one
+    paragraph with the folder, the checkpoint's size and the free space; for other errors the reason.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -37,14 +41,55 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        cause = _os_error(err) if isinstance(err, Exception) else None  # Ctrl-C stays Ctrl-C
+        if cause is None:
+            raise
+        raise UserError(_write_failed_message(state, path, cause)) from None
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: itself, or one it was raised while handling (torch.save's RuntimeError)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+class _ByteCounter:
+    """A file-like sink that only counts what ``torch.save`` writes to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _write_failed_message(state: dict[str, Any], path: Path, err: OSError) -> str:
+    """The paragraph for a checkpoint that could not be written: a full disk in its own words, else the reason."""
+    kept = (f"The previous {path.name} is intact" if path.is_file() else f"No {path.name} existed before") + (
+        " (the new one was written to a temporary file, now removed).")
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return (f"could not write the checkpoint {path} ({err.strerror or err}). {kept} Fix the folder's permissions "
+                f"or free disk space, then continue the run with --resume auto.")
+    needed = _ByteCounter()
+    torch.save(state, needed)
+    free = shutil.disk_usage(path.parent).free
+    return (
+        f"the disk is full: the checkpoint {path} needs {needed.size / 1e6:,.1f} MB and the disk holding {path.parent} "
+        f"has {free / 1e6:,.1f} MB free ({err.strerror or err}). {kept} Make room for it there (old runs, other "
+        f"checkpoints) or move the run to a bigger disk, then continue it with --resume auto."
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def make_writable_folder(folder: Path, advice: str) -> None:
     Raises UserError naming the folder, the reason and ``advice``.
     """
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is a file, not a folder. {advice}")
+        raise UserError(f"cannot write to {folder}: it is a file, not a folder. {advice}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test.{os.getpid()}"
@@ -99,11 +99,13 @@ class Lock:
     """``with Lock(path, what):`` holds the lock file ``path`` for one writer of ``what``; UserError if it is taken.
 
     A thread refreshes the file's modification time every ``refresh_s`` seconds while it is held. A lock is stale,
-    and taken over, when its process is gone (same host), when it is this process's own (a restart that got the
-    old pid), or when it was not refreshed for ``stale_s`` seconds (any host: a node that crashed).
+    and taken over, when its process is gone (same host), when it names this process but this process does not
+    hold it (a restart that got the old pid), or when nobody refreshed it for ``stale_s`` seconds (any host: a node
+    that crashed).
     """
 
     refresh_s, stale_s = 60.0, 300.0
+    held: set[Path] = set()  # the lock files this process holds
 
     def __init__(self, path: Path, what: str) -> None:
         self.path, self.what = Path(path), what
@@ -119,6 +121,7 @@ class Lock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
+            Lock.held.add(self.path.resolve())
             threading.Thread(target=self._refresh, daemon=True).start()
             return self
         raise UserError(f"could not take the lock {self.path}; another process is starting on {self.what} right now.")
@@ -137,7 +140,8 @@ class Lock:
             owner, age = {}, 0.0
         pid, host = owner.get("pid"), owner.get("host")
         same_host = host == self.owner["host"] and isinstance(pid, int)
-        if age > self.stale_s or (same_host and (pid == self.owner["pid"] or not _process_alive(pid))):
+        ours_before = pid == self.owner["pid"] and self.path.resolve() not in Lock.held  # a restart that got its pid
+        if age > self.stale_s or (same_host and (ours_before or not _process_alive(pid))):
             self.path.unlink(missing_ok=True)
             return
         where = f"process {pid} on {host}" if pid else "another process"
@@ -149,7 +153,13 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        Lock.held.discard(self.path.resolve())
         self.path.unlink(missing_ok=True)
+
+
+def output_lock(path: Path) -> Lock:
+    """The lock of one output file (an evaluation's --json or --per-image): ``.NAME.lock`` beside it."""
+    return Lock(path.with_name(f".{path.name}.lock"), f"the output {path}")
 
 
 def write_record(work_dir: Path, config: dict[str, Any]) -> None:

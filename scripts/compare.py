@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from configs import UserError
+from data.perturb import HELP as PERTURB_HELP
+from data.perturb import parse_perturbation
 from engine.comparison import IGNORED_KEYS, CompareOptions, compare
 
 
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--perturb", nargs="+", default=[], metavar="KIND=VALUE",
         help="also evaluate every run on warped validation images (e.g. rotate=15 scale=0.75 shear=0.2 elastic=8) "
-        "and report each variant's mIoU and drop side by side",
+        f"and report each variant's mIoU and drop side by side; each one of {PERTURB_HELP}",
     )
     parser.add_argument(
         "--ignore-key", action="append", default=[], metavar="KEY",
@@ -67,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         val_images=args.val_images, data_root=args.data_root, device=args.device, ignore_key=args.ignore_key,
         resamples=args.resamples, perturb=args.perturb,
     )
+    for text in args.perturb:  # refused now, not after the first runs' evaluations
+        try:
+            parse_perturbation(text)
+        except ValueError as err:
+            print(f"error: --perturb: {err}", file=sys.stderr)
+            return 2
     try:
         table = compare(options)
     except UserError as err:

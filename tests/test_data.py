@@ -20,8 +20,10 @@ from data.dataset import (
     build_train_loader,
     build_val_loader,
     check_layout,
+    list_split,
     load_class_info,
     prepare_dataset_root,
+    read_rgb,
 )
 from data.demo import DEMO_CLASSES, ensure_demo_dataset, generate_demo_dataset
 from data.transforms import (
@@ -436,6 +438,72 @@ def test_dataset_errors_name_the_file(make_ade_tree) -> None:
     (root / "annotations" / "training" / "ADE_train_00000002.png").unlink()
     with pytest.raises(UserError, match="ADE_train_00000002.jpg"):
         SegmentationFolder(root, "training", ValTransform({"scale": [40, 30]}))
+
+
+def test_upper_case_and_long_extensions_are_listed_for_training_evaluation_and_check(make_ade_tree) -> None:
+    """Issue 23, item 1: X.JPG and X.jpeg with X.png (and X.PNG) are pairs like X.jpg/X.png, in training, evaluation
+    and --check alike (one listing, ``list_split``); before, evaluation counted 2 of 3 images and exited 0."""
+    root = make_ade_tree(num_train=3, num_val=3)
+    val_images, val_labels = root / "images" / "validation", root / "annotations" / "validation"
+    (val_images / "ADE_val_00000001.jpg").rename(val_images / "ADE_val_00000001.JPG")
+    (val_images / "ADE_val_00000002.jpg").rename(val_images / "ADE_val_00000002.jpeg")
+    (val_labels / "ADE_val_00000003.png").rename(val_labels / "ADE_val_00000003.PNG")
+    train_images = root / "images" / "training"
+    (train_images / "ADE_train_00000002.jpg").rename(train_images / "ADE_train_00000002.Jpeg")
+    dataset = SegmentationFolder(root, "validation", ValTransform({"scale": [40, 30]}))
+    assert [dataset[i][2] for i in range(len(dataset))] == ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
+    training = SegmentationFolder(root, "training", TrainTransform(_data_cfg()))
+    assert len(training) == 3 and isinstance(training._load(1, pixels=True)[0], torch.Tensor)  # the JPEG decoder
+    problems, report = check_layout(root)
+    assert problems == []
+    assert "validation: 3 images, 3 annotations" in report and "training: 3 images, 3 annotations" in report
+
+
+def test_files_that_do_not_pair_are_refused_not_dropped(make_ade_tree) -> None:
+    """Two files of one stem, a file of another type and an annotation without its image are named, by the dataset
+    (training and evaluation refuse to start) and by --check; before, all three were silently left out."""
+    root = make_ade_tree()
+    images, labels = root / "images" / "validation", root / "annotations" / "validation"
+    (images / "ADE_val_00000001.JPG").write_bytes((images / "ADE_val_00000001.jpg").read_bytes())
+    (images / "ADE_val_00000002.png").write_bytes((labels / "ADE_val_00000002.png").read_bytes())
+    (labels / "ADE_val_00000009.png").write_bytes((labels / "ADE_val_00000002.png").read_bytes())
+    expected = [
+        f"{images / 'ADE_val_00000001.JPG'} and {images / 'ADE_val_00000001.jpg'}: two images named ADE_val_00000001; "
+        f"keep one of them",
+        f"{images / 'ADE_val_00000002.png'}: not an image file (.jpg or .jpeg, any case); move it out of {images}",
+        f"{labels / 'ADE_val_00000009.png'}: annotation without an image {images / 'ADE_val_00000009'}.jpg (or .jpeg)",
+    ]
+    pairs, problems = list_split(root, "validation")
+    assert problems == expected and len(pairs) == 3
+    for transform in (ValTransform({"scale": [40, 30]}), TrainTransform(_data_cfg())):
+        with pytest.raises(UserError) as info:
+            SegmentationFolder(root, "validation", transform)
+        assert all(problem in str(info.value) for problem in expected) and "3 problem(s)" in str(info.value)
+    assert check_layout(root)[0] == expected
+    SegmentationFolder(root, "training", ValTransform({"scale": [40, 30]}))  # the other split is fine
+
+
+def test_read_rgb_scales_16_bit_and_refuses_unknown_ranges(tmp_path: Path) -> None:
+    """Issue 23, item 3: a 16-bit greyscale PNG (PIL mode I;16) becomes 8 bits by v / 257, not white; 32-bit integer
+    and float pixels are refused naming the file; EXIF orientation only on request (the dataset reads stored pixels)."""
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535: exactly 0..255 in 8 bits
+    ramp[0, 1] = 385  # 1.498 -> 1
+    ramp[0, 2] = 643  # 2.502 -> 3
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    pixels = np.asarray(read_rgb(tmp_path / "grey16.png"))
+    expected = np.arange(256).reshape(16, 16)
+    expected[0, 1:3] = [1, 3]
+    assert pixels.dtype == np.uint8 and pixels.shape == (16, 16, 3) and np.array_equal(pixels[..., 1], expected)
+    for name, array in (("float.tif", np.zeros((4, 4), np.float32)), ("int32.tif", np.zeros((4, 4), np.int32))):
+        Image.fromarray(array).save(tmp_path / name)
+        with pytest.raises(UserError, match=f"{tmp_path / name} has .* pixels \\(PIL mode [IF]\\)"):
+            read_rgb(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees: portrait
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    assert read_rgb(tmp_path / "phone.jpg").size == (48, 32)
+    assert read_rgb(tmp_path / "phone.jpg", exif_orientation=True).size == (32, 48)
 
 
 # ---------------------------------------------------------------- sampler

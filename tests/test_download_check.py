@@ -137,6 +137,20 @@ def test_check_passes_a_valid_tree_and_fails_a_missing_one(make_ade_tree, tmp_pa
     assert "does not exist" in capsys.readouterr().out
 
 
+def test_check_takes_upper_case_and_jpeg_extensions_and_names_stray_files(make_ade_tree, capsys) -> None:
+    """Issue 23, item 1: X.JPG / X.jpeg beside X.png pair up as training and evaluation read them (before: "annotation
+    without an image"); a file nothing reads is named, never passed over."""
+    root = make_ade_tree()
+    images = root / "images" / "validation"
+    (images / "ADE_val_00000001.jpg").rename(images / "ADE_val_00000001.JPG")
+    (images / "ADE_val_00000002.jpg").rename(images / "ADE_val_00000002.jpeg")
+    assert download_ade20k.main(["--check", str(root)]) == 0
+    assert "validation: 2 images, 2 annotations" in capsys.readouterr().out
+    (images / "ADE_val_00000003.gif").write_bytes(b"GIF89a")
+    assert download_ade20k.main(["--check", str(root)]) == 1
+    assert f"PROBLEM: {images / 'ADE_val_00000003.gif'}: not an image file" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- download
 
 

@@ -309,3 +309,92 @@ def test_predict_writes_class_maps_and_overlays_and_skips_broken_files(tree: Pat
         with Image.open(out / f"{p.stem}_overlay.jpg") as im:
             assert im.size[0] > size[0] and im.size[1] >= size[1]  # the legend sits to the right
     assert predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def test_evaluation_outputs_have_one_writer_and_are_written_whole(tree: Path, checkpoint: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Issue 23, item 6: a second evaluate.py writing the same --json/--per-image is refused at once (before: both said
+    "wrote" and one result replaced the other), and a write that fails halfway leaves the previous file as it was."""
+    from engine.workdir import output_lock
+
+    json_path, counts = tmp_path / "res.json", tmp_path / "counts.npz"
+    args = ["--checkpoint", str(checkpoint), "--data-root", str(tree), "--device", "cpu", "--max-images", "1"]
+    for output, flag in ((json_path, "--json"), (counts, "--per-image")):
+        with output_lock(output):  # another live process (this one) writes it
+            assert main(args + [flag, str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"the output {output} is in use by process {os.getpid()}" in err and "Traceback" not in err
+    assert main(args + ["--json", str(json_path), "--per-image", str(counts)]) == 0
+    assert json.loads(json_path.read_text())["per_image"] == str(counts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.npz", "res.json"]  # no lock or temporary file left
+    before = {p: p.read_bytes() for p in (json_path, counts)}
+
+    def half_then_full(self: Path, data: str | bytes, *rest: object, **kwargs: object) -> None:
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2].encode() if isinstance(data, str) else data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(OSError):
+        main(args + ["--json", str(json_path)])
+    monkeypatch.undo()
+    monkeypatch.setattr(PerImageCounts, "save", lambda self, path: half_then_full(Path(path), b"x" * 100))
+    with pytest.raises(OSError):
+        main(args + ["--per-image", str(counts)])
+    assert {p: p.read_bytes() for p in (json_path, counts)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.npz", "res.json"]
+
+
+def _predict(*args: str | Path) -> int:
+    from scripts import predict
+
+    return predict.main([str(a) for a in args])
+
+
+def test_predict_never_overwrites(tree: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Issue 23, item 2: photo.jpg and photo.png would both write photo.png (before: one class map lost, both counted):
+    refused before predicting, as are files already in --out (unless --overwrite) and an input image as output."""
+    source = sorted((tree / "images" / "validation").glob("*.jpg"))[0]
+    same, out = tmp_path / "same", tmp_path / "pred"
+    same.mkdir()
+    (same / "photo.jpg").write_bytes(source.read_bytes())
+    Image.open(source).save(same / "photo.png")
+    assert _predict("--checkpoint", checkpoint, "--input", same, "--out", out, "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert f"{same / 'photo.jpg'} and {same / 'photo.png'}" in err and "Nothing was predicted" in err
+    assert not out.exists()
+    (same / "photo.png").unlink()
+    assert _predict("--checkpoint", checkpoint, "--input", same, "--out", out, "--device", "cpu") == 0
+    assert "wrote 1 class maps and 1 overlays" in capsys.readouterr().out
+    assert _predict("--checkpoint", checkpoint, "--input", same, "--out", out, "--device", "cpu") == 2
+    existing = f"2 output file(s) already exist: {out / 'photo.png'}, {out / 'photo_overlay.jpg'}"
+    assert existing in capsys.readouterr().err
+    assert _predict("--checkpoint", checkpoint, "--input", same, "--out", out, "--device", "cpu", "--overwrite") == 0
+    (same / "photo_overlay.jpg").write_bytes(source.read_bytes())  # an input that photo.jpg's overlay would replace
+    assert _predict("--checkpoint", checkpoint, "--input", same, "--out", same, "--overwrite") == 2
+    assert f"would replace the input image(s) {same / 'photo_overlay.jpg'}" in capsys.readouterr().err
+
+
+def test_predict_reads_photos_as_shown_and_lists_what_it_skips(tree: Path, checkpoint: Path, tmp_path: Path,
+                                                               capsys) -> None:
+    """Issue 23, items 3-5: a phone photo is predicted upright (EXIF orientation), a 16-bit PNG as its 8-bit
+    equivalent (before: white), and a .gif or a folder in --input is named with the reason in the summary."""
+    photos, out = tmp_path / "photos", tmp_path / "pred"
+    photos.mkdir()
+    rgb = np.asarray(Image.open(sorted((tree / "images" / "validation").glob("*.jpg"))[0]).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x40 (WxH), shown rotated: 40 wide, 48 high
+    Image.fromarray(rgb).save(photos / "phone.jpg", exif=exif)
+    grey = rgb[..., 1]
+    Image.fromarray(grey).save(photos / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(photos / "grey16.png")
+    (photos / "clip.gif").write_bytes(b"GIF89a")
+    (photos / "more").mkdir()
+    assert _predict("--checkpoint", checkpoint, "--input", photos, "--out", out, "--device", "cpu") == 1
+    captured = capsys.readouterr()
+    assert "wrote 3 class maps and 3 overlays" in captured.out and "skipped 2 file(s)" in captured.out
+    assert f"{photos / 'clip.gif'}: not an image type predict.py reads" in captured.err
+    assert f"{photos / 'more'}: a folder" in captured.err
+    assert Image.open(out / "phone.png").size == (40, 48)
+    grey16, grey8 = (np.asarray(Image.open(out / f"{name}_overlay.jpg")) for name in ("grey16", "grey8"))
+    assert np.array_equal(grey16, grey8)

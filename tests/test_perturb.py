@@ -8,6 +8,7 @@ from PIL import Image
 
 from data import IGNORE_INDEX
 from data.perturb import (
+    HELP,
     KINDS,
     MEAN_FILL,
     Perturbation,
@@ -83,12 +84,12 @@ def test_identity_is_exact(text: str) -> None:
 
 def test_deterministic_per_image_and_seed() -> None:
     image, label = coloured_pair()
-    p = parse_perturbation("elastic=8:16", seed=0)
+    p = parse_perturbation("elastic=4:16", seed=0)
     a = p(image, label, key="ADE_val_00000007")
-    b = parse_perturbation("elastic=8:16", seed=0)(image, label, key="ADE_val_00000007")
+    b = parse_perturbation("elastic=4:16", seed=0)(image, label, key="ADE_val_00000007")
     assert a[0].tobytes() == b[0].tobytes() and np.array_equal(a[1], b[1])
     other_image = p(image, label, key="ADE_val_00000008")
-    other_seed = parse_perturbation("elastic=8:16", seed=1)(image, label, key="ADE_val_00000007")
+    other_seed = parse_perturbation("elastic=4:16", seed=1)(image, label, key="ADE_val_00000007")
     assert not np.array_equal(a[1], other_image[1]) and not np.array_equal(a[1], other_seed[1])
     # geometric kinds do not depend on the key
     r = parse_perturbation("rotate=10")
@@ -98,7 +99,7 @@ def test_deterministic_per_image_and_seed() -> None:
 def test_outside_pixels_are_ignored_and_filled() -> None:
     image, label = coloured_pair()
     label[label == IGNORE_INDEX] = 7  # fully labelled input: every 255 in the output comes from outside
-    for text in ("scale=0.5", "rotate=45", "shear=0.5", "elastic=20:16"):
+    for text in ("scale=0.5", "rotate=45", "shear=0.5", "elastic=4:16"):
         out_image, out_label = parse_perturbation(text)(image, label, key=0)
         xs, ys = source_coordinates(parse_perturbation(text), *label.shape, key=0)
         outside = (xs < -0.5) | (xs >= label.shape[1] - 0.5) | (ys < -0.5) | (ys >= label.shape[0] - 0.5)
@@ -156,11 +157,45 @@ def test_parser_values() -> None:
     e = parse_perturbation("elastic=8:32", seed=5)
     assert (e.kind, e.value, e.spacing, e.seed) == ("elastic", 8.0, 32.0, 5) and str(e) == "elastic=8:32"
     assert str(parse_perturbation("elastic=8")) == "elastic=8" and str(parse_perturbation("shear=-0.2")) == "shear=-0.2"
-    with pytest.raises(ValueError, match="scale needs a factor > 0"):
+    with pytest.raises(ValueError, match="scale must be between 0.25 and 4, got 0"):
         Perturbation("scale", 0.0)
+
+
+@pytest.mark.parametrize("text,why", [
+    ("scale=1e9", "scale must be between 0.25 and 4, got 1e+09"), ("scale=0.2", "between 0.25 and 4"),
+    ("rotate=181", "rotate must be between -180 and 180"), ("rotate=-400", "between -180 and 180"),
+    ("shear=1.5", "shear must be between -1 and 1"), ("elastic=17", "amplitude between 0 and 16 pixels"),
+    ("elastic=5:16", "amplitude between 0 and 4 pixels"), ("elastic=1:4", "spacing must be between 8 and 256"),
+    ("elastic=8:1e9", "spacing must be between 8 and 256 pixels, got 1e+09"),
+])
+def test_values_outside_the_stated_ranges_are_refused(text: str, why: str) -> None:
+    """Issue 23, item 8: scale=1e9 ran and reported an mIoU; every kind has a range, stated in HELP (--help)."""
+    with pytest.raises(ValueError, match=why.replace("+", r"\+")):
+        parse_perturbation(text)
+    for edge in ("scale=0.25", "scale=4", "rotate=-180", "rotate=180", "shear=-1", "shear=1", "elastic=16",
+                 "elastic=2:8", "elastic=64:256"):
+        parse_perturbation(edge)
+    for stated in ("rotate=DEGREES (-180 to 180)", "scale=FACTOR (0.25 to 4)", "shear=FACTOR (-1 to 1",
+                   "(0 to GRID/4 pixels; GRID 8 to 256 pixels, default 64)"):
+        assert stated in HELP
 
 
 def test_label_size_must_match() -> None:
     image, label = coloured_pair()
     with pytest.raises(ValueError, match="differs from the image size"):
         perturb(image, label[:-1], Perturbation("rotate", 5.0))
+
+
+def test_help_states_the_ranges_and_compare_refuses_at_once(tmp_path, capsys) -> None:
+    import evaluate
+    from scripts import compare
+
+    for parse in (evaluate.parse_args, compare.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert " ".join(HELP.split()) in text
+    # refused before any run is read (the folder does not even exist) or evaluated
+    assert compare.main([str(tmp_path / "no-run"), "--perturb", "rotate=15", "scale=1e9"]) == 2
+    err = capsys.readouterr().err
+    assert "bad perturbation 'scale=1e9'" in err and "no-run" not in err and "Traceback" not in err
