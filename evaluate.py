@@ -19,14 +19,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from configs import UserError, error_message, load_config
 from data.perturb import HELP as PERTURB_HELP
 from engine.checkpoint import load_checkpoint
+from engine.device import AMP_DTYPES, device_facts, inference_device
 from engine.distributed import env_rank, init_distributed, shutdown
 from engine.evaluation import EvalOptions, evaluate_checkpoint
-from engine.precision import AMP_DTYPES
 from engine.workdir import make_writable_folder, output_lock
 
 
@@ -70,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also save every image's per-class intersection/union counts (.npz) for compare.py's bootstrap; "
         "with several checkpoints, NAME is inserted before the suffix",
     )
-    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="auto (default): CUDA when usable, else the CPU with a note saying why")
     parser.add_argument(
         "--amp", choices=list(AMP_DTYPES), default="none",
         help="autocast dtype on CUDA (default none: fp32, as mmsegmentation; bf16 is the fast option)",
@@ -140,9 +139,7 @@ def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, evaluate every checkpoint, print and write the results."""
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device here. Use --device cpu.")
+    device_name = inference_device(args.device, device_facts())
     if args.max_images is not None and args.max_images < 0:
         raise UserError(f"--max-images must be 0 (all) or a positive number, got {args.max_images}.")
     scales = parse_scales(args.scales)  # fail before any checkpoint is read

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import re
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -149,6 +150,19 @@ def choose_device(requested: str, config: dict[str, Any] | None, facts: DeviceFa
     if reasons:
         raise UserError(cuda_unusable_message(facts, f"this config is meant for a GPU ({', '.join(reasons)})"))
     return "cpu"
+
+
+def inference_device(requested: str, facts: DeviceFacts) -> str:
+    """``cuda`` or ``cpu`` for evaluation and prediction (``--device auto|cuda|cpu``).
+
+    As ``choose_device``, except that ``auto`` without a usable GPU runs on the CPU (an evaluation is slow there,
+    not hopeless) and says why on stderr.
+    """
+    device = choose_device(requested, None, facts)
+    if requested == "auto" and device == "cpu" and facts.cuda is not None:
+        print(f"note: running on the CPU, CUDA is not usable here ({_likely_cause(facts)}); --device cpu makes this "
+              f"choice explicit, and `python scripts/gpu_check.py` tells more.", file=sys.stderr)
+    return device
 
 
 def resolve_amp(name: str, device_type: str, capability: tuple[int, int] | None) -> str:

@@ -206,14 +206,7 @@ def loop(run: Run, stop: Stop) -> int:
     cfg, tcfg = run.config, run.config["train"]
     batches = iter(build_train_loader(cfg, run.rank, run.world_size, start_iter=run.iteration))
     val_loader = build_val_loader(cfg, "validation", run.rank, run.world_size, max_images=tcfg["val_max_images"])
-    if run.master:  # the start succeeded: now the work dir belongs to this run
-        write_record(run.work_dir, cfg)
-        run.writer = tb.open_writer(run.work_dir, run.iteration)
-        print(run.banner)
-        for change in run.config_changes[-1:]:
-            if change["iteration"] == run.iteration:
-                print(f"resumed at iteration {run.iteration} with changed settings: "
-                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in change["changes"].items()))
+    announce(run)
 
     def due(interval: int) -> bool:
         return run.iteration % interval == 0 or run.iteration == tcfg["iters"]
@@ -223,6 +216,8 @@ def loop(run: Run, stop: Stop) -> int:
     try:
         if run.validated < run.iteration and due(tcfg["val_interval"]):  # a validation a stop cut short
             stopped = (metrics := validate(run, val_loader, stop)) is None
+            if not stopped:
+                save_last(run, saved)  # with the validation's record (validated, best mIoU)
         while not stopped and run.iteration < tcfg["iters"]:
             try:
                 images, labels, valid = next(batches)
@@ -234,8 +229,7 @@ def loop(run: Run, stop: Stop) -> int:
             if stopped := any_rank(stop.reason is not None or error is not None):
                 break
             window.data_time += time.perf_counter() - window.mark
-            images = images.to(run.device, non_blocking=True).contiguous(memory_format=memory_format(tcfg["channels_last"]))
-            images, labels = normalize_batch(images, valid), labels.to(run.device, non_blocking=True).long()
+            images, labels = on_device(run, images, labels, valid)
             torch.manual_seed(iteration_seed(cfg["seed"], run.iteration, run.rank))  # dropout
             try:
                 window.losses.append(train_step(run.train_model, run.optimizer, run.scaler, images, labels, cfg))
@@ -262,6 +256,26 @@ def loop(run: Run, stop: Stop) -> int:
             saved = save_last(run, saved)
     return finish(run, (stop.reason or "a stop signal on another rank") if stopped else None,
                   first_message(error) if stopped else None, metrics)
+
+
+def announce(run: Run) -> None:
+    """Rank 0, once the start succeeded (the work dir now belongs to this run): the record, TensorBoard, the banner."""
+    if not run.master:
+        return
+    write_record(run.work_dir, run.config)
+    run.writer = tb.open_writer(run.work_dir, run.iteration)
+    print(run.banner)
+    for change in run.config_changes[-1:]:
+        if change["iteration"] == run.iteration:
+            print(f"resumed at iteration {run.iteration} with changed settings: "
+                  + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in change["changes"].items()))
+
+
+def on_device(run: Run, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A batch on the training device: uint8 images (a quarter of float32's bytes) normalised there, int64 labels."""
+    layout = memory_format(run.config["train"]["channels_last"])
+    images = images.to(run.device, non_blocking=True).contiguous(memory_format=layout)
+    return normalize_batch(images, valid), labels.to(run.device, non_blocking=True).long()
 
 
 def finish(run: Run, stopped_by: str | None, error: str | None, metrics: dict[str, Any] | None) -> int:

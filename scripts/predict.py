@@ -27,6 +27,7 @@ from configs import UserError
 from data.dataset import load_class_info, read_rgb
 from data.transforms import ValTransform
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from engine.device import device_facts, inference_device
 from engine.inference import predict_logits
 from engine.overlay import overlay
 
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="replace class maps and overlays already in --out (never an input image; two inputs of one name, such as "
         "photo.jpg and photo.png, are refused either way)",
     )
-    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="auto (default): CUDA when usable, else the CPU with a note saying why")
     return parser.parse_args(argv)
 
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images, skipped = find_images(args.input)
         outputs = output_paths(images, args.out, args.overwrite)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(inference_device(args.device, device_facts()))
         checkpoint = load_checkpoint(args.checkpoint)
         model, config = build_model_from_checkpoint(checkpoint, args.checkpoint)
         model.to(device).eval()

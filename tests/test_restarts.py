@@ -3,6 +3,7 @@ of a killed worker, the work-dir lock across hosts, and gradient accumulation (s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from torch import nn
 import train
 from configs import UserError, load_config
 from engine import trainer as trainer_module
+from data.dataset import TrainSampler
 from engine.checkpoint import load_checkpoint
 from engine.optim import build_optimizer
 from engine.workdir import Lock
@@ -118,6 +120,52 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(tree: Path, tmp_
     assert out.count("2 process(es)") == 2  # the first start and the restart
     last = load_checkpoint(work_dir / "last.pt")
     assert last["iteration"] == 8 and not any(k.startswith("module.") for k in last["model"])
+
+
+def test_torchrun_agrees_on_a_stop_during_validation_and_on_a_file_one_rank_cannot_read(tmp_path: Path) -> None:
+    """Two processes: SIGTERM to torchrun while validation runs (torchrun forwards it to each rank's process group,
+    loader workers included) saves last.pt at that iteration; the same command then makes the validation the stop
+    cut short, and a training image that rank 1 alone reads first, truncated, ends both ranks with last.pt at the
+    last step and the file named."""
+    tree = write_ade_tree(tmp_path / "ADEChallengeData2016", num_train=40, num_val=80, size=(48, 40))
+    order = [i for i, _ in itertools.islice(iter(TrainSampler(40, 4, 1, 2, seed=0)), 2 * 10)]  # rank 1, epoch 0
+    victim, at = order[2 * 4], 4  # the first image rank 1 reads at iteration 4 (each image once per epoch)
+    work_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree, iters=8), "data.num_workers=1",
+               "train.accum_steps=1", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300  # validation: each rank has its training and its validation loader's worker
+    while proc.poll() is None and time.time() < deadline and not any(
+            len(worker_pids(rank)) >= 2 for rank in worker_pids(proc.pid)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert "stopped by SIGTERM at iteration 2" in out and "val mIoU" not in out, err[-3000:]
+    assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
+
+    image = sorted((tree / "images" / "training").glob("*.jpg"))[victim]
+    image.write_bytes(image.read_bytes()[:100])
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode != 0 and "iter 2: val mIoU" in result.stdout  # the validation the stop cut short
+    assert image.name in result.stderr and f"Training stopped at iteration {at}" in result.stderr
+    assert load_checkpoint(work_dir / "last.pt")["iteration"] == at
+
+
+def test_stop_signals_ask_once_and_a_second_ctrl_c_stops_at_once() -> None:
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        stop = trainer_module.Stop()
+        train.install_stop_handlers(stop)
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM):  # a scheduler and a launcher both signalling
+            os.kill(os.getpid(), sig)
+        assert stop.reason == "SIGUSR1" and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the next Ctrl-C ends the process
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_a_lock_from_another_host_is_stale_once_nobody_refreshes_it(tmp_path: Path) -> None:
