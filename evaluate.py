@@ -1,6 +1,6 @@
 """Evaluate segmentation checkpoints: mIoU, aAcc, mAcc and the ADE20K challenge score.
 
-    python evaluate.py --checkpoint runs/norm-conv/last.pt runs/def-conv-v2/last.pt --json results.json
+    python evaluate.py --checkpoint runs/norm-conv/last.pt runs/def-conv-v2/last.pt --json runs/results.json
     torchrun --nproc_per_node 4 evaluate.py --checkpoint runs/def-conv-v2/last.pt --tta flip --scales 0.5,1.0,1.5
 
 The command line around ``engine.evaluation.evaluate_checkpoint``: it parses arguments, evaluates each
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         epilog=(
             "example: python evaluate.py --checkpoint runs/norm-conv/last.pt runs/def-conv-v2/last.pt "
-            "--json results.json\n"
+            "--json runs/results.json\n"
             "         torchrun --nproc_per_node 4 evaluate.py --checkpoint runs/def-conv-v2/last.pt "
             "--tta flip --scales 0.5,0.75,1.0,1.25,1.5,1.75"
         ),

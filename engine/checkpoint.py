@@ -54,6 +54,20 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         os.close(fd)
 
 
+def link_checkpoint(source: Path, name: Path) -> None:
+    """Give the checkpoint ``source`` a second name ``name`` (a hard link, atomically replacing ``name``): no copy.
+
+    ``source`` is later replaced by a rename, never rewritten, so ``name`` keeps these weights. A filesystem
+    without hard links gets a copy.
+    """
+    tmp = name.with_name(f".{name.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, name)
+
+
 def _os_error(err: BaseException) -> OSError | None:
     """The OSError behind ``err``: itself, or one it was raised while handling (torch.save's RuntimeError)."""
     while err is not None and not isinstance(err, OSError):

@@ -26,7 +26,7 @@ from data.dataset import build_train_loader, build_val_loader, load_class_info, 
 from data.transforms import normalize_batch
 from engine import loss as loss_module
 from engine import tensorboard as tb
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
 from engine.device import DeviceFacts, autocast, describe_device, memory_format, resolve_config
 from engine.distributed import any_rank, first_message, init_distributed
 from engine.environment import describe
@@ -108,6 +108,7 @@ class Run:
     iteration: int = 0
     validated: int = 0  # the iteration of the last completed validation
     best_miou: float = -1.0
+    best_at: int = -1  # the iteration of the best validation in this process's lifetime
     config_changes: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     writer: SummaryWriter | None = None
@@ -215,7 +216,7 @@ def loop(run: Run, stop: Stop) -> int:
     window, saved, error, stopped, agreed, metrics = Window(), run.iteration, None, False, False, None
     try:
         if run.validated < run.iteration and due(tcfg["val_interval"]):  # a validation a stop cut short
-            stopped = (metrics := validate(run, val_loader, stop)) is None
+            stopped = (metrics := validate(run, val_loader, stop, then_saved=True)) is None
             if not stopped:
                 save_last(run, saved)  # with the validation's record (validated, best mIoU)
         while not stopped and run.iteration < tcfg["iters"]:
@@ -243,7 +244,7 @@ def loop(run: Run, stop: Stop) -> int:
                 window = Window()
             if due(tcfg["val_interval"]):
                 check_weights(run, saved)  # a bad last update must reach neither best.pt nor last.pt
-                if stopped := (metrics := validate(run, val_loader, stop)) is None:
+                if stopped := (metrics := validate(run, val_loader, stop, due(tcfg["ckpt_interval"]))) is None:
                     break
             if due(tcfg["ckpt_interval"]):
                 saved = save_last(run, saved)
@@ -349,8 +350,11 @@ def check_weights(run: Run, last_good: int) -> None:
         raise NonFiniteLoss(run.iteration, last_good, "the weights")
 
 
-def validate(run: Run, loader: Any, stop: Stop) -> dict[str, Any] | None:
+def validate(run: Run, loader: Any, stop: Stop, then_saved: bool) -> dict[str, Any] | None:
     """Validation metrics (logged on rank 0, best.pt kept), or None when a stop signal cut validation short.
+
+    A new best is written to best.pt now, or, when last.pt is saved at this iteration (``then_saved``), becomes
+    best.pt as a second name of that file (``save_last``): a run whose best is its end holds one file, not two.
 
     The ranks agree on stopping after each image, as many times as the longest shard has images (a rank whose
     shard is shorter, or whose loader workers the signal ended, still takes part).
@@ -381,7 +385,9 @@ def validate(run: Run, loader: Any, stop: Stop) -> dict[str, Any] | None:
         tqdm.write(f"iter {run.iteration}: val mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc "
                    f"{metrics['mAcc']:.2f}  ({time.perf_counter() - start:.0f}s){'  new best' if is_best else ''}")
         if is_best:
-            save_checkpoint(checkpoint_state(run), run.work_dir / "best.pt")
+            run.best_at = run.iteration
+            if not then_saved:
+                save_checkpoint(checkpoint_state(run), run.work_dir / "best.pt")
     return metrics
 
 
@@ -390,6 +396,8 @@ def save_last(run: Run, last_good: int) -> int:
     check_weights(run, last_good)
     if run.master:
         save_checkpoint(checkpoint_state(run), run.work_dir / "last.pt")
+        if run.best_at == run.iteration:  # the best weights are these: best.pt names the same file
+            link_checkpoint(run.work_dir / "last.pt", run.work_dir / "best.pt")
     return run.iteration
 
 

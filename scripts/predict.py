@@ -1,6 +1,6 @@
 """Predict on your own photos: the class map (ADE20K submission PNG) and a picture to look at.
 
-    python scripts/predict.py --checkpoint runs/def-conv-v2/last.pt --input photos/ --out predictions/
+    python scripts/predict.py --checkpoint runs/def-conv-v2/last.pt --input photos/ --out runs/predictions/
 
 For each image X it writes ``DIR/X.png`` (uint8, class + 1, the ADE20K submission format: 1..150) and
 ``DIR/X_overlay.jpg`` (the photo with the coloured prediction blended over it and a legend of the
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Segment your own images with a checkpoint: a class-map PNG (ADE20K submission format, class + 1) "
         "and an overlay picture with a legend per image.",
-        epilog="example: python scripts/predict.py --checkpoint runs/def-conv-v2/last.pt --input photos/ --out predictions/",
+        epilog="example: python scripts/predict.py --checkpoint runs/def-conv-v2/last.pt --input photos/ --out runs/predictions/",
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by train.py (last.pt)")
     parser.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")

@@ -6,7 +6,7 @@ coloured by the product of the v2 masks, beside per-layer maps of offset magnitu
 
 Example:
     python scripts/visualize_offsets.py --checkpoint runs/def-conv-v2/last.pt \\
-        --image ADE_val_00000001.jpg --points 300,200 500,380 --out offsets.png
+        --image ADE_val_00000001.jpg --points 300,200 500,380 --out runs/def-conv-v2/offsets.png
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=(
             "example:\n"
             "  python scripts/visualize_offsets.py --checkpoint runs/def-conv-v2/last.pt \\\n"
-            "      --image ADE_val_00000001.jpg --points 300,200 500,380 --out offsets.png"
+            "      --image ADE_val_00000001.jpg --points 300,200 500,380 --out runs/def-conv-v2/offsets.png"
         ),
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by train.py (last.pt, best.pt)")

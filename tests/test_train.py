@@ -71,6 +71,8 @@ def test_checkpoints_hold_the_full_training_state(reference_run: Path) -> None:
     assert last["config"]["model"]["deform"]["version"] == 2
     best = load_checkpoint(reference_run / "best.pt")
     assert best["best_miou"] == pytest.approx(last["best_miou"])
+    same_file = (reference_run / "best.pt").stat().st_ino == (reference_run / "last.pt").stat().st_ino
+    assert same_file == (best["iteration"] == 6)  # a best at the end is last.pt's file under a second name
     assert not list(reference_run.glob("*.tmp"))
     # the poly schedule ends at min_lr
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(last["config"]["train"]["min_lr"])
