@@ -7,7 +7,7 @@ train.py sets it up and resolved for the device by ``engine.device``; its traini
 the GPU and reports medians; the cases are timed in alternating rounds, so that a change in machine load hits
 all of them alike. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step after a warm-up one;
 on the CPU the peak resident size of a fresh process that runs only that case (``process_peak``), which also
-counts the interpreter and torch's libraries.
+counts the interpreter and torch's libraries (Linux: its VmHWM).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import copy
 import functools
 import math
 import multiprocessing
-import resource
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,11 +126,15 @@ def seconds_per_call(calls: dict[str, Callable[[], Any]], rounds: int, min_run_t
 
 def _peak_in_child(fn: Callable[..., Any], args: tuple) -> int:
     fn(*args)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024  # kB
 
 
 def process_peak(fn: Callable[..., Any], *args: Any) -> int:
-    """Peak resident bytes of a fresh Python process that runs ``fn(*args)`` (a module-level function)."""
+    """Peak resident bytes of a fresh Python process that runs ``fn(*args)`` (a module-level function).
+
+    Linux's VmHWM of the child: getrusage's ru_maxrss would also count the parent's peak (it survives the exec).
+    """
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
         return pool.submit(_peak_in_child, fn, args).result()

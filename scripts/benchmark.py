@@ -105,9 +105,9 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 def report(result: dict[str, Any]) -> str:
     """The results as Markdown tables."""
-    lines = [f"{result['device']}; {result['settings']}", ""]
+    lines = [f"{result['device']}; {result['settings']}"]
     if result.get("models"):
-        lines += ["| model | path | amp | train img/s | × norm-conv | × reference | infer img/s | × norm-conv | "
+        lines += ["", "| model | path | amp | train img/s | × norm-conv | × reference | infer img/s | × norm-conv | "
                   "peak GiB (train) |", "|---" * 9 + "|"]
         lines += [f"| {r['name']} | {r['path']} | {r['amp']} | {_num(r['train_images_per_s'])} | "
                   f"{_num(r['train_x_norm'])} | {_num(r['train_x_reference'])} | {_num(r['infer_images_per_s'])} | "

@@ -43,8 +43,9 @@ CONFIG = "def-conv-v2.yaml"  # the recipe; the variants change model.deform.vers
 # batch, crop, evaluated image (height, width), channels of the deformable op (layer4's conv2), timing per case.
 RECIPE = {"batch": 16, "crop": 512, "eval_size": (512, 2048), "width": 512, "min_run_time": 0.5}
 # The largest max relative error (max|a - b| / max|b|, over the output and every gradient) of an op against float64
-# on the same inputs; those of the CPU tests (tests/test_triton_*.py). bf16/fp16 keep 8/11 significant bits: the
-# deformable op rounds its operands, the loss its gradient, once.
+# on the same inputs: the CPU tests' (tests/test_triton_*.py), but 1e-4 for the fp32 loss (1e-5 there, on sums over
+# far fewer pixels). bf16/fp16 keep 8/11 significant bits: the deformable op rounds its operands, the loss its
+# gradient, once.
 TOLERANCES = {"deform": {"none": 1e-4, "bf16": 3e-2, "fp16": 5e-3}, "loss": {"none": 1e-4, "bf16": 1e-2, "fp16": 1e-2}}
 
 

@@ -12,7 +12,7 @@ import torch
 from engine.device import DeviceFacts, device_facts
 from scripts import gpu_check
 
-TINY = {"batch": 2, "crop": 64, "eval_size": (64, 96), "width": 8, "min_run_time": 0.0}
+TINY = {"batch": 2, "crop": 32, "eval_size": (32, 48), "width": 8, "min_run_time": 0.0}
 
 
 def gpu(name: str, capability: tuple[int, int]) -> DeviceFacts:
