@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds timed per case and round (default 1)")
     parser.add_argument("--ops", action="store_true", help="also time and check the deformable op and the loss")
     parser.add_argument("--memory", action="store_true", help="measure the memory table instead of the speed")
-    parser.add_argument("--memory-batches", default="1,2", help="the two batch sizes --memory fits (default 1,2)")
+    parser.add_argument("--memory-batches", default="1,4", help="the two batch sizes --memory fits a line through "
+                        "(default 1,4)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write all results as JSON here")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. "
                         "train.compile=true")

@@ -3,7 +3,7 @@
 At the recipe's shapes (batch 16, 512x512 crops, aux head) it runs one training step (``engine.trainer.train_step``
 after a warm-up step, then timed) of norm-conv, def-conv-v1 and def-conv-v2 in each precision the GPU supports
 (bf16 from compute capability 8.0, fp16, none) with and without channels_last; the Triton ops against the
-reference (values and gradients against float64, within the tolerances below); a whole-image and a slide
+reference (values and gradients against float64, within TOLERANCES, printed in each row); a whole-image and a slide
 evaluation of a 512x2048 image; the Triton paths and torch.compile in the precision train.amp=auto picks. Each case
 runs on its own (a failure is a row of the table, not the end of the check); the table grows line by line and
 is rewritten to ``--out``/gpu_check.json after every case. Exit status: 0 all passed, 1 a failure or a mismatch,
