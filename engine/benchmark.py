@@ -1,601 +1,333 @@
-"""Benchmarks of norm-conv, def-conv-v1 and def-conv-v2: training and inference speed, memory, the op, the data.
+"""Benchmarks of norm-conv, def-conv-v1 and def-conv-v2 on ``torch.utils.benchmark``: speed, memory and the ops.
 
-Models: the config given with ``model.deform.version`` set to 0, 1 and 2 (random weights), run on
-synthetic inputs exactly as train.py runs them (aux head, ``compute_loss``, SGD step, channels_last
-and autocast on CUDA). Every time is the median of single iterations, each synchronised on CUDA,
-after untimed warm-up iterations; the median keeps a busy machine's hiccups out. ``--ops`` times
-torchvision's ``deform_conv2d`` against ``F.conv2d`` at the shapes of the model's deformable layers
-and checks it against a float64 reference; ``--data`` times the real ADE20K training pipeline in one
-process and says how many loader workers a GPU needs to be fed."""
+A case is the config with ``model.deform.version`` 0, 1 or 2, random weights and a synthetic batch, set up as
+train.py sets it up and resolved for the device by ``engine.device``; its training step is
+``engine.trainer.train_step`` itself (aux head, loss, backward, SGD step) and its inference is
+``engine.inference.predict_logits`` (whole image, logits upsampled as evaluation does). ``Timer`` synchronises
+the GPU and reports medians; the cases are timed in alternating rounds, so that a change in machine load hits
+all of them alike. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step after a warm-up one;
+on the CPU the peak resident size of a fresh process that runs only that case (``process_peak``), which also
+counts the interpreter and torch's libraries (Linux: its VmHWM).
+"""
 
 from __future__ import annotations
 
 import copy
-import gc
+import functools
 import math
-import statistics
-import sys
-import tempfile
-import time
+import multiprocessing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.ops import deform_conv2d
+from torch.utils.benchmark import Measurement, Timer
 
-from configs import UserError, load_config
 from data import IGNORE_INDEX
-from engine.loss import LOSS_OPS, compute_loss
+from engine.device import AMP_DTYPES, DeviceFacts, autocast, memory_format, resolve_amp, resolve_config
+from engine.inference import predict_logits
+from engine.loss import LOSS_OPS
 from engine.offsets import capture_offsets
 from engine.optim import build_optimizer
-from engine.precision import AMP_DTYPES, autocast, memory_format
-from models import triton_deform
+from engine.trainer import train_step
+from models.deform_conv import DEFORM_OPS
 from models.segmentor import build_model
-from models.triton_support import triton_available
+from models.triton_loss import reference_upsample_cross_entropy
 
 VARIANTS = {"norm": ("norm-conv", 0), "v1": ("def-conv-v1", 1), "v2": ("def-conv-v2", 2)}
-# Code paths the model benchmark can time, by the names the config keys use (both ops on the path).
-PATHS = ("reference", "triton")
-# reference: norm-conv training on one H100 (torch 2.11, batch 16, 512 crop, bf16), from the issue tracker
-H100_NORM_CONV_IMAGES_PER_S = 150.0
+PATHS = ("reference", "triton")  # model.deform_op and train.loss_op together
 GIB = 2**30
+CARDS_GIB = (16, 24, 40, 80)  # the memory table's cards
+CARD_SHARE = 0.9  # a step fits a card when its peak is at most this share of it (CUDA context, allocator slack)
+RECIPE_BATCH = 16
 
 
-@dataclass
-class BenchOptions:
-    """What to benchmark (the fields of scripts/benchmark.py's command line, same names)."""
-
-    config: str
-    device: str | None = None
-    batch_size: int = 16
-    crop: int = 512
-    amp: str | None = None
-    iters: int = 20
-    warmup: int = 5
-    variants: str = "norm,v1,v2"
-    paths: str | None = None
-    ops: bool = False
-    data: bool = False
-    data_samples: int = 64
-    data_images: int = 8
-    overrides: list[str] = field(default_factory=list)
+def run_amp(name: str, device: torch.device, facts: DeviceFacts) -> str:
+    """``train.amp`` as a benchmark runs it: ``resolve_amp``'s rule, except that on the CPU an explicit bf16 or fp16
+    is kept. That is CPU autocast, which train.py never uses: the memory table's CPU stand-in for bf16 (norm-conv
+    only: torchvision's deformable op has no bf16 CPU kernel)."""
+    if device.type == "cpu" and name in ("bf16", "fp16"):
+        return name
+    return resolve_amp(name, device.type, facts.capability)
 
 
-def check_options(args: BenchOptions) -> tuple[torch.device, list[str], list[str]]:
-    """Validate the numbers and names on the command line; return the device, the variant keys and the paths."""
-    for name in ("batch_size", "crop", "iters", "data_samples", "data_images"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be 0 or more, got {args.warmup}.")
-    if args.crop % 8:
-        raise UserError(f"--crop must be a multiple of 8 (the model's output stride), got {args.crop}.")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if not variants or unknown or len(set(variants)) != len(variants):
-        raise UserError(f"--variants must list some of {', '.join(VARIANTS)} once each, got '{args.variants}'.")
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device here. Use --device cpu.")
-    device = torch.device(device_name)
-    can_triton = triton_available(device)
-    paths = [p.strip() for p in (args.paths or ("reference,triton" if can_triton else "reference")).split(",") if p.strip()]
-    if not paths or any(p not in PATHS for p in paths) or len(set(paths)) != len(paths):
-        raise UserError(f"--paths must list some of {', '.join(PATHS)} once each, got '{args.paths}'.")
-    if "triton" in paths and not can_triton:
-        raise UserError(
-            f"--paths triton needs the Triton kernels, which run on CUDA (Triton installed) and not on {device_name} "
-            f"here. Use --paths reference, or run on a GPU."
-        )
-    return device, [v for v in VARIANTS if v in variants], [p for p in PATHS if p in paths]
-
-
-# ----------------------------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a timer read afterwards covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_each(step: Callable[[], Any], iters: int, warmup: int, device: torch.device) -> float:
-    """Median milliseconds of single calls of ``step`` (each synchronised), after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(1000.0 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def synthetic_batch(batch: int, crop: int, num_classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random normalised images and labels in 0..num_classes-1 with about 10% ignore (255) pixels."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, crop, crop, generator=gen)
-    labels = torch.randint(0, num_classes, (batch, crop, crop), generator=gen)
-    labels[torch.rand(batch, crop, crop, generator=gen) < 0.1] = IGNORE_INDEX
-    return images.to(device), labels.to(device)
-
-
-# ------------------------------------------------------------------------------------------------ models
-def variant_config(config: dict[str, Any], version: int, path: str = "reference") -> dict[str, Any]:
-    """The config with ``model.deform.version`` and the ops of ``path`` set, and no ImageNet download."""
+def case_config(config: dict[str, Any], version: int, path: str, amp: str, device: torch.device,
+                facts: DeviceFacts) -> dict[str, Any]:
+    """``config`` resolved for ``device`` with ``model.deform.version``, both ops and ``train.amp`` (as ``run_amp``
+    gives it) set, and no ImageNet download (random weights)."""
     config = copy.deepcopy(config)
     config["model"]["deform"]["version"] = version
     config["model"]["pretrained_backbone"] = False
-    config["model"]["deform_op"] = path
-    config["train"]["loss_op"] = path
+    config["model"]["deform_op"] = config["train"]["loss_op"] = path
+    config["train"]["amp"] = "none"  # replaced by amp below; resolve_config settles the layout and the ops
+    config = resolve_config(config, device, facts)
+    config["train"]["amp"] = amp
     return config
 
 
-class ModelBench:
-    """One model variant set up as train.py sets it up, with its optimizer and a synthetic batch."""
+def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, device: torch.device,
+                    layout: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised random images and labels in 0..num_classes-1 with about 10% ignored (255) pixels."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=gen)
+    labels = torch.randint(0, num_classes, (batch, *size), generator=gen)
+    labels[torch.rand(batch, *size, generator=gen) < 0.1] = IGNORE_INDEX
+    return images.to(device).contiguous(memory_format=layout), labels.to(device)
 
-    def __init__(
-        self, name: str, config: dict[str, Any], args: BenchOptions, device: torch.device, amp_dtype: torch.dtype | None
-    ) -> None:
-        tcfg, mcfg = config["train"], config["model"]
-        self.name, self.device, self.amp_dtype, self.mcfg, self.tcfg = name, device, amp_dtype, mcfg, tcfg
-        cuda = device.type == "cuda"
-        layout = memory_format(device, tcfg["channels_last"])
+
+class TrainingCase:
+    """One resolved config set up as train.py sets it up, with a synthetic ``batch`` x ``crop`` x ``crop`` batch."""
+
+    def __init__(self, config: dict[str, Any], device: torch.device, batch: int, crop: int) -> None:
+        self.config, self.device, tcfg = config, device, config["train"]
+        self.base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        layout = memory_format(tcfg["channels_last"])
         torch.manual_seed(0)
-        model, _ = build_model(config, load_pretrained=False)
-        self.model = model.to(device, memory_format=layout)
+        self.model = build_model(config, load_pretrained=False)[0].to(device, memory_format=layout)
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16")
         self.net = torch.compile(self.model) if tcfg["compile"] else self.model
-        images, self.labels = synthetic_batch(args.batch_size, args.crop, mcfg["num_classes"], device)
-        self.images = images.contiguous(memory_format=layout)
-        tensors = list(self.model.parameters()) + list(self.model.buffers()) + [self.images, self.labels]
-        self.static_bytes = sum(t.numel() * t.element_size() for t in tensors)  # what inference needs resident
+        self.images, self.labels = synthetic_batch(batch, (crop, crop), config["model"]["num_classes"], device, layout)
 
-    def held_bytes(self) -> int:
-        """Bytes this variant holds between training steps: weights, inputs, gradients, optimizer state."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return self.static_bytes + sum(t.numel() * t.element_size() for t in grads + state)
+    def train(self) -> dict[str, torch.Tensor]:
+        """One ``train_step``; its losses."""
+        self.model.train()
+        return train_step(self.net, self.optimizer, self.scaler, self.images, self.labels, self.config)
 
-    def train_step(self) -> None:
-        """Forward with the aux head, the training loss, backward and an SGD step (as engine.trainer)."""
-        with autocast(self.device, self.amp_dtype):
-            outputs = self.net(self.images)
-        loss = compute_loss(outputs, self.labels, self.mcfg["aux_loss_weight"], self.tcfg["loss_op"],
-                            self.tcfg["loss_norm"])["total"]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    def infer(self) -> None:
+        """Whole-image logits at the input size, as evaluation computes them (uncompiled, as evaluation runs)."""
+        self.model.eval()
+        with torch.inference_mode(), autocast(self.device, self.config["train"]["amp"]):
+            predict_logits(self.model, self.images, tuple(self.images.shape[-2:]))
 
-    def infer_step(self) -> None:
-        """Eval-mode logits upsampled to the input size, as evaluation does."""
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            logits = self.net(self.images)["out"]
-            F.interpolate(logits, size=self.images.shape[-2:], mode="bilinear", align_corners=False)
+    def peak_bytes(self) -> int | None:
+        """CUDA bytes this case holds at the peak of a training step (after a warm-up step); None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        self.train()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.train()
+        return torch.cuda.max_memory_allocated(self.device) - self.base
 
 
-def run_steps(bench: ModelBench, step: Callable[[], None], count: int, own_bytes: int) -> tuple[list[float], int | None]:
-    """Run ``step`` ``count`` times; return the milliseconds of each and this variant's peak CUDA bytes (None on CPU).
+def seconds_per_call(calls: dict[str, Callable[[], Any]], rounds: int, min_run_time: float) -> dict[str, float]:
+    """Median seconds per call of each function, from ``rounds`` alternating rounds of ``blocked_autorange``."""
+    threads = torch.get_num_threads()
+    timers = {name: Timer("call()", globals={"call": call}, num_threads=threads) for name, call in calls.items()}
+    found: dict[str, list[Measurement]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            found[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+    return {name: Measurement.merge(measurements)[0].median for name, measurements in found.items()}
 
-    ``own_bytes`` is what the variant holds resident before the steps. The other variants stay on the
-    GPU meanwhile; what they hold is constant during these steps and is subtracted.
+
+def _peak_in_child(fn: Callable[..., Any], args: tuple) -> int:
+    fn(*args)
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024  # kB
+
+
+def process_peak(fn: Callable[..., Any], *args: Any) -> int:
+    """Peak resident bytes of a fresh Python process that runs ``fn(*args)`` (a module-level function).
+
+    Linux's VmHWM of the child: getrusage's ru_maxrss would also count the parent's peak (it survives the exec).
     """
-    device = bench.device
-    cuda = device.type == "cuda"
-    sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        others = torch.cuda.memory_allocated(device) - own_bytes
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(1000.0 * (time.perf_counter() - start))
-    return times, (torch.cuda.max_memory_allocated(device) - others if cuda else None)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+        return pool.submit(_peak_in_child, fn, args).result()
 
 
-def bench_models(
-    configs: list[tuple[str, dict[str, Any]]], args: BenchOptions, device: torch.device, amp_dtype: torch.dtype | None
-) -> list[dict[str, Any]]:
-    """Training and inference images/s and peak memory of every variant.
+def cpu_training_peak(config: dict[str, Any], batch: int, crop: int) -> None:
+    """Two training steps of ``config`` on the CPU (the second has the optimizer's momentum), for ``process_peak``."""
+    case = TrainingCase(config, torch.device("cpu"), batch, crop)
+    case.train()
+    case.train()
 
-    All variants are built first; after each one's warm-up the timed iterations go round-robin (one
-    iteration of each variant in turn), so a change in machine load hits every variant alike and the
-    ratios stay fair. Images/s is the batch size over the median iteration time.
-    """
+
+def training_peak(config: dict[str, Any], device: torch.device, batch: int, crop: int) -> int:
+    """Peak bytes of a training step of ``config``: CUDA allocations, or the CPU process peak."""
+    if device.type == "cpu":
+        return process_peak(cpu_training_peak, config, batch, crop)
+    case = TrainingCase(config, device, batch, crop)
     try:
-        benches = [ModelBench(name, config, args, device, amp_dtype) for name, config in configs]
-        results = {b.name: {"name": b.name, "train_ms": [], "infer_ms": []} for b in benches}
-        peaks: dict[str, dict[str, int]] = {b.name: {"train": 0, "infer": 0} for b in benches}
-        for mode in ("train", "infer"):
-            for b in benches:
-                b.model.train(mode == "train")
-
-            def run(b: ModelBench, count: int) -> list[float]:
-                # Training counts gradients and momentum as the variant's own; inference only weights and inputs.
-                step, own = (b.train_step, b.held_bytes()) if mode == "train" else (b.infer_step, b.static_bytes)
-                times, peak = run_steps(b, step, count, own)
-                peaks[b.name][mode] = max(peaks[b.name][mode], peak or 0)
-                return times
-
-            for b in benches:
-                run(b, args.warmup)
-            for _ in range(args.iters):
-                for b in benches:
-                    results[b.name][f"{mode}_ms"] += run(b, 1)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(
-            f"CUDA out of memory with --batch-size {args.batch_size} --crop {args.crop} and {len(configs)} variants "
-            f"resident. Use a smaller batch or crop, --amp bf16, or fewer --variants per run."
-        ) from None
+        return case.peak_bytes()
     finally:
-        benches, b = [], None  # free the models before the next part
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    records = []
-    for name, r in results.items():
-        cuda = device.type == "cuda"
-        records.append({
-            "name": name,
-            "train_images_per_s": 1000.0 * args.batch_size / statistics.median(r["train_ms"]),
-            "infer_images_per_s": 1000.0 * args.batch_size / statistics.median(r["infer_ms"]),
-            "peak_mem_gib": peaks[name]["train"] / GIB if cuda else None,
-            "infer_peak_mem_gib": peaks[name]["infer"] / GIB if cuda else None,
-            "train_ms": r["train_ms"],
-            "infer_ms": r["infer_ms"],
-        })
-    return records
+        del case
+        torch.cuda.empty_cache()
 
 
-def add_ratios(models: list[dict[str, Any]]) -> None:
-    """``*_ratio`` = value / the value of norm-conv on the same path; ``train_path_speedup`` = training images/s
-    over the same variant's on the reference path (None where a row or value is missing)."""
-    for m in models:
-        ref = next((r for r in models if r["deform_version"] == 0 and r["path"] == m["path"]), None)
-        pairs = (("train_images_per_s", "train_ratio"), ("infer_images_per_s", "infer_ratio"), ("peak_mem_gib", "mem_ratio"))
-        for key, ratio in pairs:
-            ok = ref is not None and m[key] is not None and ref[key]
-            m[ratio] = m[key] / ref[key] if ok else None
-        base = next((r for r in models if r["deform_version"] == m["deform_version"] and r["path"] == "reference"), None)
-        m["train_path_speedup"] = m["train_images_per_s"] / base["train_images_per_s"] if base else None
+def memory_fit(peaks: dict[int, int]) -> dict[str, Any]:
+    """Per-image bytes (the slope between the two batch sizes) and the fixed part, and per card the fewest
+    ``train.accum_steps`` with which the recipe's batch of 16 fits (None: not even one image at a time)."""
+    (b1, p1), (b2, p2) = sorted(peaks.items())
+    slope = (p2 - p1) / (b2 - b1)
+    fixed = p1 - slope * b1
+    accum = {card: next((n for n in (1, 2, 4, 8, 16) if fixed + slope * RECIPE_BATCH / n <= CARD_SHARE * card * GIB),
+                        None) for card in CARDS_GIB}
+    return {"per_image_gib": slope / GIB, "fixed_gib": fixed / GIB, "accum_steps": accum}
 
 
-# --------------------------------------------------------------------------------------------------- ops
-def torchvision_deform(
-    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, **conv_args: Any
-) -> torch.Tensor:
-    """torchvision's deformable conv (v1 without ``mask``, v2 with it), no bias."""
-    return deform_conv2d(x, offset, weight, None, mask=mask, **conv_args)
-
-
-def triton_deform_op(
-    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, **conv_args: Any
-) -> torch.Tensor:
-    """The Triton deformable conv (models/triton_deform.py), no bias."""
-    return triton_deform.deform_conv2d(x, offset, weight, None, mask=mask, **conv_args)
-
-
-# Implementations of the deformable op timed by --ops, by the name in the rows' ``impl`` ("+mask" added
-# for v2). Each takes (input, offset, weight, mask or None, stride=, padding=, dilation=) like
-# torchvision's op; another implementation is one more entry here. "triton" is timed where Triton runs.
-DEFORM_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"torchvision": torchvision_deform, "triton": triton_deform_op}
-
-
-def runnable(impls: dict[str, Callable[..., torch.Tensor]], device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
-    """The implementations that really run on ``device`` (the Triton ones fall back to the reference elsewhere)."""
-    return {name: fn for name, fn in impls.items() if name != "triton" or triton_available(device)}
-
-
-def layer_shapes(config: dict[str, Any], crop: int, device: torch.device) -> list[dict[str, Any]]:
-    """Geometry of every deformable layer of the v2 model at a ``crop`` input, one entry per distinct shape."""
-    model, _ = build_model(variant_config(config, 2), load_pretrained=False)
-    model.to(device).eval()
+def layer_geometries(config: dict[str, Any], crop: int, device: torch.device) -> list[dict[str, Any]]:
+    """The distinct geometries of the v2 model's deformable layers at a ``crop`` input, with their layer names."""
+    v2 = copy.deepcopy(config)
+    v2["model"]["deform"]["version"] = 2
+    model = build_model(v2, load_pretrained=False)[0].to(device).eval()
     found: dict[tuple, dict[str, Any]] = {}
     with torch.inference_mode(), capture_offsets(model) as captured:
         model(torch.zeros(1, 3, crop, crop, device=device))
     for name, calls in captured.items():
-        layer, c, (h, w) = calls[0].layer, calls[0].in_channels, calls[0].in_size
-        key = (c, h, w, tuple(layer.weight.shape), layer.stride, layer.padding, layer.dilation, layer.deform_groups)
-        found.setdefault(key, {
-            "in_shape": (c, h, w), "weight_shape": tuple(layer.weight.shape), "stride": tuple(layer.stride),
-            "padding": tuple(layer.padding), "dilation": tuple(layer.dilation),
-            "deform_groups": layer.deform_groups, "layers": [],
-        })["layers"].append(name)
-    del model
+        layer = calls[0].layer
+        geometry = {"in_shape": (calls[0].in_channels, *calls[0].in_size),
+                    "out_size": tuple(calls[0].offsets.shape[-2:]), "weight_shape": tuple(layer.weight.shape),
+                    "stride": tuple(layer.stride), "padding": tuple(layer.padding), "dilation": tuple(layer.dilation),
+                    "deform_groups": layer.deform_groups}
+        found.setdefault(tuple(geometry.items()), {**geometry, "layers": []})["layers"].append(name)
     return list(found.values())
 
 
-def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|`` in float64."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def bench_ops(
-    config: dict[str, Any], args: BenchOptions, device: torch.device, amp_dtype: torch.dtype | None
-) -> list[dict[str, Any]]:
-    """Forward and forward+backward ms of deform_conv2d (zero/random offsets, without/with mask) and conv2d.
-
-    Rows share one format, ``{op, impl, shape, offsets, fwd_ms, fwd_bwd_ms, max_rel_err, err_ref, layers}``;
-    another implementation of the op is another ``impl`` value. Errors are measured on the first image
-    of the batch against torchvision's op in float64 (conv2d rows: the op with zero offsets and mask 1
-    against float64 ``F.conv2d``, a check that both compute the same convolution).
-    """
-    rows = []
+def deform_inputs(geometry: dict[str, Any], batch: int, device: torch.device, amp: str) -> dict[str, torch.Tensor]:
+    """Input, offsets (a few pixels), weight and mask of a layer as the model feeds them under ``amp``: all in the
+    autocast dtype but the fp32 weight, in the training layout (channels_last on CUDA)."""
     gen = torch.Generator().manual_seed(0)
-    channels_last = device.type == "cuda" and config["train"]["channels_last"]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the model's tensors
-    n = args.batch_size
-    for geo in layer_shapes(config, args.crop, device):
-        c, h, w = geo["in_shape"]
-        out_c, c_per_group, kh, kw = geo["weight_shape"]
-        stride, padding, dilation = geo["stride"], geo["padding"], geo["dilation"]
-        out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        taps = geo["deform_groups"] * kh * kw
-        x = torch.randn(n, c, h, w, generator=gen).to(device).contiguous(memory_format=memory_format)
-        weight = torch.randn(out_c, c_per_group, kh, kw, generator=gen) / math.sqrt(c_per_group * kh * kw)
-        weight = weight.to(device).contiguous(memory_format=memory_format)
-        offsets = {
-            "zero": torch.zeros(n, 2 * taps, out_h, out_w, device=device),
-            "random": (2.0 * torch.randn(n, 2 * taps, out_h, out_w, generator=gen)).to(device),  # a few pixels
-        }
-        mask = torch.sigmoid(torch.randn(n, taps, out_h, out_w, generator=gen)).to(device)
-        shape = f"{n} x {c} x {h} x {w}, k{kh} d{dilation[0]}" + (f" s{stride[0]}" if stride[0] != 1 else "")
-        common = {"shape": shape, "layers": geo["layers"]}
-        conv_args = {"stride": stride, "padding": padding, "dilation": dilation}
-
-        def timed(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> tuple[float, float]:
-            """(forward ms, forward+backward ms) of ``fn(*inputs)`` with gradients for every input."""
-            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-            with torch.no_grad(), autocast(device, amp_dtype):
-                grad_out = torch.randn_like(fn(*inputs))
-
-            def forward() -> None:
-                with torch.no_grad(), autocast(device, amp_dtype):
-                    fn(*inputs)
-
-            def forward_backward() -> None:
-                for leaf in leaves:
-                    leaf.grad = None
-                with autocast(device, amp_dtype):
-                    out = fn(*leaves)
-                out.backward(grad_out)
-
-            return (time_each(forward, args.iters, args.warmup, device),
-                    time_each(forward_backward, args.iters, args.warmup, device))
-
-        conv = lambda x_, w_: F.conv2d(x_, w_, None, **conv_args)  # noqa: E731
-        fwd, fwd_bwd = timed(conv, [x, weight])
-        with torch.no_grad(), autocast(device, amp_dtype):
-            zero_op = deform_conv2d(x[:1], offsets["zero"][:1], weight, None, mask=torch.ones_like(mask[:1]), **conv_args)
-        reference = F.conv2d(x[:1].double(), weight.double(), None, **conv_args)
-        rows.append({"op": "conv2d", "impl": "conv2d", **common, "offsets": None, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
-                     "max_rel_err": max_rel_err(zero_op, reference),
-                     "err_ref": "deform_conv2d with zero offsets and mask 1 vs float64 conv2d"})
-        for offset_name, offset in offsets.items():
-            for impl_name, impl in runnable(DEFORM_IMPLS, device).items():
-                for m in (None, mask):
-                    def op(
-                        x_: torch.Tensor, o_: torch.Tensor, w_: torch.Tensor, *rest: torch.Tensor, fn: Callable = impl
-                    ) -> torch.Tensor:
-                        return fn(x_, o_, w_, rest[0] if rest else None, **conv_args)
-
-                    def reference_op(x_: torch.Tensor, o_: torch.Tensor, w_: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-                        return torchvision_deform(x_, o_, w_, rest[0] if rest else None, **conv_args)
-
-                    inputs = [x, offset, weight] + ([m] if m is not None else [])
-                    fwd, fwd_bwd = timed(op, inputs)
-                    first = [t[:1] if t is not weight else t for t in inputs]  # the error on the first image
-                    with torch.no_grad(), autocast(device, amp_dtype):
-                        out = op(*first)
-                    reference = reference_op(*[t.double() for t in first])
-                    rows.append({
-                        "op": "deform_conv2d", "impl": impl_name + ("+mask" if m is not None else ""), **common,
-                        "offsets": offset_name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
-                        "max_rel_err": max_rel_err(out, reference), "err_ref": "float64 torchvision deform_conv2d",
-                    })
-    return rows + bench_loss_ops(config, args, device, amp_dtype, memory_format)
+    (c, h, w), (out_h, out_w) = geometry["in_shape"], geometry["out_size"]
+    out_c, per_group, kh, kw = geometry["weight_shape"]
+    taps = geometry["deform_groups"] * kh * kw
+    dtype, layout = AMP_DTYPES[amp] or torch.float32, memory_format(device.type == "cuda")
+    tensors = {"input": torch.randn(batch, c, h, w, generator=gen),
+               "offset": 2 * torch.randn(batch, 2 * taps, out_h, out_w, generator=gen),
+               "weight": torch.randn(out_c, per_group, kh, kw, generator=gen) / math.sqrt(per_group * kh * kw),
+               "mask": torch.rand(batch, taps, out_h, out_w, generator=gen)}
+    return {name: t.to(device, torch.float32 if name == "weight" else dtype).contiguous(memory_format=layout)
+            for name, t in tensors.items()}
 
 
-def bench_loss_ops(
-    config: dict[str, Any], args: BenchOptions, device: torch.device, amp_dtype: torch.dtype | None,
-    memory_format: torch.memory_format,
-) -> list[dict[str, Any]]:
-    """Rows of the training loss (one head's logits at 1/8 of the crop, upsampled to it) for each implementation.
+def conv_op(op: Callable[..., torch.Tensor], geometry: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    """``op`` (F.conv2d or a deformable op) with the stride, padding and dilation of ``geometry``."""
+    return functools.partial(op, **{key: geometry[key] for key in ("stride", "padding", "dilation")})
 
-    The error is the larger of the loss's and the logits gradient's, against the reference loss in float64 on
-    the same logits.
-    """
-    num_classes, side = config["model"]["num_classes"], args.crop // 8
-    logits_dtype = amp_dtype or torch.float32  # the heads' logits come out of autocast in its dtype
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(args.batch_size, num_classes, side, side, generator=gen).to(device, logits_dtype)
-    logits = logits.contiguous(memory_format=memory_format)
-    _, labels = synthetic_batch(args.batch_size, args.crop, num_classes, device)
-    reference_leaf = logits.detach().double().requires_grad_(True)
-    reference = LOSS_OPS["reference"](reference_leaf, labels, IGNORE_INDEX)
-    reference.backward()
+
+def loss_inputs(batch: int, crop: int, num_classes: int, device: torch.device, amp: str) -> dict[str, torch.Tensor]:
+    """One head's logits at 1/8 of ``crop`` in the autocast dtype (channels_last on CUDA) and labels at ``crop``."""
+    layout = memory_format(device.type == "cuda")
+    labels = synthetic_batch(batch, (crop, crop), num_classes, device, layout)[1]
+    logits = 3 * torch.randn(batch, num_classes, crop // 8, crop // 8, generator=torch.Generator().manual_seed(1))
+    return {"logits": logits.to(device, AMP_DTYPES[amp] or torch.float32).contiguous(memory_format=layout),
+            "labels": labels}
+
+
+def max_rel_err(value: torch.Tensor, exact: torch.Tensor) -> float:
+    """``max|value - exact| / max|exact|`` in float64."""
+    value, exact = value.detach().double(), exact.detach()
+    return float((value - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
+
+
+def op_errors(call: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor],
+              inputs: dict[str, torch.Tensor], device: torch.device, amp: str) -> dict[str, float]:
+    """Max relative errors of ``call(**inputs)`` under ``amp``'s autocast and of its gradients w.r.t. the floating
+    inputs (for one random output gradient), against ``reference`` in float64 on the same input values."""
+    leaves = {k: t.detach().clone().requires_grad_() if t.is_floating_point() else t for k, t in inputs.items()}
+    exact_leaves = {k: t.detach().double().requires_grad_() if t.is_floating_point() else t for k, t in inputs.items()}
+    with autocast(device, amp):
+        out = call(**leaves)
+    exact = reference(**exact_leaves)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    names = [k for k, t in inputs.items() if t.is_floating_point()]
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], grad_out.to(out.dtype))
+    exact_grads = torch.autograd.grad(exact, [exact_leaves[k] for k in names], grad_out.double())
+    errors = {"output": max_rel_err(out, exact)}
+    return errors | {f"grad {name}": max_rel_err(g, e) for name, g, e in zip(names, grads, exact_grads)}
+
+
+def op_rows(config: dict[str, Any], paths: list[str], batch: int, crop: int, device: torch.device, amp: str,
+            rounds: int, min_run_time: float) -> list[dict[str, Any]]:
+    """Forward and forward+backward ms and errors against float64 of a plain conv and the deformable op (v1, v2) at
+    each of the model's deformable layer geometries, and of the loss, for the implementations of ``paths``."""
+    row = functools.partial(_op_row, device=device, amp=amp, rounds=rounds, min_run_time=min_run_time)
     rows = []
-    for impl_name, impl in runnable(LOSS_OPS, device).items():
-        leaf = logits.detach().clone().requires_grad_(True)
-
-        def forward(fn: Callable = impl) -> None:
-            with torch.no_grad():
-                fn(logits, labels, IGNORE_INDEX)
-
-        def forward_backward(fn: Callable = impl) -> None:
-            leaf.grad = None
-            fn(leaf, labels, IGNORE_INDEX).backward()
-
-        loss = impl(leaf, labels, IGNORE_INDEX)
-        loss.backward()
-        rows.append({
-            "op": "upsample_cross_entropy", "impl": impl_name, "offsets": None, "layers": ["classifier", "aux_classifier"],
-            "shape": f"{args.batch_size} x {num_classes} x {side} x {side} -> {args.crop} x {args.crop}",
-            "fwd_ms": time_each(forward, args.iters, args.warmup, device),
-            "fwd_bwd_ms": time_each(forward_backward, args.iters, args.warmup, device),
-            "max_rel_err": max(max_rel_err(loss, reference), max_rel_err(leaf.grad, reference_leaf.grad)),
-            "err_ref": "float64 F.interpolate + F.cross_entropy on the same logits: loss and gradient",
-        })
+    for geometry in layer_geometries(config, crop, device):
+        inputs = deform_inputs(geometry, batch, device, amp)
+        shape = f"{batch} x {' x '.join(map(str, geometry['in_shape']))}, dilation {geometry['dilation'][0]}"
+        conv = conv_op(F.conv2d, geometry)
+        rows.append(row("conv2d", "F.conv2d", shape, conv, conv, {k: inputs[k] for k in ("input", "weight")}))
+        for path in paths:
+            deform, exact = conv_op(DEFORM_OPS[path], geometry), conv_op(DEFORM_OPS["reference"], geometry)
+            v1 = {k: t for k, t in inputs.items() if k != "mask"}
+            rows += [row("deform_conv2d v1", path, shape, deform, exact, v1),
+                     row("deform_conv2d v2", path, shape, deform, exact, inputs)]
+    inputs = loss_inputs(batch, crop, config["model"]["num_classes"], device, amp)
+    shape = f"{' x '.join(map(str, inputs['logits'].shape))} -> {crop} x {crop}"
+    for path in paths:
+        call = functools.partial(LOSS_OPS[path], ignore_index=IGNORE_INDEX)
+        exact = functools.partial(reference_upsample_cross_entropy, ignore_index=IGNORE_INDEX)
+        rows.append(row("upsample_cross_entropy", path, shape, call, exact, inputs, amp="none"))  # as in train_step
     return rows
 
 
-# -------------------------------------------------------------------------------------------------- data
-def write_ade_like(root: Path, count: int, seed: int = 0) -> None:
-    """``count`` 683x512 JPEG/PNG pairs of smooth random content in the ADE20K layout (training split)."""
-    from PIL import Image
+def _op_row(op: str, impl: str, shape: str, call: Callable, exact: Callable, inputs: dict[str, torch.Tensor],
+            device: torch.device, amp: str, rounds: int, min_run_time: float) -> dict[str, Any]:
+    """One row of ``op_rows``: the times and the errors of ``call``."""
+    leaves = {k: t.detach().clone().requires_grad_(t.is_floating_point()) for k, t in inputs.items()}
 
-    rng = np.random.default_rng(seed)
-    (root / "images" / "training").mkdir(parents=True)
-    (root / "annotations" / "training").mkdir(parents=True)
-    for i in range(count):
-        colours = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(colours).resize((683, 512), Image.BICUBIC)
-        noise = rng.normal(0, 12, (512, 683, 3))
-        image = Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
-        classes = rng.choice(np.arange(0, 151), size=12, replace=False)  # 0 = "other", mapped to ignore
-        cells = rng.choice(classes, size=(9, 12)).astype(np.uint8)
-        label = Image.fromarray(cells).resize((683, 512), Image.NEAREST)
-        image.save(root / "images" / "training" / f"bench_{i:05d}.jpg", quality=90)
-        label.save(root / "annotations" / "training" / f"bench_{i:05d}.png")
+    def forward() -> None:
+        with torch.no_grad(), autocast(device, amp):
+            call(**inputs)
 
+    def forward_backward() -> None:
+        with autocast(device, amp):
+            out = call(**leaves)
+        out.float().sum().backward()
 
-def bench_data(args: BenchOptions, models: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Samples/s of SegmentationFolder + TrainTransform (ADE20K recipe) in one process, one thread."""
-    from data.dataset import SegmentationFolder, sample_seed
-    from data.transforms import TrainTransform
-
-    data_cfg = load_config("ade20k-base")["data"]
-    recipe = {k: data_cfg[k] for k in ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric")}
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(prefix="bench_ade_") as tmp:
-        write_ade_like(Path(tmp), args.data_images)
-        dataset = SegmentationFolder(tmp, "training", TrainTransform(data_cfg))
-        torch.set_num_threads(1)  # as a loader worker (data.dataset._worker_init)
-        try:
-            dataset[(0, sample_seed(0, 0))]  # file cache, lazy imports
-            start = time.perf_counter()
-            for p in range(args.data_samples):
-                image, label, _ = dataset[(p % len(dataset), sample_seed(1, p))]
-            seconds = time.perf_counter() - start
-        finally:
-            torch.set_num_threads(threads)
-    per_worker = args.data_samples / seconds
-    targets = [("norm-conv on one H100 (reference figure, torch 2.11, bf16)", H100_NORM_CONV_IMAGES_PER_S)]
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        targets += [(f"{m['name']} training, this run ({gpu})", m["train_images_per_s"]) for m in models]
-    return {
-        "recipe": recipe,
-        "images": args.data_images,
-        "image_size": [683, 512],
-        "samples": args.data_samples,
-        "sample_shape": [list(image.shape), list(label.shape)],
-        "samples_per_s_per_worker": per_worker,
-        "ms_per_sample": 1000.0 / per_worker,
-        "workers_needed": [
-            {"target": name, "images_per_s": rate, "workers": math.ceil(rate / per_worker)} for name, rate in targets
-        ],
-    }
+    times = seconds_per_call({"fwd": forward, "fwd+bwd": forward_backward}, rounds, min_run_time)
+    errors = op_errors(call, exact, inputs, device, amp)
+    return {"op": op, "impl": impl, "shape": shape, "fwd_ms": 1000 * times["fwd"],
+            "fwd_bwd_ms": 1000 * times["fwd+bwd"], "max_rel_err": max(errors.values()), "errors": errors}
 
 
-# ------------------------------------------------------------------------------------------------ output
-def num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def model_rows(config: dict[str, Any], variants: list[str], paths: list[str], amps: list[str], device: torch.device,
+               facts: DeviceFacts, batch: int, crop: int, rounds: int, min_run_time: float) -> list[dict[str, Any]]:
+    """Training and inference images/s and the training step's peak CUDA memory of every case, all cases resident
+    and timed in alternating rounds; ``× norm-conv`` within a path and precision, ``× reference`` within a model."""
+    rows, calls = [], {}
+    for amp in amps:
+        for path in paths:
+            for variant in variants:
+                name, version = VARIANTS[variant]
+                case = TrainingCase(case_config(config, version, path, amp, device, facts), device, batch, crop)
+                peak = case.peak_bytes()
+                rows.append({"name": name, "version": version, "path": path, "amp": case.config["train"]["amp"],
+                             "peak_gib": None if peak is None else peak / GIB})
+                calls[f"{len(rows)} train"], calls[f"{len(rows)} infer"] = case.train, case.infer
+    times = seconds_per_call(calls, rounds, min_run_time)
+    for i, row in enumerate(rows, 1):
+        row["train_images_per_s"], row["infer_images_per_s"] = batch / times[f"{i} train"], batch / times[f"{i} infer"]
+    for row in rows:
+        same_amp = [r for r in rows if r["amp"] == row["amp"]]
+        norm = [r for r in same_amp if r["version"] == 0 and r["path"] == row["path"]]
+        ref = [r for r in same_amp if r["version"] == row["version"] and r["path"] == "reference"]
+        for key in ("train", "infer"):
+            speed = row[f"{key}_images_per_s"]
+            row[f"{key}_x_norm"] = speed / norm[0][f"{key}_images_per_s"] if norm else None
+            row[f"{key}_x_reference"] = speed / ref[0][f"{key}_images_per_s"] if ref else None
+    return rows
 
 
-def report(result: dict[str, Any]) -> str:
-    """Markdown tables of the results."""
-    s = result["settings"]
-    lines = [
-        f"device {result['device']}{' (' + result['gpu'] + ')' if result['gpu'] else ''}, torch {result['torch']}, "
-        f"torchvision {result['torchvision']}; config {s['config']}, batch {s['batch_size']}, crop {s['crop']}, "
-        f"amp {s['amp']}, channels_last {s['channels_last']}, median of {s['iters']} timed iterations after {s['warmup']} "
-        f"warm-up ones",
-        "",
-        "| model | train img/s | × norm-conv | × reference path | infer img/s | × norm-conv | peak mem GiB (train) "
-        "| × norm-conv |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m in result["models"]:
-        lines.append(
-            f"| {m['name']} | {num(m['train_images_per_s'])} | {num(m['train_ratio'])} | {num(m['train_path_speedup'])} | "
-            f"{num(m['infer_images_per_s'])} | {num(m['infer_ratio'])} | {num(m['peak_mem_gib'])} | {num(m['mem_ratio'])} |"
-        )
-    lines.append("(× norm-conv: against norm-conv on the same path; (fast): the Triton kernels, models/triton_*.py)")
-    if result["ops"]:
-        lines += ["", "| op | impl | input, kernel | offsets | fwd ms | fwd+bwd ms | max rel err |", "|" + "---|" * 7]
-        for r in result["ops"]:
-            lines.append(
-                f"| {r['op']} | {r['impl']} | {r['shape']} | {r['offsets'] or '-'} | {num(r['fwd_ms'], 3)} | "
-                f"{num(r['fwd_bwd_ms'], 3)} | {r['max_rel_err']:.1e} |"
-            )
-        lines.append(
-            "(max rel err: conv2d rows, deform_conv2d with zero offsets and mask 1 vs float64 conv2d; deform_conv2d rows "
-            "vs float64 torchvision deform_conv2d on the same inputs; upsample_cross_entropy rows, loss and gradient vs "
-            "the float64 reference)"
-        )
-    if result["data"]:
-        d = result["data"]
-        lines += [
-            "",
-            f"data: SegmentationFolder + TrainTransform (ADE20K recipe, crop {d['recipe']['crop_size']}) on "
-            f"{d['images']} generated 683x512 images: {d['samples_per_s_per_worker']:.1f} samples/s per worker "
-            f"({d['ms_per_sample']:.1f} ms per sample, one process, one thread)",
-        ]
-        for t in d["workers_needed"]:
-            lines.append(f"- {t['target']}: {t['images_per_s']:.1f} img/s needs {t['workers']} loader workers (cores)")
-    return "\n".join(lines) + "\n"
-
-
-def benchmark(args: BenchOptions) -> dict[str, Any]:
-    """Run the benchmarks ``args`` asks for (progress on stderr); return the results (``report`` formats them)."""
-    device, variants, paths = check_options(args)
-    config = load_config(args.config, args.overrides)
-    amp_name = (args.amp or config["train"]["amp"]) if device.type == "cuda" else "none"  # autocast is CUDA only
-    amp_dtype = AMP_DTYPES[amp_name]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    result: dict[str, Any] = {
-        "device": device.type,
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "settings": {
-            "config": config["config_name"], "overrides": args.overrides, "batch_size": args.batch_size,
-            "crop": args.crop, "amp": amp_name, "channels_last": device.type == "cuda" and config["train"]["channels_last"],
-            "compile": config["train"]["compile"], "aux_head": config["model"]["aux_head"],
-            "deform_stages": config["model"]["deform"]["stages"], "deform_blocks": config["model"]["deform"]["blocks"],
-            "iters": args.iters, "warmup": args.warmup, "paths": paths,
-            "timing": "median of single synchronised iterations, variants interleaved",
-            "cpu_threads": torch.get_num_threads(),
-        },
-        "models": [],
-        "ops": [],
-        "data": {},
-    }
-    runs = [(v, p) for p in paths for v in variants]
-    names = [VARIANTS[v][0] + ("" if p == "reference" else f" ({p})") for v, p in runs]
-    print(f"benchmarking {', '.join(names)} ...", file=sys.stderr)
-    configs = [(name, variant_config(config, VARIANTS[v][1], p)) for name, (v, p) in zip(names, runs)]
-    result["models"] = bench_models(configs, args, device, amp_dtype)
-    for record, (v, p) in zip(result["models"], runs):
-        record["deform_version"], record["path"] = VARIANTS[v][1], p
-    add_ratios(result["models"])
-    if args.ops:
-        print("benchmarking deform_conv2d vs conv2d, and the loss ...", file=sys.stderr)
-        result["ops"] = bench_ops(config, args, device, amp_dtype)
-    if args.data:
-        print("benchmarking the data pipeline ...", file=sys.stderr)
-        result["data"] = bench_data(args, result["models"], device)
-    return result
+def memory_rows(config: dict[str, Any], variants: list[str], amps: list[str], batches: tuple[int, int],
+                device: torch.device, facts: DeviceFacts, crop: int) -> list[dict[str, Any]]:
+    """Peak of one training step (reference path) per variant and precision at two batch sizes, one case at a
+    time, with ``memory_fit``'s per-image cost and the accumulation each card needs; ``error`` where a case fails."""
+    rows = []
+    for variant in variants:
+        for amp in amps:
+            name, version = VARIANTS[variant]
+            row: dict[str, Any] = {"name": name, "amp": amp, "crop": crop}
+            try:
+                cfg = case_config(config, version, "reference", amp, device, facts)
+                peaks = {b: training_peak(cfg, device, b, crop) for b in batches}
+            except RuntimeError as err:  # torch's errors: no bf16 CPU kernel, CUDA out of memory
+                rows.append(row | {"error": " ".join(str(err).split())[:200]})
+                continue
+            rows.append(row | {"peak_gib": {b: p / GIB for b, p in peaks.items()}} | memory_fit(peaks))
+    return rows

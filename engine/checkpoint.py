@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import io
 import os
 import re
 import shutil
@@ -75,20 +76,6 @@ def _os_error(err: BaseException) -> OSError | None:
     return err
 
 
-class _ByteCounter:
-    """A file-like sink that only counts what ``torch.save`` writes to it."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.size += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def _write_failed_message(state: dict[str, Any], path: Path, err: OSError) -> str:
     """The paragraph for a checkpoint that could not be written: a full disk in its own words, else the reason."""
     kept = (f"The previous {path.name} is intact" if path.is_file() else f"No {path.name} existed before") + (
@@ -96,11 +83,10 @@ def _write_failed_message(state: dict[str, Any], path: Path, err: OSError) -> st
     if err.errno not in (errno.ENOSPC, errno.EDQUOT):
         return (f"could not write the checkpoint {path} ({err.strerror or err}). {kept} Fix the folder's permissions "
                 f"or free disk space, then continue the run with --resume auto.")
-    needed = _ByteCounter()
-    torch.save(state, needed)
-    free = shutil.disk_usage(path.parent).free
+    needed, free = io.BytesIO(), shutil.disk_usage(path.parent).free
+    torch.save(state, needed)  # in memory, to tell its size
     return (
-        f"the disk is full: the checkpoint {path} needs {needed.size / 1e6:,.1f} MB and the disk holding {path.parent} "
+        f"the disk is full: the checkpoint {path} needs {needed.getbuffer().nbytes / 1e6:,.1f} MB and the disk holding {path.parent} "
         f"has {free / 1e6:,.1f} MB free ({err.strerror or err}). {kept} Make room for it there (old runs, other "
         f"checkpoints) or move the run to a bigger disk, then continue it with --resume auto."
     )

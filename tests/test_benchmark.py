@@ -1,121 +1,93 @@
-"""Tests of scripts/benchmark.py: one tiny CPU run of every part, and its command-line errors."""
+"""scripts/benchmark.py: a tiny CPU run of the speed and --ops tables, the memory table's fit and CPU measurement,
+and the command line's errors."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import engine.benchmark as benchmark_lib
+from configs import load_config
+from engine import benchmark as benchmark_lib
+from engine.device import DeviceFacts, device_facts
 from scripts import benchmark
 
-REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+NO_GPU = DeviceFacts("2.14.1", "13.0", ("sm_75",), False, None, None, None)
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
-    """JSON and stdout of a tiny CPU benchmark with --ops and --data (batch 1, crop 64).
+    """JSON and stdout of a tiny CPU benchmark of the reference path with --ops (batch 1, crop 64, one round).
 
-    Without TRITON_INTERPRET, as a user's CPU run: the Triton kernels cannot run, so only the reference path is timed
-    (the interpreter would take minutes at the model's 512 channels; test_loss_rows_with_triton covers those rows).
+    Only the reference path: in Triton's CPU interpreter the kernels would take minutes at the model's 512 channels
+    (their errors at small shapes: tests/test_gpu_check.py).
     """
     path = tmp_path_factory.mktemp("bench") / "x.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--config", "demo.yaml", "--device", "cpu", "--batch-size", "1",
-         "--crop", "64", "--iters", "2", "--warmup", "1", "--ops", "--data", "--data-samples", "2",
-         "--data-images", "2", "--json", str(path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(path.read_text()), proc.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--batch-size", "1", "--crop", "64",
+                               "--variants", "norm,v2", "--paths", "reference", "--rounds", "1", "--min-time", "0",
+                               "--ops", "--json", str(path)])
+    assert code == 0
+    return json.loads(path.read_text()), out.getvalue()
 
 
 def test_models_and_ratios(result: tuple[dict, str]) -> None:
     data, stdout = result
-    assert data["device"] == "cpu" and data["gpu"] is None and data["torch"] == str(torch.__version__)
-    assert data["settings"]["batch_size"] == 1 and data["settings"]["crop"] == 64 and data["settings"]["amp"] == "none"
+    assert data["device"].startswith("CPU, torch") and "batch 1" in data["settings"]
     models = {m["name"]: m for m in data["models"]}
-    assert list(models) == ["norm-conv", "def-conv-v1", "def-conv-v2"]
-    assert data["settings"]["paths"] == ["reference"] and {m["path"] for m in models.values()} == {"reference"}
-    assert models["norm-conv"]["train_ratio"] == 1.0 and models["norm-conv"]["infer_ratio"] == 1.0
-    assert all(m["train_path_speedup"] == 1.0 for m in models.values())
+    assert list(models) == ["norm-conv", "def-conv-v2"]
+    assert {(m["path"], m["amp"]) for m in models.values()} == {("reference", "none")}  # demo.yaml: auto -> none
     for m in models.values():
-        assert m["train_images_per_s"] > 0 and m["infer_images_per_s"] > 0
-        assert m["peak_mem_gib"] is None  # CPU: not measured
-        assert m["train_ratio"] == pytest.approx(m["train_images_per_s"] / models["norm-conv"]["train_images_per_s"])
-    assert "| def-conv-v2 |" in stdout
+        assert m["train_images_per_s"] > 0 and m["infer_images_per_s"] > 0 and m["peak_gib"] is None
+        assert m["train_x_norm"] == pytest.approx(m["train_images_per_s"] / models["norm-conv"]["train_images_per_s"])
+        assert m["train_x_reference"] == 1.0 and m["infer_x_reference"] == 1.0
+    assert models["norm-conv"]["train_x_norm"] == 1.0 and "| def-conv-v2 | reference | none |" in stdout
 
 
-def test_ops_rows_agree_with_the_float64_reference(result: tuple[dict, str]) -> None:
-    ops = [r for r in result[0]["ops"] if r["op"] != "upsample_cross_entropy"]
+def test_ops_rows_agree_with_float64(result: tuple[dict, str]) -> None:
+    data, stdout = result
     # demo.yaml: layer4.0.conv2 (dilation 2) and layer4.1/.2.conv2 (dilation 4) at 1/8 of the 64 crop.
-    shapes = sorted({r["shape"] for r in ops})
-    assert shapes == ["1 x 512 x 8 x 8, k3 d2", "1 x 512 x 8 x 8, k3 d4"]
-    for shape in shapes:
-        rows = [r for r in ops if r["shape"] == shape]
-        kinds = sorted((r["op"], r["impl"], r["offsets"] or "") for r in rows)
-        assert kinds == [
-            ("conv2d", "conv2d", ""),
-            ("deform_conv2d", "torchvision", "random"), ("deform_conv2d", "torchvision", "zero"),
-            ("deform_conv2d", "torchvision+mask", "random"), ("deform_conv2d", "torchvision+mask", "zero"),
-        ]
-    for r in ops:
-        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
-        assert 0 <= r["max_rel_err"] < 1e-4, r
-    assert [r["layers"] for r in ops if r["op"] == "conv2d"][1] == ["backbone.layer4.1.conv2", "backbone.layer4.2.conv2"]
-    loss_rows = [r for r in result[0]["ops"] if r["op"] == "upsample_cross_entropy"]
-    assert [(r["impl"], r["shape"]) for r in loss_rows] == [("reference", "1 x 150 x 8 x 8 -> 64 x 64")]
-    assert loss_rows[0]["max_rel_err"] < 1e-5 and loss_rows[0]["fwd_bwd_ms"] > 0
-    assert "| upsample_cross_entropy | reference |" in result[1]
-
-
-@pytest.mark.skipif(not benchmark_lib.triton_available("cpu"), reason="needs Triton >= 3.2 and its CPU interpreter")
-def test_loss_rows_with_triton() -> None:
-    """Where Triton runs (here its interpreter), --ops adds a triton row that agrees with the float64 reference."""
-    config = benchmark_lib.load_config("demo.yaml")
-    args = benchmark_lib.BenchOptions(config="demo.yaml", batch_size=2, crop=32, iters=1, warmup=0)
-    rows = benchmark_lib.bench_loss_ops(config, args, torch.device("cpu"), None, torch.channels_last)
-    assert [r["impl"] for r in rows] == ["reference", "triton"]
-    for r in rows:
-        assert r["shape"] == "2 x 150 x 4 x 4 -> 32 x 32" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
-        assert r["max_rel_err"] < 1e-5, r
-
-
-def test_ratios_are_per_path() -> None:
-    """× norm-conv compares within a path; the path speedup compares a variant's fast path to its reference."""
-    rows = [
-        {"deform_version": v, "path": p, "train_images_per_s": t, "infer_images_per_s": 1.0, "peak_mem_gib": None}
-        for v, p, t in ((0, "reference", 100.0), (2, "reference", 60.0), (0, "triton", 200.0), (2, "triton", 190.0))
+    assert [(r["op"], r["impl"], r["shape"]) for r in data["ops"]] == [
+        ("conv2d", "F.conv2d", "1 x 512 x 8 x 8, dilation 2"),
+        ("deform_conv2d v1", "reference", "1 x 512 x 8 x 8, dilation 2"),
+        ("deform_conv2d v2", "reference", "1 x 512 x 8 x 8, dilation 2"),
+        ("conv2d", "F.conv2d", "1 x 512 x 8 x 8, dilation 4"),
+        ("deform_conv2d v1", "reference", "1 x 512 x 8 x 8, dilation 4"),
+        ("deform_conv2d v2", "reference", "1 x 512 x 8 x 8, dilation 4"),
+        ("upsample_cross_entropy", "reference", "1 x 150 x 8 x 8 -> 64 x 64"),
     ]
-    benchmark_lib.add_ratios(rows)
-    assert [r["train_ratio"] for r in rows] == [1.0, 0.6, 1.0, 0.95]
-    assert [r["train_path_speedup"] for r in rows] == [1.0, 1.0, 2.0, 190.0 / 60.0]
-    assert all(r["mem_ratio"] is None for r in rows)
+    for r in data["ops"]:
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and 0 < r["max_rel_err"] < 1e-5, r
+        assert r["max_rel_err"] == max(r["errors"].values())
+    assert set(data["ops"][2]["errors"]) == {"output", "grad input", "grad offset", "grad weight", "grad mask"}
+    assert "| upsample_cross_entropy | reference | 1 x 150 x 8 x 8 -> 64 x 64 |" in stdout
 
 
-def test_triton_path_without_triton_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(benchmark_lib, "triton_available", lambda device: False)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--paths", "reference,triton"])
-    assert code == 2 and "--paths triton needs the Triton kernels" in err.getvalue()
+def test_memory_fit_and_the_cards() -> None:
+    fit = benchmark_lib.memory_fit({2: int(4.5 * GIB), 1: 3 * GIB})
+    assert fit["per_image_gib"] == 1.5 and fit["fixed_gib"] == 1.5
+    # batch 16 at accum n: 1.5 + 1.5 * 16 / n GiB against 90% of the card.
+    assert fit["accum_steps"] == {16: 2, 24: 2, 40: 1, 80: 1}
+    heavy = benchmark_lib.memory_fit({1: 21 * GIB, 2: 41 * GIB})  # 20 GiB per image
+    assert heavy["accum_steps"] == {16: None, 24: 16, 40: 16, 80: 8}
 
 
-def test_data_section(result: tuple[dict, str]) -> None:
-    data = result[0]["data"]
-    assert data["samples"] == 2 and data["samples_per_s_per_worker"] > 0
-    assert data["recipe"]["crop_size"] == 512 and data["sample_shape"] == [[3, 512, 512], [512, 512]]
-    need = data["workers_needed"][0]
-    assert need["images_per_s"] == 150 and need["workers"] >= 1
-    assert need["workers"] == -(-150 // data["samples_per_s_per_worker"])
+def test_cpu_memory_rows_measure_a_process_peak_that_grows_with_the_batch() -> None:
+    """Each case in its own process: a larger batch has a larger peak; v2 in bf16 has no CPU kernel and says so."""
+    config = load_config("demo.yaml")
+    rows = benchmark_lib.memory_rows(config, ["norm"], ["none"], (1, 4), torch.device("cpu"), device_facts(), 64)
+    rows += benchmark_lib.memory_rows(config, ["v2"], ["bf16"], (1, 4), torch.device("cpu"), device_facts(), 64)
+    norm, v2 = rows
+    assert norm["peak_gib"][4] > norm["peak_gib"][1] > 0.2  # the interpreter and torch alone are more than that
+    assert 0.01 < norm["per_image_gib"] < 0.1 and norm["fixed_gib"] > 0.2  # ~1.65 GiB per 512x512 image / 64
+    assert "BFloat16" in v2["error"]
+    table = benchmark.report({"device": "CPU, torch x", "settings": "s", "memory": rows})
+    assert "| def-conv-v2 | bf16 | " in table and "CPU process peak of one training step at 64x64" in table
 
 
 @pytest.mark.parametrize(
@@ -123,21 +95,29 @@ def test_data_section(result: tuple[dict, str]) -> None:
     [
         (["--variants", "norm,v3"], "--variants"),
         (["--paths", "quick"], "--paths"),
+        (["--amp", "bf32"], "--amp"),
         (["--crop", "60"], "multiple of 8"),
-        (["--iters", "0"], "--iters"),
+        (["--rounds", "0"], "--rounds"),
+        (["--memory", "--memory-batches", "2"], "--memory-batches"),
         (["--config", "no-such-config"], "no-such-config"),
     ],
 )
-def test_bad_arguments_are_user_errors(argv: list[str], message: str) -> None:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = benchmark.main(["--config", "demo.yaml", "--device", "cpu", *argv])
-    assert code == 2 and err.getvalue().startswith("error: ") and message in err.getvalue()
+def test_bad_arguments_are_user_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert benchmark.main(["--config", "demo.yaml", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_a_gpu_is_a_user_error() -> None:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = benchmark.main(["--config", "demo.yaml", "--device", "cuda"])
-    assert code == 2 and "--device cpu" in err.getvalue()
+def test_triton_path_without_triton_is_a_user_error(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(benchmark, "triton_available", lambda device: False)
+    assert benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--paths", "reference,triton"]) == 2
+    assert "--paths triton needs the Triton kernels" in capsys.readouterr().err
+
+
+def test_cuda_without_a_usable_gpu_is_a_user_error(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(benchmark, "device_facts", lambda: NO_GPU)
+    assert benchmark.main(["--config", "demo.yaml", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not usable here" in err and "--device cpu" in err
