@@ -98,3 +98,21 @@ def test_the_resolved_config_says_what_runs() -> None:
     assert config["train"]["amp"] == "auto"  # the config asked for is left alone
     t4 = resolve_config(config, torch.device("cuda"), facts(gpu="Tesla T4", capability=(7, 5)))
     assert t4["train"]["amp"] == "fp16" and t4["train"]["channels_last"] is True and t4["model"]["deform_op"] == "triton"
+
+
+def test_train_py_on_a_machine_without_a_usable_gpu(make_ade_tree, tmp_path, monkeypatch, capsys) -> None:
+    """An ADE20K config stops before any work with the paragraph (nothing written); --device cpu trains it."""
+    import train
+    from engine.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(train, "device_facts", lambda: OLD_DRIVER)
+    tree, work_dir = make_ade_tree(), tmp_path / "run"
+    small = [f"data.root={tree}", "model.pretrained_backbone=false", "data.num_workers=0", "data.scale=[48,48]",
+             "data.crop_size=32", "train.batch_size=2", "train.iters=1", "train.tb_images=0"]
+    assert train.main(["--config", "def-conv-v2.yaml", "--work-dir", str(work_dir), *small]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not usable here" in err and "NVIDIA GeForce RTX 3090" in err and "--device cpu" in err
+    assert not work_dir.exists()
+    assert train.main(["--config", "def-conv-v2.yaml", "--work-dir", str(work_dir), "--device", "cpu", *small]) == 0
+    assert "1 process(es) on CPU" in capsys.readouterr().out
+    assert load_checkpoint(work_dir / "last.pt")["config"]["train"]["amp"] == "none"  # auto, resolved for the CPU
