@@ -268,37 +268,46 @@ def offset_figure(
         check_points(points, orig_w, orig_h)
     logits, all_fields = observed if observed is not None else run_with_fields(model, image_tensor)
     fields = select_layers(all_fields, num_layers)
-    last, num_l = fields[-1], len(fields)
-    v2 = all(f.mask is not None for f in fields)
     geo = _Geometry(orig_w, orig_h, image_tensor.shape[-1], image_tensor.shape[-2])
-    names, palette = _class_info(logits.shape[1] if logits is not None else 1)
     pred = None
     if logits is not None:
         pred_t = logits.argmax(1, keepdim=True).float()
-        pred = F.interpolate(pred_t, size=last.out_size, mode="nearest")[0, 0].long().cpu().numpy()
+        pred = F.interpolate(pred_t, size=fields[-1].out_size, mode="nearest")[0, 0].long().cpu().numpy()
     if not points:
         reach = sum(f.dilation[0] * (f.kernel[0] // 2) for f in fields)
-        feats = choose_points(pred if pred is not None else np.zeros(last.out_size, int), reach=reach)
-        shown = [tuple(int(v) for v in np.rint(geo.to_image(np.array(p), last.out_stride))) for p in feats]
+        feats = choose_points(pred if pred is not None else np.zeros(fields[-1].out_size, int), reach=reach)
+        points = [tuple(int(v) for v in np.rint(geo.to_image(np.array(p), fields[-1].out_stride))) for p in feats]
     else:
-        feats = [geo.to_feature(p, last.out_stride, last.out_size) for p in points]
-        shown = list(points)
-    traces = [trace(fields, p) for p in feats]
-    w_max = max(float(t[-1][1].max()) for t in traces) if v2 else 1.0
+        feats = [geo.to_feature(p, fields[-1].out_stride, fields[-1].out_size) for p in points]
+    scene = _Scene(geo, fields, pred, _class_info(logits.shape[1] if logits is not None else 1), feats, points,
+                   [trace(fields, p) for p in feats], original_rgb)
+    fig, grid, sections, ncols = _layout(scene, _header(fields, iteration, image_name))
+    _draw_panels(fig, grid, sections, ncols, scene)
+    fig.canvas.draw()
+    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
 
-    # Layout: the overview and one panel per position, then the per-layer maps; each section starts a row.
-    ncols = 3 if num_l <= 3 else 4
-    sections = [["overview"] + [("point", i) for i in range(len(feats))], [("offset", j) for j in range(num_l)]]
-    if v2 and 2 * num_l <= ncols:
-        sections[1] += [("mask", j) for j in range(num_l)]
-    elif v2:
-        sections.append([("mask", j) for j in range(num_l)])
+
+@dataclass
+class _Scene:
+    """What the figure shows: the layers traced, the prediction, the output positions and their traces."""
+
+    geo: _Geometry
+    fields: list[LayerField]
+    pred: np.ndarray | None
+    classes: tuple[list[str], np.ndarray]  # names and palette
+    feats: list[tuple[int, int]]  # positions on the last layer's grid
+    shown: list[tuple[int, int]]  # the same positions in image pixels
+    traces: list[list[tuple[np.ndarray, np.ndarray]]]
+    rgb: np.ndarray
+
+
+def _header(fields: list[LayerField], iteration: int | None, image_name: str | None) -> tuple[list[str], str]:
+    """The title's parts and the legend."""
+    last, num_l, v2 = fields[-1], len(fields), all(f.mask is not None for f in fields)
     stack = f"{num_l} stacked deformable layers" if num_l > 1 else "one deformable layer"
     head = [f"DCNv{last.version} sampling locations through {stack}: {9 ** num_l} per output position"]
-    if iteration is not None:
-        head.append(f"iteration {iteration}")
-    if image_name:
-        head.append(image_name)
+    head += [f"iteration {iteration}"] if iteration is not None else []
+    head += [image_name] if image_name else []
     legend = (
         "green star: output position"
         + ("; white rings: the last layer's own 9 samples" if num_l > 1 else "")
@@ -308,25 +317,44 @@ def offset_figure(
         + f". Layers: {', '.join(_layer_label(f) for f in fields)}"
         + (f"; offsets averaged over {last.groups} deformable groups" if last.groups > 1 else "")
     )
+    return head, legend
+
+
+def _layout(scene: _Scene, header: tuple[list[str], str]) -> tuple[Figure, Any, list[list[Any]], int]:
+    """The figure with its title: the overview and one panel per position, then the per-layer maps; each section
+    starts a row. Returns the figure, its grid, the sections and the number of columns."""
+    num_l, v2 = len(scene.fields), all(f.mask is not None for f in scene.fields)
+    ncols = 3 if num_l <= 3 else 4
+    sections = [["overview"] + [("point", i) for i in range(len(scene.feats))], [("offset", j) for j in range(num_l)]]
+    if v2 and 2 * num_l <= ncols:
+        sections[1] += [("mask", j) for j in range(num_l)]
+    elif v2:
+        sections.append([("mask", j) for j in range(num_l)])
     rows = sum(-(-len(s) // ncols) for s in sections)
     panel_w, title_h = 4.6, 0.7
     fig_w = ncols * panel_w * 1.17 + 0.3
-    lines = ["   |   ".join(head)] + textwrap.wrap(legend, width=int(fig_w * 90 / 7.2))
+    lines = ["   |   ".join(header[0])] + textwrap.wrap(header[1], width=int(fig_w * 90 / 7.2))
     header_h = 0.3 + 0.27 * len(lines)
-    panel_h = panel_w * orig_h / orig_w
+    panel_h = panel_w * scene.geo.orig_h / scene.geo.orig_w
     fig_h = rows * (panel_h + title_h) + header_h
     fig = Figure(figsize=(fig_w, fig_h), dpi=90)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(rows, ncols, left=0.015, right=1 - 0.85 / fig_w, bottom=0.1 / fig_h,
                             top=1 - header_h / fig_h, wspace=0.2, hspace=title_h / panel_h)
-    background = _dimmed(original_rgb)
-    image_box = (-0.5, orig_w - 0.5, orig_h - 0.5, -0.5)
-    cloud_box = _cloud_view(geo, fields, traces, image_box)
-    zooms = []
-    for feat, levels in zip(feats, traces):
-        out_xy = geo.to_image(np.array(feat, float), last.out_stride)
-        zooms.append(_zoom_view(np.vstack([geo.to_image(levels[-1][0], fields[0].in_stride), out_xy]), image_box,
-                                cloud_box))
+    fig.text(0.5, 1 - 0.15 / fig_h, "\n".join(lines), ha="center", va="top", fontsize=11.5, linespacing=1.45)
+    return fig, grid, sections, ncols
+
+
+def _draw_panels(fig: Figure, grid: Any, sections: list[list[Any]], ncols: int, scene: _Scene) -> None:
+    """Every panel of ``_layout``'s sections on the dimmed photo: the overview, the positions, the layer maps."""
+    geo, fields, last = scene.geo, scene.fields, scene.fields[-1]
+    v2 = all(f.mask is not None for f in fields)
+    w_max = max(float(t[-1][1].max()) for t in scene.traces) if v2 else 1.0
+    background, image_box = _dimmed(scene.rgb), (-0.5, geo.orig_w - 0.5, geo.orig_h - 0.5, -0.5)
+    cloud_box = _cloud_view(geo, fields, scene.traces, image_box)
+    outs = [geo.to_image(np.array(feat, float), last.out_stride) for feat in scene.feats]
+    zooms = [_zoom_view(np.vstack([geo.to_image(levels[-1][0], fields[0].in_stride), out]), image_box, cloud_box)
+             for out, levels in zip(outs, scene.traces)]
     row, point_bar = 0, False
     for section in sections:
         for idx, panel in enumerate(section):
@@ -337,38 +365,36 @@ def offset_figure(
             ax.set_ylim(box[2], box[3])
             if box != image_box:  # locations beyond the border fall in the zero padding
                 ax.set_facecolor(PADDING_COLOUR)
-                ax.add_patch(Rectangle((image_box[0], image_box[3]), orig_w, orig_h, fill=False, ec="black", lw=0.8))
+                ax.add_patch(Rectangle((image_box[0], image_box[3]), geo.orig_w, geo.orig_h, fill=False, ec="black",
+                                       lw=0.8))
             ax.set_xticks([])
             ax.set_yticks([])
             if panel == "overview":
-                _draw_overview(ax, geo, pred, palette, last.out_stride, feats, zooms)
-                continue
-            kind, i = panel
-            if kind == "point":
-                out_xy = geo.to_image(np.array(feats[i], float), last.out_stride)
-                dots = _draw_point(ax, geo, fields, traces[i], out_xy, w_max)
+                _draw_overview(ax, geo, scene.pred, scene.classes[1], last.out_stride, scene.feats, zooms)
+            elif panel[0] == "point":
+                i = panel[1]
+                dots = _draw_point(ax, geo, fields, scene.traces[i], outs[i], w_max)
                 label = ""
-                if pred is not None:
-                    cls = int(pred[feats[i][1], feats[i][0]])
+                if scene.pred is not None:
+                    cls, names = int(scene.pred[scene.feats[i][1], scene.feats[i][0]]), scene.classes[0]
                     label = f": {names[cls]}" if cls < len(names) else f": class {cls}"
-                ax.set_title(f"{i + 1}  (x {shown[i][0]}, y {shown[i][1]}){label}", fontsize=11)
+                ax.set_title(f"{i + 1}  (x {scene.shown[i][0]}, y {scene.shown[i][1]}){label}", fontsize=11)
                 if v2 and not point_bar and (idx % ncols == ncols - 1 or idx == len(section) - 1):
-                    _add_colorbar(fig, ax, dots, f"product of the {num_l} masks" if num_l > 1 else "mask")
+                    _add_colorbar(fig, ax, dots, f"product of the {len(fields)} masks" if len(fields) > 1 else "mask")
                     point_bar = True  # one shared scale, at the end of the first row
-                continue
-            f = fields[i]
-            if kind == "offset":
-                data, cmap = f.magnitude, "magma"
-                title = f"{_layer_label(f)}\nmean |offset| over taps: {data.mean():.2f} feature px on average"
             else:
-                data, cmap = f.mask.mean(0), "viridis"
-                title = f"{_layer_label(f)}\nmean mask over taps: {data.mean():.2f} on average"
-            im = ax.imshow(data, extent=geo.extent(f.out_stride, f.out_size), cmap=cmap, alpha=0.75,
-                           interpolation="bilinear")
-            ax.set_title(title, fontsize=10.5)
-            _add_colorbar(fig, ax, im)
+                _draw_layer_map(fig, ax, geo, fields[panel[1]], panel[0])
         row += -(-len(section) // ncols)
 
-    fig.text(0.5, 1 - 0.15 / fig_h, "\n".join(lines), ha="center", va="top", fontsize=11.5, linespacing=1.45)
-    fig.canvas.draw()
-    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+
+def _draw_layer_map(fig: Figure, ax: Axes, geo: _Geometry, f: LayerField, kind: str) -> None:
+    """One layer's map over the photo: its mean offset magnitude (``offset``) or mean mask (``mask``)."""
+    if kind == "offset":
+        data, cmap = f.magnitude, "magma"
+        title = f"{_layer_label(f)}\nmean |offset| over taps: {data.mean():.2f} feature px on average"
+    else:
+        data, cmap = f.mask.mean(0), "viridis"
+        title = f"{_layer_label(f)}\nmean mask over taps: {data.mean():.2f} on average"
+    im = ax.imshow(data, extent=geo.extent(f.out_stride, f.out_size), cmap=cmap, alpha=0.75, interpolation="bilinear")
+    ax.set_title(title, fontsize=10.5)
+    _add_colorbar(fig, ax, im)
