@@ -143,10 +143,15 @@ def _training_rngs(count: int) -> list[np.random.Generator]:
 
 
 def _ramp_pair(label_axis: str = "x") -> tuple[torch.Tensor, np.ndarray]:
-    """A 96x88 image with red = 2x + 2 and green = 2y + 2 (x, y: pixel indices); its label is x or y."""
+    """A 96x88 image with red = 2x + 2 and green = 2y + 2 (x, y: pixel indices); its label names x or y as
+    37 x mod 150 (neighbours get far-apart ids, so that any blend of two labels shows)."""
     y, x = np.mgrid[0:_RAMP_H, 0:_RAMP_W]
     image = torch.from_numpy(np.stack([2 * x + 2, 2 * y + 2, np.full_like(x, 128)]).astype(np.uint8))
-    return image, (x if label_axis == "x" else y).astype(np.uint8)
+    return image, (37 * (x if label_axis == "x" else y) % 150).astype(np.uint8)
+
+
+_COORDINATE_OF_LABEL = np.full(256, -1)
+_COORDINATE_OF_LABEL[37 * np.arange(_RAMP_W) % 150] = np.arange(_RAMP_W)
 
 
 def _sample_positions(ramp: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
@@ -193,23 +198,23 @@ def test_labels_are_the_nearest_neighbour_on_the_image_grid() -> None:
     """Every label pixel is the source label at the image's sample point (either neighbour within 0.15 pixel of
     a boundary), along both axes, for both filters, flipped or not, shrinking or growing."""
     checked = 0
-    for axis in ("x", "y"):
+    for axis, channel, size in (("x", 0, _RAMP_W), ("y", 1, _RAMP_H)):
         image, label = _ramp_pair(axis)
         for resize_filter in ("antialias", "bilinear"):
             transform = TrainTransform(_data_cfg(scale=[128, 128], ratio_range=[0.5, 2.0], crop_size=40,
                                                  resize_filter=resize_filter))
             for seed, rng in enumerate(_training_rngs(60)):
                 out, out_label, _ = transform(image, label, rng)
-                channel, size = (0, _RAMP_W) if axis == "x" else (1, _RAMP_H)
-                ramp = out[channel, 0] if axis == "x" else out[channel, :, 0]
-                position, _ = _sample_positions(ramp.numpy().astype(float), size)
-                names = (out_label[0] if axis == "x" else out_label[:, 0]).numpy().astype(int)
-                assert ((out_label == out_label[:1]) if axis == "x" else (out_label == out_label[:, :1])).all()
+                if axis == "y":  # read the columns as rows
+                    out, out_label = out.transpose(1, 2), out_label.T
+                assert (out_label == out_label[:1]).all()  # each label names its source column (row) alone
+                position, _ = _sample_positions(out[channel, 0].numpy().astype(float), size)
+                source = _COORDINATE_OF_LABEL[out_label[0].numpy()]
                 inside = (position > 2) & (position < size - 2)
                 clear = inside & (np.abs(position - np.round(position)) > 0.15)
-                assert np.array_equal(names[clear], np.floor(position[clear]).astype(int)), (axis, seed)
+                assert np.array_equal(source[clear], np.floor(position[clear]).astype(int)), (axis, seed)
                 near = inside & ~clear
-                assert np.all(np.abs(names[near] + 0.5 - position[near]) < 0.65), (axis, seed)
+                assert np.all(np.abs(source[near] + 0.5 - position[near]) < 0.65), (axis, seed)
                 checked += clear.sum()
     assert checked > 5000
 
