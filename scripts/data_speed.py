@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = ", ".join(f"{key}={config['data'][key]}" for key in ("scale", "ratio_range", "crop_size",
                                                                    "cat_max_ratio", "photometric", "resize_filter"))
     print(f"{len(dataset)} files of {args.root / 'images' / args.split}; {recipe}")
-    print(f"{args.samples} samples per round and side, {args.rounds} rounds, one thread")
+    print(f"{args.samples} samples per round and side, {args.rounds} rounds, one thread, CPU time of this process")
     rates = time_rounds(samplers, len(dataset), args.samples, args.rounds)
     for name, values in rates.items():
         shown = " ".join(f"{v:.1f}" for v in values)
-        print(f"{name:16s} samples/s on one core: {shown} (median {statistics.median(values):.1f})")
+        print(f"{name:16s} samples per CPU second: {shown} (median {statistics.median(values):.1f})")
     if len(rates) == 2:
         ratios = [a / b for a, b in zip(rates["this repository"], rates["mmsegmentation"])]
         print(f"this repository / mmsegmentation: {statistics.median(ratios):.2f}x (median of the rounds' ratios, "

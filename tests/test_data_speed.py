@@ -22,7 +22,7 @@ def test_times_the_pipeline_and_prints_the_ratio(make_ade_tree, monkeypatch, cap
     assert data_speed.main(["--root", str(make_ade_tree()), *SMALL]) == 0
     out = capsys.readouterr().out
     assert "4 files of" in out and "crop_size=16" in out
-    assert "this repository  samples/s on one core:" in out and "mmsegmentation   samples/s on one core:" in out
+    assert "this repository  samples per CPU second:" in out and "mmsegmentation   samples per CPU second:" in out
     assert "this repository / mmsegmentation:" in out
     assert calls == [(0, 0), (0, 0), (1, 1), (2, 2), (0, 3), (1, 4), (2, 5)]  # warm-up, then the rounds' keys
 
@@ -32,7 +32,7 @@ def test_without_mmseg_it_times_this_repository_alone(make_ade_tree, monkeypatch
     assert data_speed.main(["--root", str(make_ade_tree()), *SMALL]) == 0
     out = capsys.readouterr().out
     assert "mmsegmentation is not importable (ModuleNotFoundError" in out and "README" in out
-    assert "this repository  samples/s" in out and "/ mmsegmentation" not in out
+    assert "this repository  samples per CPU second" in out and "/ mmsegmentation" not in out
 
 
 def test_bad_input_is_one_message(tmp_path, capsys) -> None:
