@@ -456,7 +456,7 @@ def test_upper_case_and_long_extensions_are_listed_for_training_evaluation_and_c
     (val_labels / "ADE_val_00000003.png").rename(val_labels / "ADE_val_00000003.PNG")
     train_images = root / "images" / "training"
     (train_images / "ADE_train_00000002.jpg").rename(train_images / "ADE_train_00000002.Jpeg")
-    dataset = SegmentationFolder(root, "validation", ValTransform({"scale": [40, 30]}))
+    dataset = SegmentationFolder(root, "validation", ValTransform(_val_cfg([40, 30])))
     assert [dataset[i][2] for i in range(len(dataset))] == ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
     training = SegmentationFolder(root, "training", TrainTransform(_data_cfg()))
     assert len(training) == 3 and isinstance(training._load(1, pixels=True)[0], torch.Tensor)  # the JPEG decoder
@@ -481,12 +481,12 @@ def test_files_that_do_not_pair_are_refused_not_dropped(make_ade_tree) -> None:
     ]
     pairs, problems = list_split(root, "validation")
     assert problems == expected and len(pairs) == 3
-    for transform in (ValTransform({"scale": [40, 30]}), TrainTransform(_data_cfg())):
+    for transform in (ValTransform(_val_cfg([40, 30])), TrainTransform(_data_cfg())):
         with pytest.raises(UserError) as info:
             SegmentationFolder(root, "validation", transform)
         assert all(problem in str(info.value) for problem in expected) and "3 problem(s)" in str(info.value)
     assert check_layout(root)[0] == expected
-    SegmentationFolder(root, "training", ValTransform({"scale": [40, 30]}))  # the other split is fine
+    SegmentationFolder(root, "training", ValTransform(_val_cfg([40, 30])))  # the other split is fine
 
 
 def test_read_rgb_scales_16_bit_and_refuses_unknown_ranges(tmp_path: Path) -> None:
