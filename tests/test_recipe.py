@@ -80,7 +80,7 @@ def test_mmseg_config_trains_on_the_demo_data(tmp_path: Path) -> None:
         "train.batch_size=2", "train.iters=2", "train.log_interval=1", "train.val_interval=2", "train.ckpt_interval=2",
         "train.tb_images=1",
     ]
-    assert train.main(["--config", "mmseg-fcn-r50-d8", "--work-dir", str(tmp_path / "run"), *overrides]) == 0
+    assert train.main(["--config", "mmseg-fcn-r50-d8", "--work-dir", str(tmp_path / "run"), "--device", "cpu", *overrides]) == 0
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["iteration"] == 2 and checkpoint["config"]["model"]["head"] == "mmseg"
     assert any(k.startswith("head.conv_cat.") for k in checkpoint["model"])
