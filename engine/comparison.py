@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import socket
 import statistics
 import sys
@@ -559,7 +560,8 @@ def compare(options: CompareOptions) -> str:
             (options.out / "comparison.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
             plot_curves(groups, options.out / "curves.png")
             for pair in summary["pairs"]:
-                plot_per_class(pair, class_names, options.out / f"per_class_{pair['b_label']}_vs_{pair['a_label']}.png")
+                name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"per_class_{pair['b_label']}_vs_{pair['a_label']}")
+                plot_per_class(pair, class_names, options.out / f"{name}.png")
         except OSError as err:
             message = f"could not write the results to {options.out}: {err}. Choose another --out folder."
             raise UserError(message) from None

@@ -288,3 +288,23 @@ def test_coverage_at_the_demo_size(capsys: pytest.CaptureFixture) -> None:
         print("\ncoverage of the 95% image intervals at 40 images, 400 repetitions: "
               + ", ".join(f"{row} {value:.3f}" for row, value in measured.items()))
     assert measured["mIoU"] >= 0.85  # the mIoU interval still mostly covers the truth on a small test set
+
+
+def test_classes_in_few_images_get_no_interval_because_they_are_covered_less(monkeypatch: pytest.MonkeyPatch,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(st, "MIN_IMAGES", 1)  # every class with ground truth gets an interval here
+    rng = np.random.default_rng(5)
+    hits: dict[str, list[bool]] = {"10-19": [], "20-29": [], "30 or more": []}
+    for _ in range(200):
+        sim = simulate(rng, 300, 1)
+        result = compare_sides(sim["runs"][0], sim["runs"][1])
+        truth = 100 * (sim["quality"][1, 0] - sim["quality"][0, 0])
+        for c in result["classes"]:
+            if c["images"] >= 10:
+                bin_ = "10-19" if c["images"] < 20 else "20-29" if c["images"] < 30 else "30 or more"
+                hits[bin_].append(c["low"] <= truth[c["class"]] <= c["high"])
+    measured = {k: float(np.mean(v)) for k, v in hits.items()}
+    with capsys.disabled():  # the README states these: python -m pytest -s -k few_images tests/test_statistics.py
+        print("\ncoverage of the 95% per-class image intervals by images with the class (300 images, 200 repetitions): "
+              + ", ".join(f"{k} {v:.3f} ({len(hits[k])} intervals)" for k, v in measured.items()))
+    assert measured["10-19"] < 0.93 <= measured["30 or more"]
