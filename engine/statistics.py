@@ -309,11 +309,13 @@ def compare_sides(
     carried = np.concatenate([[len(labelled)], [labelled[:, t].any(1).sum() for t in thirds.values()],
                               labelled[:, classes].sum(0), (a[0].sizes[..., 1] > 0).sum(0),
                               [len(labelled)] * len(perturbed)])
+    k = 4 + len(classes)
+    few = carried < MIN_IMAGES  # too few images carry a third, class or size bucket for a calibrated interval
+    few[0] = few[k + 3:] = False  # every image carries mIoU and the changes under perturbations
     for part in (result["images"], result["seeds"] or {}):
         for array in part.values():
-            array[carried < MIN_IMAGES] = np.nan  # too few images carry the statistic for a calibrated interval
+            array[few] = np.nan
     rows = [{**row, "images": int(n)} for row, n in zip(_rows(result, slice(None)), carried)]
-    k = 4 + len(classes)
     p = np.array([np.nan if r["p"] is None else r["p"] for r in (row["seeds"] or row for row in rows[4:k])])
     for row, c, bh in zip(rows[4:k], classes, false_discoveries(p, confidence)):
         row.update({"class": int(c), "bh": bool(bh)})
