@@ -3,14 +3,14 @@
 Where the methods come from:
 
 - **Per-image counts.** A class's intersection, union and ground-truth pixels add up over images, so per-image counts
-  (images x classes x fields, saved with numpy) give the dataset metric of engine/metric.py exactly, and resampling
-  images is resampling rows.
+  (images x classes x fields, saved with numpy) give the dataset metric of engine/metric.py exactly, and leaving an
+  image out is subtracting its row.
 - **These checkpoints, other images: the paired jackknife over images** (Quenouille 1956, Tukey 1958; Efron & Stein
   1981). Each image in turn is left out of every run of both sides at once (its counts subtracted from the sums), so
   image difficulty cancels; a side with several seeds is the mean of its seeds. The interval is Student's t with the
-  jackknife standard error and Satterthwaite's (1946) degrees of freedom over the images' contributions, as Bell &
-  McCaffrey (2002) for clustered errors: a class that a few images carry gets few degrees of freedom. In the
-  simulations the percentile bootstrap's 95 % intervals covered the truth 92 % of the time there; these 95-97 %.
+  jackknife standard error and Satterthwaite's (1946) degrees of freedom over the images' contributions (as Bell &
+  McCaffrey 2002 for clustered errors): a difference that a few images carry gets few degrees of freedom. Class
+  areas are heavy-tailed, and there a percentile bootstrap's intervals are too narrow.
 - **The recipe, other seeds: Welch's t** over the per-seed values (scipy.stats.ttest_ind), given with at least
   ``MIN_SEEDS`` seeds a side. With fewer, :func:`seeds_needed`: the seeds a side for which a two-sided t test at 5 %
   detects a difference with 80 % power (noncentral t, Cohen 1988), seeds normal with the observed spread on both sides.
@@ -18,6 +18,8 @@ Where the methods come from:
   (scipy.stats.false_discovery_control).
 - **Object sizes:** 4-connected ground-truth regions of each class (scipy.ndimage.label), bucketed with COCO's areas
   (32^2 and 96^2 pixels of a 640x480 image) scaled to the image; a region is a class region, not an instance.
+- **Effective dilation** (Dai et al. 2017, Table 2) per layer, summed over those regions: thing regions in thirds by
+  area, stuff classes, all, and per class.
 
 tests/test_statistics.py checks the coverage of every interval compare.py prints on data drawn from a known model.
 Percentages throughout; NaN where a value is undefined (no union).
@@ -201,7 +203,8 @@ def _mean(values: np.ndarray) -> np.ndarray:
 
 def _image_intervals(point: np.ndarray, left_out: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
     """Jackknife t intervals and p-values of the statistics ``point`` from their (images, statistics) values with
-    each image left out; degrees of freedom by Satterthwaite's rule over the images' contributions."""
+    each image left out. Degrees of freedom by Satterthwaite's rule over the images' contributions d_i, each
+    contribution's squared variance estimated by d_i^4 / 3 (normal), at most images - 1."""
     deviation = left_out - _mean(left_out)
     n = (~np.isnan(left_out)).sum(0)
     squares = np.nansum(deviation**2, 0)
