@@ -247,8 +247,8 @@ def test_groups_of_one_config_file_get_the_variant_and_collisions_the_keys() -> 
         config = {k: None for k in comparison.MODEL_KEYS} | {
             "config_name": "x", "seed": seed, "model.deform.version": version, "model.deform.dilation": 0,
             "model.deform.offset_lr_mult": lr_mult}
-        return comparison.Run(path=Path(f"r{seed}{version}{lr_mult}"), digest=f"{seed}{version}{lr_mult}", config=config,
-                              packages={})
+        name = f"r{seed}{version}{lr_mult}"
+        return comparison.Run(path=Path(name), digest=name, config=config, packages={})
 
     groups = comparison.group_runs([run(0, 2), run(1, 2), run(0, 0), run(0, 1, 1.0), run(0, 1)], {})
     labels = [g.label for g in groups]
@@ -261,7 +261,8 @@ def test_groups_of_one_config_file_get_the_variant_and_collisions_the_keys() -> 
 
 def test_missing_run_dir_is_a_user_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-run"
-    proc = subprocess.run([sys.executable, "scripts/compare.py", str(missing)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "scripts/compare.py", str(missing)], cwd=REPO, capture_output=True,
+                          text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr and "no last.pt" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

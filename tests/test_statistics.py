@@ -26,8 +26,8 @@ def random_maps(rng: np.random.Generator, n: int, num_classes: int) -> list[tupl
     for _ in range(n):
         h, w = rng.integers(1, 40, size=2)
         present = rng.choice(num_classes, size=rng.integers(1, min(6, num_classes + 1)), replace=False)
-        label = np.kron(present[rng.integers(0, present.size, size=(h // 4 + 1, w // 4 + 1))], np.ones((4, 4), np.int64))
-        label = label[:h, :w]
+        blocks = present[rng.integers(0, present.size, size=(h // 4 + 1, w // 4 + 1))]
+        label = np.kron(blocks, np.ones((4, 4), np.int64))[:h, :w]
         label[rng.random((h, w)) < 0.1] = IGNORE_INDEX
         pred = np.where(rng.random((h, w)) < 0.3, rng.integers(0, num_classes, size=(h, w)), label)
         pred[pred == IGNORE_INDEX] = 0
@@ -35,9 +35,9 @@ def random_maps(rng: np.random.Generator, n: int, num_classes: int) -> list[tupl
     return out
 
 
-def counts_of(pairs: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int, checkpoint: str = "x") -> PerImageCounts:
+def counts_of(pairs: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> PerImageCounts:
     rows = [(f"im{i:03d}", *count_image(p, t, num_classes)) for i, (p, t) in enumerate(pairs)]
-    return PerImageCounts.from_rows(rows, num_classes, checkpoint)
+    return PerImageCounts.from_rows(rows, num_classes, "x")
 
 
 def test_image_counts_hand_case() -> None:
@@ -57,12 +57,13 @@ def test_summed_counts_give_the_confusion_matrix_metrics_exactly(tmp_path: Path)
         matrix.update(pred, label)
     counts = counts_of(pairs, 14)
     assert counts.metrics() == matrix.metrics()  # exact, floats included: one rule (engine.metric.metrics_from_counts)
-    assert counts.metrics()["iou"][12] == 0.0 and counts.metrics()["acc"][12] is None and counts.metrics()["iou"][13] is None
+    metrics = counts.metrics()
+    assert metrics["iou"][12] == 0.0 and metrics["acc"][12] is None and metrics["iou"][13] is None
     # saved and loaded, gathered from two "processes" and sorted: the same arrays
     counts.save(tmp_path / "counts")  # no suffix: written as given
     loaded = PerImageCounts.load(tmp_path / "counts")
-    joined = PerImageCounts.concatenate([PerImageCounts(counts.names[1::2], counts.counts[1::2], counts.sizes[1::2], "x"),
-                                         PerImageCounts(counts.names[::2], counts.counts[::2], counts.sizes[::2], "x")])
+    parts = [PerImageCounts(counts.names[k::2], counts.counts[k::2], counts.sizes[k::2], "x") for k in (1, 0)]
+    joined = PerImageCounts.concatenate(parts)
     for other in (loaded, joined.sorted()):
         assert other.names == counts.names and other.checkpoint == "x"
         assert np.array_equal(other.counts, counts.counts) and np.array_equal(other.sizes, counts.sizes)
@@ -80,7 +81,7 @@ def test_unreadable_counts_file_is_one_paragraph_naming_it(tmp_path: Path) -> No
 
 def test_ade20k_sized_file_is_small(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    counts = rng.integers(0, 5000, size=(2000, 150, 3)) * (rng.random((2000, 150, 1)) < 20 / 150)  # ~20 classes an image
+    counts = rng.integers(0, 5000, size=(2000, 150, 3)) * (rng.random((2000, 150, 1)) < 20 / 150)  # 20 classes each
     PerImageCounts([f"im{i}" for i in range(2000)], counts, rng.integers(0, 1000, size=(2000, 3, 3)), "x").save(
         tmp_path / "c.npz")
     assert (tmp_path / "c.npz").stat().st_size < 3_000_000
@@ -214,7 +215,8 @@ def simulate(rng: np.random.Generator, images: int, seeds: int) -> dict[str, Any
     quality = rng.uniform(0.3, 0.6, columns) + side * gain + rng.normal(0, 0.01, (2, seeds, 1)) + rng.normal(
         0, 0.01, (2, seeds, columns))
     drop = rng.uniform(0.02, 0.06, CLASSES) + side * drop_gain + rng.normal(0, 0.005, (2, seeds, CLASSES))
-    rate = quality[:, :, None] + rng.uniform(-0.2, 0.2, (images, columns)) + rng.normal(0, 0.15, (2, seeds, images, columns))
+    difficulty, noise = rng.uniform(-0.2, 0.2, (images, columns)), rng.normal(0, 0.15, (2, seeds, images, columns))
+    rate = quality[:, :, None] + difficulty + noise
     warped_rate = rate[..., :CLASSES] - drop[:, :, None] + rng.normal(0, 0.05, (2, seeds, images, CLASSES))
     names = [f"im{i}" for i in range(images)]
     u, pixels = union[:, :CLASSES], union[:, CLASSES:]
@@ -252,7 +254,8 @@ def coverage(images: int, seeds: int, repetitions: int = 400) -> dict[tuple[str,
     for _ in range(repetitions):
         sim = simulate(rng, images, seeds)
         for n in sorted({1, seeds}):
-            result = compare_sides(sim["runs"][0][:n], sim["runs"][1][:n], perturbed=[tuple(w[:n] for w in sim["warped"])])
+            warped = [tuple(w[:n] for w in sim["warped"])]
+            result = compare_sides(sim["runs"][0][:n], sim["runs"][1][:n], perturbed=warped)
             checkpoints = sim["quality"][:, :n].mean(1)
             change = -100 * (sim["drop"][1, :n] - sim["drop"][0, :n]).mean()
             cases = [("images", 100 * (checkpoints[1] - checkpoints[0]), change)]
