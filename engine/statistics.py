@@ -258,14 +258,14 @@ def _number(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
-def _rows(result: dict[str, Any], part: slice) -> list[dict[str, Any]]:
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """JSON-ready rows ``{"a", "b", "diff", "low", "high", "p", "df", "seeds": {"low", "high", "p", "df"} or None}``
     (the image interval, and the one over seeds), None for NaN."""
     images, seeds = result["images"], result["seeds"]
     return [
         {**{k: _number(result[k][i]) for k in ("a", "b", "diff")}, **{k: _number(images[k][i]) for k in images},
          "seeds": None if seeds is None else {k: _number(seeds[k][i]) for k in seeds}}
-        for i in range(len(result["diff"]))[part]
+        for i in range(len(result["diff"]))
     ]
 
 
@@ -314,11 +314,12 @@ def compare_sides(
                               [len(labelled)] * len(perturbed)])
     k = 4 + len(classes)
     few = carried < MIN_IMAGES  # too few images carry a third, class or size bucket for a calibrated interval
-    few[0] = few[k + 3:] = False  # every image carries mIoU and the changes under perturbations
+    few[0] = False  # every image carries mIoU ...
+    few[k + 3:] = False  # ... and the changes under perturbations
     for part in (result["images"], result["seeds"] or {}):
         for array in part.values():
             array[few] = np.nan
-    rows = [{**row, "images": int(n)} for row, n in zip(_rows(result, slice(None)), carried)]
+    rows = [{**row, "images": int(n)} for row, n in zip(_rows(result), carried)]
     p = np.array([np.nan if r["p"] is None else r["p"] for r in (row["seeds"] or row for row in rows[4:k])])
     for row, c, bh in zip(rows[4:k], classes, false_discoveries(p, confidence)):
         row.update({"class": int(c), "bh": bool(bh)})
