@@ -324,8 +324,8 @@ def choose_pairs(groups: list[Group], options: CompareOptions) -> tuple[Group | 
 
 
 # ------------------------------------------------------------------------------------------- markdown
-def _number(x: float | None, sign: str = "") -> str:
-    return "-" if x is None else f"{x:{sign}.2f}"
+def _number(x: float | None, sign: str = "", digits: int = 2) -> str:
+    return "-" if x is None else f"{x:{sign}.{digits}f}"
 
 
 def _mean_std(s: dict[str, Any], digits: int = 2) -> str:
@@ -379,10 +379,10 @@ def verdict(pair: dict[str, Any]) -> list[str]:
     lines = [f"mIoU {_number(m['b'])} - {_number(m['a'])} = {_number(m['diff'], '+')} (means over {n_b} vs {n_a} "
              f"seeds)",
              f"- these checkpoints, on other images like these: 95% CI {_interval(m)} (paired jackknife over the "
-             f"{pair['images']} images, t with {_number(m['df'])} degrees of freedom)"]
+             f"{pair['images']} images, t with {_number(m['df'], digits=1)} degrees of freedom)"]
     if m["seeds"] is not None:
         return lines + [f"- the recipe, for other seeds: 95% CI {_interval(m, 'seeds')} (Welch t over the seeds, "
-                        f"{_number(m['seeds']['df'])} degrees of freedom)"]
+                        f"{_number(m['seeds']['df'], digits=1)} degrees of freedom)"]
     line = f"- the recipe, for other seeds: no claim ({n_b} vs {n_a} seeds; an interval needs >= {MIN_SEEDS} a side)."
     if pair["seed_spread"] is None:
         return lines + [line + " The seed spread is unknown with one run each: train seed=1 and seed=2 of both."]
