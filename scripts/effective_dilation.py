@@ -118,7 +118,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     plt.switch_backend("Agg")
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.4))
     count = len(result["layers"])
     width = 0.8 / count
     for i, layer in enumerate(result["layers"]):
@@ -129,8 +129,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.axhline(result["plain"][i][0], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
     names = [f"{b} objects" for b in DILATION_BUCKETS[:3]] + ["stuff", "all"]
     ax.set_xticks(np.arange(len(names)), names)
-    ax.set(ylabel="effective dilation (input pixels)",
-           title=f"Effective dilation per layer, mean ± std over {result['images']} validation images' pixels")
+    ax.set(ylabel="effective dilation (input pixels)", title=f"Effective dilation of {result['checkpoint']}: mean ± std "
+           f"over the pixels of {result['images']} validation images, dashed: the plain layers' dilation")
     ax.title.set_fontsize(9)
     ax.set_ylim(0, 1.3 * ax.get_ylim()[1])
     ax.legend(fontsize=8, loc="upper center", ncol=count)

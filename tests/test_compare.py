@@ -266,3 +266,9 @@ def test_missing_run_dir_is_a_user_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr and "no last.pt" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_robustness_cells_sign_the_change() -> None:
+    group = {"label": "x", "n": 1, "val_miou": {"mean": 40.0}, "perturbed": {"rotate=15": 40.5, "scale=0.5": 38.25}}
+    table = comparison.robustness_table({"perturb": ["rotate=15", "scale=0.5"], "groups": [group]})
+    assert "| x | 1 | 40.00 | 40.50 (+0.50) | 38.25 (-1.75) |" in table  # issue 22: a gain printed as "(--0.50)"
