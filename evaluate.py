@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--per-image", metavar="PATH",
-        help="also save every image's per-class intersection/union counts (.npz) for compare.py's bootstrap; "
+        help="also save every image's per-class and object-size counts (.npz) for compare.py's intervals; "
         "with several checkpoints, NAME is inserted before the suffix",
     )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",

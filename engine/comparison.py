@@ -1,22 +1,20 @@
-"""Comparing training runs: the study's table of mIoU, parameters and speed, with seeds grouped.
+"""Comparing training runs: the study's table, and one verdict per question with the statistic that answers it.
 
-Each run folder is one written by train.py (``config.yaml``, ``last.pt``/``best.pt``, ``tb/``). Runs
-whose resolved configs differ only in the seed (and in settings that do not change the result: loader
-workers, data location, logging and checkpoint intervals) are one group, shown as mean ± sample std
-over its runs. The group with ``model.deform.version: 0`` is the norm-conv reference; every other
-group's difference to it is set against the seed-to-seed spread, so a difference smaller than the
-noise of re-running with another seed is not read as an effect.
-
-Validation and training mIoU come from ``RUN/eval_validation.json`` and ``RUN/eval_training.json``;
-missing files are made with ``engine.evaluation.evaluate_checkpoint`` on the run's final checkpoint.
+Runs are compared only when they share the recipe: every config key outside :data:`MODEL_KEYS` and
+:data:`BOOKKEEPING` (data, schedule, iterations, crop, evaluation settings) and the package versions their
+checkpoints record. Runs with the same model are the seeds of one group, named by the config file and, where one
+file holds several models, by the model's variant (``demo-def-conv-v2``). Every number comes from evaluations whose
+recorded sha256 is that of the run's final checkpoint (``last.pt``); missing or stale ones are made again and saved in
+the run folder. The statistics are ``engine.statistics.compare_sides``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
+import os
 import re
+import socket
 import statistics
 import sys
 import textwrap
@@ -24,53 +22,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import yaml
 
-from configs import UserError, flatten, validate_config
-from engine.checkpoint import load_checkpoint
+from configs import ARCHITECTURE_KEYS, UserError, flatten
 from data.dataset import load_class_info
-from engine.evaluation import EvalOptions, evaluate_checkpoint
-from engine.statistics import PerImageCounts, compare_variants
+from data.perturb import parse_perturbation
+from engine.checkpoint import load_checkpoint
+from engine.evaluation import EvalOptions, checkpoint_digest, evaluate_checkpoint
+from engine.statistics import MIN_IMAGES, MIN_SEEDS, SIZE_BUCKETS, STUDY_DIFFERENCE, PerImageCounts, compare_sides
+from engine.statistics import seed_spread, seeds_needed
 from models.segmentor import build_model, count_parameters
 
-# Config keys that do not change what a run learns: runs differing only in these are seeds of one group.
-IGNORED_KEYS = (
-    "seed", "data.num_workers", "data.root", "train.log_interval", "train.ckpt_interval", "train.tb_images",
-    "train.val_interval", "train.val_max_images",
+MODEL_KEYS = ARCHITECTURE_KEYS + ("model.deform.offset_lr_mult", "model.deform_op", "model.pretrained_backbone")
+# Keys that change speed, logging or locations, never the final model: runs may differ in them.
+BOOKKEEPING = (
+    "seed", "config_name", "data.root", "data.num_workers", "train.log_interval", "train.ckpt_interval",
+    "train.val_interval", "train.val_max_images", "train.tb_images", "train.channels_last", "train.compile",
 )
-VAL_JSON, TRAIN_JSON = "eval_validation.json", "eval_training.json"
-VAL_COUNTS = "per_image_validation.npz"  # per-image counts of the validation evaluation (the paired bootstrap)
-NO_EVAL_MARK = "*"
+# Model keys that mean nothing for a plain network (no offsets); the stages only matter with a dilation.
+OFFSET_KEYS = ("model.deform.offset_lr_mult", "model.deform.groups", "model.deform_op")
+VARIANTS = ("norm-conv", "def-conv-v1", "def-conv-v2")
 
 
 @dataclass
 class Run:
-    """One run folder and the numbers read from it."""
+    """One run folder: its final checkpoint's digest, flat config and package versions, and what was measured."""
 
     path: Path
+    digest: str
     config: dict[str, Any]
-    checkpoint: Path
-    seed: int = 0
-    val_miou: float | None = None  # of the final checkpoint (last.pt)
-    val_from_checkpoint: bool = False  # True: the validation logged at the final iteration (--no-eval), not evaluate.py
-    best_of_n: float | None = None  # the best of the validations logged during training (selected on val: optimistic)
-    num_validations: int = 0
-    train_miou: float | None = None
-    val_images_per_s: float | None = None
-    train_images_per_s: float | None = None
-    params: int = 0
-    deform_params: int = 0
+    packages: dict[str, Any]
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "training", "validation", "validation rotate=15"
+    counts: dict[str, PerImageCounts] = field(default_factory=dict)  # "validation", "validation rotate=15"
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    perturbed: dict[str, float | None] = field(default_factory=dict)  # val mIoU under each perturbation
+    params: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
 
 
 @dataclass
 class Group:
-    """Runs of one configuration that differ only in the seed."""
+    """The runs of one model (seeds), with its model settings and its short label."""
 
-    key: str
-    config: dict[str, Any]
+    model: dict[str, Any]
     runs: list[Run]
     label: str = ""
 
@@ -86,530 +83,423 @@ class CompareOptions:
     val_images: int = 0
     data_root: str | None = None
     device: str | None = None
-    ignore_key: list[str] = field(default_factory=list)
-    resamples: int = 1000
     perturb: list[str] = field(default_factory=list)
+    reference: str | None = None
+    pairs: list[list[str]] = field(default_factory=list)
+    allow_differences: bool = False
 
 
-# ------------------------------------------------------------------------------------------- reading
-def load_run(path: Path) -> Run:
-    """Read a run folder's config and its final checkpoint (last.pt; best.pt only where last.pt is gone)."""
-    if not path.is_dir():
-        raise UserError(
-            f"run dir {path} does not exist or is not a folder. Give folders written by train.py "
-            f"(runs/<config name> by default, or the --work-dir of a run)."
-        )
-    checkpoint = next((path / n for n in ("last.pt", "best.pt") if (path / n).is_file()), None)
-    if checkpoint is None:
-        raise UserError(
-            f"run dir {path} holds no last.pt or best.pt, so there is nothing to compare. Wait until the run writes "
-            f"its first checkpoint (every train.ckpt_interval iterations), or leave this folder out."
-        )
-    if checkpoint.name != "last.pt":
-        print(f"warning: {path} has no last.pt; comparing its best.pt (the best validation, not the final model)",
-              file=sys.stderr)
-    config_path = path / "config.yaml"
-    if config_path.is_file():
+# ------------------------------------------------------------------------------------------- reading runs
+def _lock_holder(path: Path) -> str | None:
+    """Who holds the run's training lock (``.lock`` of engine/workdir.py), or None when it is free or stale."""
+    try:
+        owner = json.loads((path / ".lock").read_text())
+    except (OSError, ValueError):
+        return None
+    if owner.get("host") == socket.gethostname():
         try:
-            saved = yaml.safe_load(config_path.read_text())
-        except yaml.YAMLError:
-            saved = None
-        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-            raise UserError(f"{config_path} holds no usable config (no 'model' section); is {path} a run dir of train.py?")
-        config = saved
-        validate_config(config, str(config_path))
-    else:
-        config = load_checkpoint(checkpoint)["config"]
-    return Run(path=path, config=config, checkpoint=checkpoint, seed=int(config["seed"]))
+            os.kill(int(owner.get("pid")), 0)
+        except ProcessLookupError:
+            return None
+        except (PermissionError, TypeError, ValueError):
+            pass
+    return f"process {owner.get('pid')} on {owner.get('host')}"
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read an evaluation JSON written by evaluate.py (one checkpoint: a dict)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"could not read {path} ({err}). Delete it and run compare.py again to re-evaluate.") from None
-    if isinstance(data, list) and len(data) == 1:
-        data = data[0]
-    if not isinstance(data, dict) or "mIoU" not in data:
-        raise UserError(f"{path} is not an evaluation of one checkpoint (no 'mIoU'). Delete it to re-evaluate.")
-    return data
+def load_run(path: Path) -> Run:
+    """Read a finished run folder; UserError for a missing folder or checkpoint and for a run still training."""
+    checkpoint = path / "last.pt"
+    if not checkpoint.is_file():
+        raise UserError(f"run dir {path} holds no last.pt (or is no folder), so there is no final model to compare. "
+                        f"Give folders written by train.py (runs/<config name>, or the --work-dir of a run).")
+    holder = _lock_holder(path)
+    if holder is not None:
+        raise UserError(f"run dir {path} is still training ({holder} holds {path / '.lock'}): its last.pt is not the "
+                        f"final model. Wait until it ends, or leave it out.")
+    state = load_checkpoint(checkpoint)
+    config = flatten(state["config"])
+    if state["iteration"] < config["train.iters"]:
+        raise UserError(f"run dir {path} stopped at iteration {state['iteration']} of {config['train.iters']} (its "
+                        f"last.pt is not the final model). Continue it with train.py --resume --work-dir {path}, or "
+                        f"leave it out.")
+    packages = (state.get("environment") or {}).get("packages") or {}
+    return Run(path=path, digest=checkpoint_digest(checkpoint), config=config, packages=packages)
 
 
-def json_is_current(path: Path, checkpoint: Path, max_images: int) -> bool:
-    """True if an evaluation JSON exists, is newer than the checkpoint and used the same image limit (0 = all)."""
-    if not path.is_file() or path.stat().st_mtime < checkpoint.stat().st_mtime:
-        return False
-    data = read_json(path)
-    if data.get("checkpoint") is not None and Path(data["checkpoint"]).name != checkpoint.name:
-        return False  # an evaluation of the run's other checkpoint
-    if "max_images" in data:
-        return data["max_images"] == max_images
-    if data.get("split") == "validation":  # older evaluate.py JSONs: its default is the whole split
-        return max_images == 0
-    return data.get("num_images") == max_images
+def model_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The model keys of a flat config, without those that mean nothing for it (offset settings of a plain network)."""
+    model = {k: config[k] for k in MODEL_KEYS}
+    if model["model.deform.version"] == 0:
+        unused = OFFSET_KEYS if model["model.deform.dilation"] else OFFSET_KEYS + ("model.deform.stages",
+                                                                                   "model.deform.blocks")
+        model = {k: v for k, v in model.items() if k not in unused}
+    return model
 
 
-def perturbed_json(perturb: str) -> str:
-    """The run-folder file of the validation evaluation under ``perturb`` (``rotate=15`` -> eval_validation_rotate-15.json)."""
-    return f"eval_validation_{perturb.replace('=', '-').replace(':', '-')}.json"
-
-
-def run_evaluation(
-    run: Run, split: str, json_path: Path, max_images: int, options: CompareOptions, perturb: str | None = None
-) -> None:
-    """Evaluate the run's checkpoint on ``split`` (``max_images`` 0 = all) and save the record at ``json_path``."""
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    what = f"{split}{f' (first {max_images} images)' if max_images else ''}{f', perturbed {perturb}' if perturb else ''}"
-    print(f"evaluating {run.checkpoint} on {what} ...", file=sys.stderr)
-    per_image = run.path / VAL_COUNTS if split == "validation" and perturb is None else None
-    eval_options = EvalOptions(split=split, max_images=max_images, data_root=options.data_root, progress=False,
-                               per_image=per_image, perturb=perturb)
-    try:
-        record = evaluate_checkpoint(run.checkpoint, eval_options, device)
-    except UserError as err:
+def check_comparable(runs: list[Run], allow: bool) -> dict[str, list[Any]]:
+    """The recipe keys (and package versions) on which the runs disagree, ``{key: value per run}``; UserError naming
+    them unless ``allow``."""
+    recipes = [{**{k: v for k, v in r.config.items() if k not in MODEL_KEYS + BOOKKEEPING},
+                **{f"package {k}": v for k, v in r.packages.items()}} for r in runs]
+    differences = {k: [rec.get(k) for rec in recipes] for k in sorted(set().union(*recipes))
+                   if len({json.dumps(rec.get(k)) for rec in recipes}) > 1}
+    if differences and not allow:
+        details = "; ".join(f"{k}: " + ", ".join(f"{v} ({r.path})" for v, r in zip(values, runs))
+                            for k, values in differences.items())
         raise UserError(
-            f"evaluating {run.checkpoint} ({split} split) failed: {err} (Often data.root: pass --data-root DIR; or "
-            f"use --no-eval to compare the mIoU logged during training.)"
-        ) from None
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+            f"these runs do not share one recipe, so their differences would not be the model's: {details}. Compare "
+            f"runs trained with the same settings and package versions that differ only in the model "
+            f"({', '.join(MODEL_KEYS)}) and the seed, or pass --allow-differences to compare them anyway."
+        )
+    return differences
 
 
-def fill_metrics(run: Run, options: CompareOptions) -> None:
-    """Val/train mIoU and val img/s from the eval JSONs (evaluating where missing or stale)."""
-    val_path = run.path / VAL_JSON
-    current = json_is_current(val_path, run.checkpoint, options.val_images) and (run.path / VAL_COUNTS).is_file()
-    if not options.no_eval and not current:
-        run_evaluation(run, "validation", val_path, options.val_images, options)
-    if val_path.is_file():
-        data = read_json(val_path)
-        run.val_miou, run.val_images_per_s = data["mIoU"], data.get("images_per_s")
-    else:  # --no-eval: the validation logged at the checkpoint's iteration, if any
-        iteration = load_checkpoint(run.checkpoint)["iteration"]
-        logged = dict(run.curves.get("val/mIoU", []))
-        run.val_miou = logged.get(iteration)
-        run.val_from_checkpoint = True
-
-    train_images = options.train_images if options.train_images is not None else run.config["data"].get("train_eval_images", 0)
-    train_path = run.path / TRAIN_JSON
-    if not options.no_eval and not json_is_current(train_path, run.checkpoint, train_images):
-        run_evaluation(run, "training", train_path, train_images, options)
-    if train_path.is_file():
-        run.train_miou = read_json(train_path)["mIoU"]
-    for perturb in options.perturb:
-        path = run.path / perturbed_json(perturb)
-        if not options.no_eval and not json_is_current(path, run.checkpoint, options.val_images):
-            run_evaluation(run, "validation", path, options.val_images, options, perturb)
-        run.perturbed[perturb] = read_json(path)["mIoU"] if path.is_file() else None
+def variant(model: dict[str, Any]) -> str:
+    """norm-conv, def-conv-v1 or def-conv-v2, with -dilated for a set dilation."""
+    return VARIANTS[model["model.deform.version"]] + ("-dilated" if model["model.deform.dilation"] else "")
 
 
-def fill_curves(run: Run) -> None:
-    """Training curves from TensorBoard and the median training images/s."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tb = run.path / "tb"
-    if not tb.is_dir():
-        print(f"warning: {tb} does not exist; no curves or training speed for this run", file=sys.stderr)
-        return
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags().get("scalars", []))
-    for tag in ("val/mIoU", "train/loss", "train/images_per_s"):
-        if tag in tags:
-            run.curves[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
-    speeds = [v for _, v in run.curves.get("train/images_per_s", [])]
-    run.train_images_per_s = statistics.median(speeds) if speeds else None
-    validations = [v for _, v in run.curves.get("val/mIoU", [])]
-    run.best_of_n, run.num_validations = (max(validations), len(validations)) if validations else (None, 0)
-
-
-def fill_params(runs: list[Run]) -> None:
-    """Inference and offset/mask parameter counts from each run's model (built once per distinct model)."""
-    cache: dict[str, dict[str, int]] = {}
-    for run in runs:
-        key = json.dumps(run.config["model"], sort_keys=True)
-        if key not in cache:
-            config = copy.deepcopy(run.config)
-            config["model"]["pretrained_backbone"] = False
-            model, _ = build_model(config, load_pretrained=False)
-            cache[key] = count_parameters(model)
-        run.params, run.deform_params = cache[key]["params"], cache[key]["deform_params"]
-
-
-# ------------------------------------------------------------------------------------------ grouping
-
-def group_runs(runs: list[Run], ignored: list[str]) -> list[Group]:
-    """Group runs whose configs agree outside ``ignored`` keys; label groups by config name (+ differing keys)."""
+def group_runs(runs: list[Run], differences: dict[str, list[Any]]) -> list[Group]:
+    """Runs of one model (and of one value of each differing recipe key) are one group; labels: the config file name,
+    plus the variant where one file holds several models, plus the differing keys where labels still collide."""
     groups: dict[str, Group] = {}
     for run in runs:
-        flat = {k: v for k, v in flatten(run.config).items() if k not in ignored}
-        key = json.dumps(flat, sort_keys=True, default=str)
-        groups.setdefault(key, Group(key=key, config=flat, runs=[])).runs.append(run)
+        model = {**model_settings(run.config), **{k: run.config.get(k) for k in differences if k in run.config},
+                 "config_name": run.config["config_name"]}
+        groups.setdefault(json.dumps(model, sort_keys=True, default=str), Group(model, [])).runs.append(run)
     result = list(groups.values())
     for group in result:
-        name = str(group.config.get("config_name", group.runs[0].path.name))
-        same_name = [g for g in result if g.config.get("config_name") == group.config.get("config_name")]
-        keys = {k for g in same_name for k in g.config}
-        diffs = sorted(k for k in keys if any(g.config.get(k) != group.config.get(k) for g in same_name))
-        if len(same_name) > 1 and diffs:
-            shown = ", ".join(f"{k}={group.config.get(k)}" for k in diffs[:3]) + (", ..." if len(diffs) > 3 else "")
-            name = f"{name} ({shown})"
+        name = group.model["config_name"]
+        if sum(g.model["config_name"] == name for g in result) > 1 and name != variant(group.model):
+            name = f"{name}-{variant(group.model)}"
         group.label = name
+    suffixes = []
+    for group in result:
+        same = [g for g in result if g.label == group.label]
+        keys = sorted({k for g in same for k in g.model if len({json.dumps(h.model.get(k)) for h in same}) > 1})
+        suffixes.append(" (" + ", ".join(f"{k.removeprefix('model.')}={group.model.get(k)}" for k in keys) + ")")
+    for group, suffix in zip(result, suffixes):
+        group.label += suffix if suffix != " ()" else ""
+    for group in result:
+        seeds = [r.seed for r in group.runs]
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            dirs = ", ".join(str(r.path) for r in group.runs if r.seed in repeated)
+            raise UserError(f"{dirs} are runs of {group.label} with the same seed ({repeated}) but different "
+                            f"checkpoints: seeds are the runs' only difference, so one of them is a re-run, not "
+                            f"another seed. Leave all but one out, or train another seed (seed=N).")
     return result
 
 
-def pick_reference(groups: list[Group]) -> Group | None:
-    """The norm-conv group: ``model.deform.version`` 0, preferring config_name norm-conv, then the most runs."""
-    plain = [g for g in groups if g.config.get("model.deform.version") == 0]
-    if not plain:
-        return None
-    return sorted(plain, key=lambda g: (g.config.get("config_name") != "norm-conv", -len(g.runs)))[0]
+# ------------------------------------------------------------------------------------------- evaluations
+def _stale(run: Run, json_path: Path, counts_path: Path | None, wanted: dict[str, Any]) -> str | None:
+    """Why the saved evaluation cannot be used for this run (None: it can)."""
+    if not json_path.is_file() or (counts_path is not None and not counts_path.is_file()):
+        return "no saved evaluation"
+    try:
+        record = json.loads(json_path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{json_path} is unreadable ({err})"
+    if not isinstance(record, dict) or record.get("checkpoint_sha256") != run.digest:
+        return f"{json_path} was not made from this last.pt (another sha256)"
+    differ = [f"{k}={record.get(k)} instead of {v}" for k, v in wanted.items() if record.get(k) != v]
+    if differ:
+        return f"{json_path} used other settings ({', '.join(differ)})"
+    if counts_path is not None and PerImageCounts.load(counts_path).checkpoint != run.digest:
+        return f"{counts_path} was not made from this last.pt (another sha256)"
+    return None
+
+
+def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, options: CompareOptions) -> None:
+    """Fill ``run.evals`` (and ``run.counts`` for validation) from the saved evaluation, made again where stale."""
+    key = split + (f" {perturb}" if perturb else "")
+    stem = key.replace(" ", "_").replace("=", "-").replace(":", "-")
+    json_path = run.path / f"eval_{stem}.json"
+    counts_path = run.path / f"per_image_{stem}.npz" if split == "validation" else None
+    wanted = {"split": split, "max_images": max_images, "perturb": perturb, "mode": run.config["eval.mode"],
+              "scales": [1.0], "flip": False, "amp": "none"}
+    reason = _stale(run, json_path, counts_path, wanted)
+    if reason is not None:
+        if options.no_eval:
+            print(f"note: {run.path}: {key} not evaluated ({reason}; --no-eval)", file=sys.stderr)
+            return
+        print(f"evaluating {run.path / 'last.pt'} on {key} ({reason}) ...", file=sys.stderr)
+        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        eval_options = EvalOptions(split=split, max_images=max_images, data_root=options.data_root, progress=False,
+                                   per_image=counts_path, perturb=perturb)
+        try:
+            record = evaluate_checkpoint(run.path / "last.pt", eval_options, device)
+        except UserError as err:
+            raise UserError(f"evaluating {run.path / 'last.pt'} ({key}) failed: {err} (Often data.root: pass "
+                            f"--data-root DIR; or use --no-eval to compare what was evaluated before.)") from None
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+    run.evals[key] = json.loads(json_path.read_text())
+    if counts_path is not None:
+        run.counts[key] = PerImageCounts.load(counts_path)
+
+
+def read_curves(run: Run) -> None:
+    """Validation mIoU, training loss and images/s logged in TensorBoard (none, with a warning, without ``tb/``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (run.path / "tb").is_dir():
+        print(f"warning: {run.path / 'tb'} does not exist; no curves or training speed for this run", file=sys.stderr)
+        return
+    acc = EventAccumulator(str(run.path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in set(acc.Tags().get("scalars", [])) & {"val/mIoU", "train/loss", "train/images_per_s"}:
+        run.curves[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def count_params(groups: list[Group]) -> None:
+    """Inference and offset/mask parameters of each group's model."""
+    for group in groups:
+        config = copy.deepcopy(load_checkpoint(group.runs[0].path / "last.pt")["config"])
+        config["model"]["pretrained_backbone"] = False
+        params = count_parameters(build_model(config, load_pretrained=False)[0])
+        for run in group.runs:
+            run.params = params
 
 
 # ------------------------------------------------------------------------------------------- numbers
-def stats(values: list[float | None]) -> dict[str, Any]:
-    """Mean, sample std (n-1; None for n<2) and the values, ignoring missing ones."""
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """Mean, sample std (None for n < 2) and n of the values present."""
     present = [v for v in values if v is not None]
-    return {
-        "mean": statistics.fmean(present) if present else None,
-        "std": statistics.stdev(present) if len(present) > 1 else None,
-        "n": len(present),
-        "values": values,
+    return {"mean": statistics.fmean(present) if present else None,
+            "std": statistics.stdev(present) if len(present) > 1 else None, "n": len(present), "values": values}
+
+
+def group_record(group: Group, perturbs: list[str]) -> dict[str, Any]:
+    """One row of the table: the group's runs, seeds, mIoUs (clean and perturbed), best logged validation,
+    parameters and speeds."""
+    def mean(runs: list[Run], key: str) -> dict[str, Any]:
+        return spread([r.evals[key]["mIoU"] if key in r.evals else None for r in runs])
+
+    best = [max((v for _, v in r.curves.get("val/mIoU", [])), default=None) for r in group.runs]
+    record = {
+        "label": group.label, "model": group.model, "runs": [str(r.path) for r in group.runs],
+        "seeds": [r.seed for r in group.runs], "n": len(group.runs), "val_miou": mean(group.runs, "validation"),
+        "train_miou": mean(group.runs, "training"), "best_logged_val_miou": spread(best),
+        "validations": [len(r.curves.get("val/mIoU", [])) for r in group.runs], **group.runs[0].params,
+        "train_images_per_s": spread([statistics.median([v for _, v in r.curves["train/images_per_s"]])
+                                      if r.curves.get("train/images_per_s") else None for r in group.runs]),
+        "val_images_per_s": spread([r.evals.get("validation", {}).get("images_per_s") for r in group.runs]),
+        "perturbed": {p: mean(group.runs, f"validation {p}")["mean"] for p in perturbs},
     }
+    return record
 
 
-def pooled_std(*parts: dict[str, Any]) -> float | None:
-    """Pooled sample std of several groups: sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)); None without any n >= 2."""
-    dof = sum(p["n"] - 1 for p in parts if p["std"] is not None)
-    if dof == 0:
+def compare_pair(b: Group, a: Group, perturbs: list[str]) -> dict[str, Any] | None:
+    """b against a: ``engine.statistics.compare_sides`` plus the seeds needed where there are too few; None (with a
+    note) where a run lacks per-image counts or the runs were evaluated on different images."""
+    keys = ["validation"] + [f"validation {p}" for p in perturbs]
+    if any(k not in r.counts for r in a.runs + b.runs for k in keys):
+        print(f"note: no statistics for {b.label} vs {a.label}: some runs have no per-image counts", file=sys.stderr)
         return None
-    return math.sqrt(sum((p["n"] - 1) * p["std"] ** 2 for p in parts if p["std"] is not None) / dof)
+    side = {name: [[r.counts[k] for r in g.runs] for k in keys] for name, g in (("a", a), ("b", b))}
+    try:
+        result = compare_sides(side["a"][0], side["b"][0], perturbed=list(zip(side["a"][1:], side["b"][1:])))
+    except ValueError as err:
+        raise UserError(f"{b.label} and {a.label} cannot be paired: {err}. Evaluate every run on the same "
+                        f"validation images (the same --val-images and data).") from None
+    sd = seed_spread(*result["seed_mious"])
+    result.update(b_label=b.label, a_label=a.label, seed_spread=sd, seeds_needed=None if sd is None else {
+        "observed": seeds_needed(result["miou"]["diff"], sd), "study": seeds_needed(STUDY_DIFFERENCE, sd)})
+    return result
 
 
-def summarize(groups: list[Group], reference: Group | None) -> dict[str, Any]:
-    """All numbers of the comparison as a JSON-ready dict (groups in table order, runs listed)."""
-    records = []
-    ref_val = stats([r.val_miou for r in reference.runs]) if reference else None
-    ref_train = stats([r.train_miou for r in reference.runs]) if reference else None
-    for group in groups:
-        val = stats([r.val_miou for r in group.runs])
-        train = stats([r.train_miou for r in group.runs])
-        record: dict[str, Any] = {
-            "label": group.label,
-            "config_name": group.config.get("config_name"),
-            "deform_version": group.config.get("model.deform.version"),
-            "reference": group is reference,
-            "runs": [str(r.path) for r in group.runs],
-            "seeds": [r.seed for r in group.runs],
-            "n": len(group.runs),
-            "val_miou": val,
-            "val_miou_from_checkpoint": any(r.val_from_checkpoint for r in group.runs),
-            "best_of_n_val_miou": stats([r.best_of_n for r in group.runs]),
-            "num_validations": [r.num_validations for r in group.runs],
-            "train_miou": train,
-            "params": group.runs[0].params,
-            "deform_params": group.runs[0].deform_params,
-            "train_images_per_s": stats([r.train_images_per_s for r in group.runs]),
-            "val_images_per_s": stats([r.val_images_per_s for r in group.runs]),
-        }
-        for name, mine, ref in (("val", val, ref_val), ("train", train, ref_train)):
-            delta = spread = None
-            if ref is not None and mine["mean"] is not None and ref["mean"] is not None:
-                delta = mine["mean"] - ref["mean"]
-                spread = pooled_std(mine) if group is reference else pooled_std(mine, ref)
-            record[f"delta_{name}_miou"] = delta
-            record[f"{name}_seed_spread"] = spread
-        records.append(record)
-    runs = [
-        {
-            "run": str(r.path), "group": g.label, "seed": r.seed, "checkpoint": str(r.checkpoint),
-            "val_miou": r.val_miou, "val_miou_from_checkpoint": r.val_from_checkpoint, "train_miou": r.train_miou,
-            "best_of_n_val_miou": r.best_of_n, "num_validations": r.num_validations,
-            "train_images_per_s": r.train_images_per_s, "val_images_per_s": r.val_images_per_s,
-            "params": r.params, "deform_params": r.deform_params,
-        }
-        for g in groups for r in g.runs
-    ]
-    return {"reference": reference.label if reference else None, "groups": records, "runs": runs}
+def choose_pairs(groups: list[Group], options: CompareOptions) -> tuple[Group | None, list[tuple[Group, Group]]]:
+    """The reference (``--reference``, default the plain norm-conv group) and the pairs (b, a): every group against
+    the reference, then the ``--pair``s."""
+    by_label = {g.label: g for g in groups}
+    for name in [options.reference] * (options.reference is not None) + [n for pair in options.pairs for n in pair]:
+        if name not in by_label:
+            raise UserError(f"no group is called '{name}' (--reference/--pair); the groups here are: "
+                            f"{', '.join(by_label)}.")
+    plain = [g for g in groups if variant(g.model) == "norm-conv"]
+    reference = by_label[options.reference] if options.reference else (plain[0] if plain else None)
+    pairs = [(g, reference) for g in groups if reference is not None and g is not reference]
+    extra = [(by_label[b], by_label[a]) for b, a in options.pairs]
+    return reference, pairs + [pair for pair in extra if pair not in pairs]
 
 
-def robustness(groups: list[Group], perturbs: list[str]) -> list[dict[str, Any]]:
-    """Per group: the val mIoU under each perturbation (mean over runs) and its drop from the unperturbed one."""
-    records = []
-    for group in groups:
-        clean = stats([r.val_miou for r in group.runs])["mean"]
-        cells = {}
-        for perturb in perturbs:
-            value = stats([r.perturbed.get(perturb) for r in group.runs])["mean"]
-            drop = clean - value if value is not None and clean is not None else None
-            cells[perturb] = {"miou": value, "drop": drop}
-        records.append({"label": group.label, "clean": clean, "perturbed": cells})
-    return records
+# ------------------------------------------------------------------------------------------- markdown
+def _number(x: float | None, sign: str = "", digits: int = 2) -> str:
+    return "-" if x is None else f"{x:{sign}.{digits}f}"
 
 
-def robustness_markdown(records: list[dict[str, Any]], perturbs: list[str]) -> str:
-    """Geometric robustness: each group's val mIoU under each perturbation, with the drop from the clean value."""
-    if not perturbs:
-        return ""
-    lines = ["", "## Geometric robustness (val mIoU under each perturbation, drop from the unperturbed in brackets)", "",
-             "| model | unperturbed | " + " | ".join(perturbs) + " |", "|" + "---|" * (len(perturbs) + 2)]
-    for r in records:
-        cells = [f"{c['miou']:.2f} (-{c['drop']:.2f})" if c["miou"] is not None else "-" for c in r["perturbed"].values()]
-        clean = f"{r['clean']:.2f}" if r["clean"] is not None else "-"
-        lines.append(f"| {r['label']} | {clean} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def warn_mixed_environments(groups: list[Group]) -> None:
-    """Warn when the runs of one group were trained with different package versions (numbers may differ a little)."""
-    for group in groups:
-        seen = {}
-        for run in group.runs:
-            env = load_checkpoint(run.checkpoint).get("environment") or {}
-            seen[str(run.path)] = json.dumps(env.get("packages"), sort_keys=True)
-        if len(set(seen.values())) > 1:
-            print(f"warning: the runs of {group.label} were trained with different package versions "
-                  f"(the 'environment' of their checkpoints): {', '.join(seen)}", file=sys.stderr)
-
-
-def bootstrap(groups: list[Group], reference: Group | None, resamples: int) -> list[dict[str, Any]]:
-    """Each variant against the norm-conv group on the same validation images: ``engine.statistics.compare_variants``.
-
-    Needs every run's per-image counts (``RUN/per_image_validation.npz``, written by the evaluation);
-    groups without them are skipped. Each record holds the verdict line, the two kinds of interval, the
-    per-class differences, the frequency thirds and the object-size buckets.
-    """
-    if reference is None:
-        return []
-    def counts(group: Group) -> list[PerImageCounts] | None:
-        paths = [r.path / VAL_COUNTS for r in group.runs]
-        return [PerImageCounts.load(p) for p in paths] if all(p.is_file() for p in paths) else None
-
-    ref = counts(reference)
-    if ref is None:
-        return []
-    names = load_class_info()[0]
-    records = []
-    for group in groups:
-        mine = counts(group) if group is not reference else None
-        if mine is None:
-            continue
-        try:
-            result = compare_variants(ref, mine, labels=(reference.label, group.label), class_names=names,
-                                      resamples=resamples, seed=0)
-        except ValueError as err:  # evaluated on different images
-            print(f"warning: no bootstrap for {group.label} vs {reference.label}: {err}", file=sys.stderr)
-            continue
-        records.append({"label": group.label, "reference": reference.label, **result})
-    return records
-
-
-# ------------------------------------------------------------------------------------------- output
-def fmt(s: dict[str, Any], digits: int = 2) -> str:
-    """``mean ± std`` (or the mean alone for one run; ``-`` when missing)."""
+def _mean_std(s: dict[str, Any], digits: int = 2) -> str:
     if s["mean"] is None:
         return "-"
-    text = f"{s['mean']:.{digits}f}"
-    return f"{text} ± {s['std']:.{digits}f}" if s["std"] is not None else text
+    return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
 
 
-def best_of_n(group: dict[str, Any]) -> str:
-    """``mean (N=..)`` of the best logged validation per run, or ``-``."""
-    counts = sorted(set(group["num_validations"]))
-    if group["best_of_n_val_miou"]["mean"] is None:
-        return "-"
-    return f"{fmt(group['best_of_n_val_miou'])} (N={'/'.join(map(str, counts))})"
-
-
-def signed(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.2f}"
-
-
-def next_seeds(used: list[int], count: int = 2) -> list[int]:
-    """The smallest ``count`` seeds not used yet."""
-    seeds, s = [], 0
-    while len(seeds) < count:
-        if s not in used:
-            seeds.append(s)
-        s += 1
-    return seeds
-
-
-def markdown(summary: dict[str, Any], val_images: int = 0) -> str:
-    """The comparison table with its notes (spread of each difference, footnotes)."""
-    ref = summary["reference"] or "norm-conv"
-    header = (
-        "| model | runs | val mIoU (final) | train mIoU | Δ val vs norm-conv | Δ train vs norm-conv | best-of-N val † "
-        "| params | added params | train img/s | val img/s |"
-    )
-    lines = [header, "|" + "---|" * 11]
+def table(summary: dict[str, Any]) -> str:
+    """The study's table (n = seeds; mean ± std over them) and its notes."""
+    lines = []
+    if summary["differences"]:
+        lines += [f"**Not one recipe** (--allow-differences): the runs also differ in "
+                  f"{', '.join(summary['differences'])}, so the differences below are not the model's alone.", ""]
+    lines += ["| model | n | val mIoU (final) | train mIoU | Δ val | Δ train | best logged val † | params "
+              "| added params | train img/s | val img/s |", "|" + "---|" * 11]
     for g in summary["groups"]:
-        mark = NO_EVAL_MARK if g["val_miou_from_checkpoint"] else ""
-        delta_val = "ref" if g["reference"] else signed(g["delta_val_miou"])
-        delta_train = "ref" if g["reference"] else signed(g["delta_train_miou"])
+        ref = g["label"] == summary["reference"]
+        deltas = ["ref" if ref else _number(g[f"delta_{k}"], "+") for k in ("val_miou", "train_miou")]
+        validations = "/".join(map(str, sorted(set(g["validations"]))))
         lines.append(
-            f"| {g['label']} | {g['n']} | {fmt(g['val_miou'])}{mark} | {fmt(g['train_miou'])} | {delta_val} | "
-            f"{delta_train} | {best_of_n(g)} | {g['params'] / 1e6:.2f}M | +{g['deform_params'] / 1e6:.3f}M | "
-            f"{fmt(g['train_images_per_s'], 1)} | {fmt(g['val_images_per_s'], 1)} |"
+            f"| {g['label']} | {g['n']} | {_mean_std(g['val_miou'])} | {_mean_std(g['train_miou'])} | {deltas[0]} | "
+            f"{deltas[1]} | {_mean_std(g['best_logged_val_miou'])} (of {validations}) | {g['params'] / 1e6:.2f}M | "
+            f"+{g['deform_params'] / 1e6:.3f}M | {_mean_std(g['train_images_per_s'], 1)} | "
+            f"{_mean_std(g['val_images_per_s'], 1)} |"
         )
-    notes = []
-    if summary["reference"] is None:
-        notes.append("No norm-conv run (model.deform.version=0) among the runs: the Δ columns are empty.")
-    elif ref != "norm-conv":
-        notes.append(f"norm-conv reference (model.deform.version=0): {ref}.")
-    for g in summary["groups"]:
-        if g["reference"] or g["delta_val_miou"] is None:
-            continue
-        text = f"{g['label']}: {g['delta_val_miou']:+.2f} val mIoU vs {ref}; "
-        spread = g["val_seed_spread"]
-        single = [x["label"] for x in summary["groups"] if (x is g or x["reference"]) and x["n"] < 2]
-        if spread is None:
-            seeds = next_seeds(g["seeds"])
-            text += f"n=1: no seed spread known, run more seeds ({', '.join(f'seed={s}' for s in seeds)})"
-        elif spread == 0:
-            text += "seed spread (pooled std) 0.00: the seeds gave identical numbers"
-        else:
-            ratio = abs(g["delta_val_miou"]) / spread
-            verdict = "exceeds the spread" if ratio > 2 else "not clearly above the spread" if ratio >= 1 else "within the seed noise"
-            text += f"seed spread (pooled std) {spread:.2f} → difference {ratio:.1f}x the spread ({verdict})"
-            if single:
-                text += f"; n=1 for {', '.join(single)}: run more seeds"
-        notes.append(text)
-    if any(g["val_miou_from_checkpoint"] for g in summary["groups"]):
-        notes.append(
-            f"{NO_EVAL_MARK} the val mIoU logged during training at the final iteration (on train.val_max_images images "
-            f"if set), not an evaluate.py evaluation: run without --no-eval for evaluate.py numbers."
-        )
-    notes.append(
-        "val mIoU (final): the final checkpoint (last.pt), the headline number, as mmsegmentation reports. † best-of-N "
-        "val: the best of the N validations logged during training; chosen on the validation set itself, so it is "
-        "optimistic and not a result."
-    )
-    if val_images:
-        notes.append(f"val mIoU on the first {val_images} validation images only (--val-images), not the whole split.")
+    notes = [f"{g['label']}: " + ", ".join(f"{r} (seed {s})" for r, s in zip(g["runs"], g["seeds"]))
+             for g in summary["groups"]]
+    notes.append(f"Δ: minus {summary['reference'] or 'a reference (none here: give --reference GROUP)'}. n: seeds "
+                 f"(runs); ± the standard deviation over them. val mIoU (final): the final checkpoint (last.pt), as "
+                 f"mmsegmentation reports. † the best of the validations logged during training (how many in "
+                 f"brackets): chosen on the validation set itself, so optimistic and not a result.")
+    if summary["val_images"]:
+        notes.append(f"val mIoU on the first {summary['val_images']} validation images only (--val-images).")
     notes.append("params: inference model (aux head excluded); added params: offset/mask predictors. Speeds: median "
                  "train/images_per_s of TensorBoard, images_per_s of the validation evaluation.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def _interval(r: dict[str, Any]) -> str:
-    if r.get("low") is None:
-        return f"{r['diff']:+.2f}" if r.get("diff") is not None else "-"
-    return f"{r['diff']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+def _interval(row: dict[str, Any], key: str = "") -> str:
+    part = row[key] if key else row
+    if part is None or part["low"] is None:
+        return "n/a"
+    return f"[{part['low']:+.2f}, {part['high']:+.2f}], p = {part['p']:.2g}"
 
 
-def bootstrap_markdown(records: list[dict[str, Any]], top: int = 10) -> str:
-    """The "is the difference real?" section: verdicts, frequency thirds, object sizes, largest per-class changes."""
-    if not records:
+def verdict(pair: dict[str, Any]) -> list[str]:
+    """The mIoU difference and one line per question: these checkpoints (images), the recipe (seeds)."""
+    n_a, n_b = pair["seeds"]
+    m = pair["miou"]
+    lines = [f"mIoU {_number(m['b'])} - {_number(m['a'])} = {_number(m['diff'], '+')} (means over {n_b} vs {n_a} "
+             f"seeds)",
+             f"- these checkpoints, on other images like these: 95% CI {_interval(m)} (paired jackknife over the "
+             f"{pair['images']} images, t with {_number(m['df'], digits=1)} degrees of freedom)"]
+    if m["seeds"] is not None:
+        return lines + [f"- the recipe, for other seeds: 95% CI {_interval(m, 'seeds')} (Welch t over the seeds, "
+                        f"{_number(m['seeds']['df'], digits=1)} degrees of freedom)"]
+    line = f"- the recipe, for other seeds: no claim ({n_b} vs {n_a} seeds; an interval needs >= {MIN_SEEDS} a side)."
+    if pair["seed_spread"] is None:
+        return lines + [line + " The seed spread is unknown with one run each: train seed=1 and seed=2 of both."]
+    needed = {k: f"about {v}" if v is not None else "more than 1000" for k, v in pair["seeds_needed"].items()}
+    return lines + [
+        f"{line} At the seed spread seen here (pooled sd {pair['seed_spread']:.2f} of the mIoU over the seeds), a "
+        f"two-sided 5% t test detects {_number(m['diff'], '+')} with 80% power with {needed['observed']} seeds a side, "
+        f"the reference study's +{STUDY_DIFFERENCE} with {needed['study']} (assumes normal seed-to-seed variation with "
+        f"this spread on both sides; a spread from few seeds is itself uncertain)."]
+
+
+def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str], top: int = 10) -> list[str]:
+    """Frequency thirds, object sizes, robustness and the largest per-class changes, each with its interval."""
+    key = "seeds" if pair["miou"]["seeds"] is not None else ""
+    over = "over seeds (Welch t)" if key else "over images (jackknife t)"
+    rows = [(f"{t} classes ({len(r['classes'])})", "mean IoU", r) for t, r in pair["thirds"].items()]
+    rows += [(f"{b} regions", "pixel recall", pair["sizes"][b]) for b in SIZE_BUCKETS]
+    rows += [(p, "change of mIoU", r) for p, r in zip(perturbs, pair["perturbed"])]
+    lines = ["", f"| subset | measure | {pair['a_label']} | {pair['b_label']} | Δ | 95% CI {over} |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {what} | {_number(r['a'])} | {_number(r['b'])} | {_number(r['diff'], '+')} | "
+              f"{_interval(r, key)} |" for name, what, r in rows]
+    shown = sorted((c for c in pair["classes"] if c["low"] is not None), key=lambda c: -c["diff"])
+    if not shown:
+        return lines + ["", f"No per-class intervals: no class has ground truth in >= {MIN_IMAGES} of the images."]
+    chosen = shown[:top] + shown[max(top, len(shown) - top):]
+    lines += ["", f"Largest per-class gains and losses among the {len(shown)} classes with ground truth in >= "
+              f"{MIN_IMAGES} images, chosen after looking: were there no real differences, about "
+              f"{0.05 * len(shown):.0f} of {len(shown)} intervals would exclude 0 by chance. BH: survives a "
+              f"Benjamini-Hochberg correction over these {len(shown)} classes (false-discovery rate 5%).",
+              "", f"| class | images | IoU {pair['a_label']} | IoU {pair['b_label']} | Δ | 95% CI {over} | BH |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {class_names[c['class']]} | {c['images']} | {_number(c['a'])} | {_number(c['b'])} | "
+              f"{_number(c['diff'], '+')} | {_interval(c, key)} | {'yes' if c['bh'] else ''} |" for c in chosen]
+    return lines
+
+
+def robustness_table(summary: dict[str, Any]) -> str:
+    """Each group's mIoU under each perturbation, with its change from the clean images."""
+    perturbs = summary["perturb"]
+    if not perturbs:
         return ""
-    lines = ["", "## Is the difference real? (95% intervals, variant minus norm-conv)", ""]
-    lines += [f"- {r['verdict']}" for r in records]
-    lines += ["", "test-set sampling: paired bootstrap over the validation images (would the difference hold on other "
-              "images like these?); training randomness: Welch t interval over seeds (would it hold for other seeds?).", ""]
-    for r in records:
-        lines += [f"### {r['label']} vs {r['reference']}", "", "| classes | Δ mIoU [95% CI] |", "|---|---|"]
-        lines += [f"| {name} ({len(v['classes'])} classes) | {_interval(v)} |" for name, v in r["thirds"].items()]
-        if r.get("sizes"):
-            lines += ["", "| object size (GT components) | Δ pixel recall [95% CI] |", "|---|---|"]
-            lines += [f"| {name} | {_interval(v)} |" for name, v in r["sizes"].items()]
-        defined = [c for c in r["per_class"] if c["diff"] is not None]
-        ranked = sorted(defined, key=lambda c: c["diff"])
-        lines += ["", "| largest gains and losses | Δ IoU [95% CI] |", "|---|---|"]
-        lines += [f"| {c['name']} | {_interval(c)} |" for c in ranked[::-1][:top]]
-        lines += [f"| {c['name']} | {_interval(c)} |" for c in ranked[:top][::-1] if c not in ranked[::-1][:top]]
-        lines.append("")
+    lines = ["", "## Geometric robustness (val mIoU under each perturbation; change from the clean images)", "",
+             "| model | n | clean | " + " | ".join(perturbs) + " |", "|" + "---|" * (len(perturbs) + 3)]
+    for g in summary["groups"]:
+        clean = g["val_miou"]["mean"]
+        cells = [f"{v:.2f} ({v - clean:+.2f})" if v is not None and clean is not None else "-"
+                 for v in (g["perturbed"][p] for p in perturbs)]
+        lines.append(f"| {g['label']} | {g['n']} | {_number(clean)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(groups: list[Group], summary: dict[str, Any], out: Path) -> None:
-    """curves.png (val mIoU and training loss vs iteration, colour per group) and final_miou.png (bars ± std)."""
+def pairs_markdown(summary: dict[str, Any], class_names: list[str]) -> str:
+    """The "is the difference real?" section: per pair, the verdict lines and the breakdown."""
+    if not summary["pairs"]:
+        return ""
+    lines = ["", "## Is the difference real? (95% intervals)"]
+    for pair in summary["pairs"]:
+        lines += ["", f"### {pair['b_label']} vs {pair['a_label']}", ""]
+        lines += verdict(pair) + breakdown(pair, summary["perturb"], class_names)
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- figures
+def plot_curves(groups: list[Group], path: Path) -> None:
+    """Validation mIoU and training loss against iteration, a colour per group, a line style per seed."""
     import matplotlib.pyplot as plt  # only where figures are drawn
     from matplotlib.ticker import MaxNLocator
 
     plt.switch_backend("Agg")
-
-    colours = plt.get_cmap("tab10")
-    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for gi, group in enumerate(groups):
         for ri, run in enumerate(group.runs):
-            label = f"{group.label}, seed {run.seed}"
             for ax, tag in zip(axes, ("val/mIoU", "train/loss")):
-                points = run.curves.get(tag, [])
-                if points:
-                    steps, values = zip(*points)
-                    ax.plot(steps, values, styles[ri % len(styles)], color=colours(gi % 10), label=label,
-                            marker="o" if len(points) < 20 else None, markersize=3)
+                if run.curves.get(tag):
+                    steps, values = zip(*run.curves[tag])
+                    ax.plot(steps, values, ["-", "--", ":", "-."][ri % 4], color=plt.get_cmap("tab10")(gi % 10),
+                            label=f"{group.label}, seed {run.seed}", marker="o" if len(steps) < 20 else None,
+                            markersize=3)
     axes[0].set(title="Validation mIoU logged during training", xlabel="iteration", ylabel="mIoU (%)")
     axes[1].set(title="Training loss (main + aux)", xlabel="iteration", ylabel="loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = axes[1].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[0].get_legend_handles_labels()
-    columns = min(3 if max(map(len, labels), default=0) <= 40 else 1, max(len(labels), 1))
+    columns = max(1, min(3, len(labels)))
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / columns), 1, 1))
-    fig.savefig(out / "curves.png", dpi=120)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * -(-len(labels) // columns), 1, 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
-    records = summary["groups"]
-    fig, ax = plt.subplots(figsize=(max(5.5, 2.2 * len(records) + 1.5), 5.0))
-    x = list(range(len(records)))
-    means = [g["val_miou"]["mean"] or 0.0 for g in records]
-    errs = [g["val_miou"]["std"] or 0.0 for g in records]
-    ax.bar(x, means, yerr=errs, capsize=6, color=[colours(i % 10) for i in x], alpha=0.8, label="mean ± std over seeds")
-    for i, g in enumerate(records):
-        values = [v for v in g["val_miou"]["values"] if v is not None]
-        ax.plot([i] * len(values), values, "k.", markersize=9, label="single runs" if i == 0 else None)
-        ax.annotate(f"{means[i]:.2f}", (i, means[i] + errs[i]), xytext=(0, 4), textcoords="offset points", ha="center")
-    ticks = [g["label"].replace(" (", "\n(").replace(", ", ",\n") + f"\nn={g['n']}" for g in records]
-    ax.set_xticks(x, ticks, fontsize=9)
-    singles = [v for g in records for v in g["val_miou"]["values"] if v is not None]
-    top = max([m + e for m, e in zip(means, errs)] + singles + [1.0])
-    ax.set_ylim(0, top * 1.3)
-    marked = any(g["val_miou_from_checkpoint"] for g in records)
-    ax.set(title="Final validation mIoU per model" + (" (* from checkpoint best_miou)" if marked else ""),
-           ylabel="val mIoU (%)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", ncol=2, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "final_miou.png", dpi=120)
-    plt.close(fig)
-    for record in summary.get("bootstrap", []):
-        plot_per_class(record, out / f"per_class_{_file_label(record['label'])}.png")
 
-
-def _file_label(label: str) -> str:
-    """A group label as a file-name part: letters, digits, '-', '_' and '.'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
-
-
-def plot_per_class(record: dict[str, Any], path: Path) -> None:
-    """Per-class IoU differences (variant minus reference), sorted, with their 95% bootstrap intervals."""
+def plot_per_class(pair: dict[str, Any], class_names: list[str], path: Path) -> None:
+    """Per-class IoU differences with an interval, sorted, whiskers the 95% interval; dark bars survive BH."""
     import matplotlib.pyplot as plt
 
     plt.switch_backend("Agg")
-    rows = sorted((c for c in record["per_class"] if c["diff"] is not None), key=lambda c: c["diff"])
+    key = "seeds" if pair["miou"]["seeds"] is not None else ""
+    rows = sorted((c for c in pair["classes"] if c["low"] is not None), key=lambda c: c["diff"])
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(max(6.0, 0.14 * len(rows) + 2), 4.8))
-    x = list(range(len(rows)))
-    diffs = [c["diff"] for c in rows]
-    low = [c["diff"] - c["low"] if c["low"] is not None else 0.0 for c in rows]
-    high = [c["high"] - c["diff"] if c["high"] is not None else 0.0 for c in rows]
-    colours = ["tab:green" if d > 0 else "tab:red" for d in diffs]
+    x = np.arange(len(rows))
+    diffs = np.array([c["diff"] for c in rows])
+    bounds = np.array([[(c[key] if key else c)["low"], (c[key] if key else c)["high"]] for c in rows])
+    colours = [("darkgreen" if d > 0 else "darkred") if c["bh"] else ("tab:green" if d > 0 else "tab:red")
+               for c, d in zip(rows, diffs)]
     ax.bar(x, diffs, color=colours, alpha=0.8)
-    ax.errorbar(x, diffs, yerr=[low, high], fmt="none", ecolor="black", elinewidth=0.8, capsize=1.5)
+    ax.errorbar(x, diffs, yerr=[diffs - bounds[:, 0], bounds[:, 1] - diffs], fmt="none", ecolor="black", elinewidth=0.8,
+                capsize=1.5)
     ax.axhline(0, color="black", linewidth=0.8)
-    if len(rows) <= 40:
-        ax.set_xticks(x, [c["name"] for c in rows], rotation=90, fontsize=7)
-    else:  # name only the ten largest changes each way
-        shown = set(x[:10]) | set(x[-10:])
-        ax.set_xticks(sorted(shown), [rows[i]["name"] for i in sorted(shown)], rotation=90, fontsize=7)
-    title = f"Per-class IoU: {record['label']} minus {record['reference']} (95% bootstrap intervals over images)"
+    shown = x if len(rows) <= 40 else np.concatenate([x[:10], x[-10:]])
+    ax.set_xticks(shown, [class_names[rows[i]["class"]] for i in shown], rotation=90, fontsize=7)
+    over = "over seeds (Welch t)" if key else "over images (paired jackknife t)"
+    title = (f"Per-class IoU: {pair['b_label']} minus {pair['a_label']}, 95% intervals {over}; dark bars survive a "
+             f"Benjamini-Hochberg correction over the {len(rows)} classes shown")
     ax.set_title("\n".join(textwrap.wrap(title, width=int(fig.get_figwidth() * 11))), fontsize=9)
     ax.set_ylabel("Δ IoU (points)")
     ax.grid(axis="y", alpha=0.3)
@@ -620,40 +510,64 @@ def plot_per_class(record: dict[str, Any], path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- main
 def compare(options: CompareOptions) -> str:
-    """Read, evaluate and group the runs; write the files of ``options.out``; return the markdown table."""
+    """Read, check, evaluate and group the runs; write the files of ``options.out``; return the markdown."""
     for name in ("train_images", "val_images"):
         value = getattr(options, name)
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 (all images of the split) or positive, got {value}.")
-    paths, seen = [], set()
-    for p in map(Path, options.runs):
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            paths.append(p)
-    runs = [load_run(p) for p in paths]  # every folder is checked before the slow part starts
+    try:
+        perturbs = [str(parse_perturbation(p)) for p in options.perturb]
+    except ValueError as err:
+        raise UserError(f"--perturb: {err}") from None
+    paths: dict[Path, Path] = {}
+    for path in map(Path, options.runs):
+        paths.setdefault(path.resolve(), path)
+    runs: list[Run] = []
+    for path in paths.values():  # every folder is read before the slow part
+        run = load_run(path)
+        twin = next((r for r in runs if r.digest == run.digest), None)
+        if twin is not None:
+            print(f"note: {path} holds the same last.pt as {twin.path} (sha256 {run.digest[:12]}): counted once",
+                  file=sys.stderr)
+            continue
+        runs.append(run)
+    differences = check_comparable(runs, options.allow_differences)
+    groups = group_runs(runs, differences)
+    reference, pairs = choose_pairs(groups, options)
+    if reference is not None:  # the reference row first
+        groups.insert(0, groups.pop(groups.index(reference)))
     for run in runs:
-        fill_curves(run)
-        fill_metrics(run, options)
-    fill_params(runs)
-    groups = group_runs(runs, list(IGNORED_KEYS) + options.ignore_key)
-    reference = pick_reference(groups)
-    if reference is not None:  # the reference row first, the others in command-line order
-        groups.remove(reference)
-        groups.insert(0, reference)
-    warn_mixed_environments(groups)
-    summary = summarize(groups, reference)
-    summary["bootstrap"] = bootstrap(groups, reference, options.resamples)
-    summary["robustness"] = robustness(groups, options.perturb)
-    summary["settings"] = {"val_images": options.val_images, "train_images": options.train_images, "no_eval": options.no_eval,
-                           "ignored_keys": list(IGNORED_KEYS) + options.ignore_key}
-    table = (markdown(summary, options.val_images) + robustness_markdown(summary["robustness"], options.perturb)
-             + bootstrap_markdown(summary["bootstrap"]))
+        read_curves(run)
+        train_images = run.config["data.train_eval_images"] if options.train_images is None else options.train_images
+        evaluate_run(run, "training", train_images, None, options)
+        for perturb in [None] + perturbs:
+            evaluate_run(run, "validation", options.val_images, perturb, options)
+    count_params(groups)
+    records = [group_record(g, perturbs) for g in groups]
+    for record in records:
+        for key in ("val_miou", "train_miou"):
+            mine, base = record[key]["mean"], records[0][key]["mean"] if reference is not None else None
+            record[f"delta_{key}"] = None if mine is None or base is None else mine - base
+    summary = {"groups": records, "reference": reference and reference.label, "differences": list(differences),
+               "perturb": perturbs, "val_images": options.val_images,
+               "pairs": [p for p in (compare_pair(b, a, perturbs) for b, a in pairs) if p is not None]}
+    class_names = load_class_info()[0]
+    markdown = table(summary) + robustness_table(summary) + pairs_markdown(summary, class_names)
     if options.out is not None:
         try:
             options.out.mkdir(parents=True, exist_ok=True)
-            (options.out / "comparison.md").write_text(table)
-            (options.out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
-            plot(groups, summary, options.out)
+            (options.out / "comparison.md").write_text(markdown)
+            (options.out / "comparison.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
+            plot_curves(groups, options.out / "curves.png")
+            for pair in summary["pairs"]:
+                name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"per_class_{pair['b_label']}_vs_{pair['a_label']}")
+                plot_per_class(pair, class_names, options.out / f"{name}.png")
         except OSError as err:
-            raise UserError(f"could not write the results to {options.out}: {err}. Choose another --out folder.") from None
-    return table
+            message = f"could not write the results to {options.out}: {err}. Choose another --out folder."
+            raise UserError(message) from None
+    return markdown
+
+
+def _json(value: Any) -> Any:
+    """numpy values in the summary as JSON numbers and lists."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)

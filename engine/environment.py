@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 # The packages whose versions can change a number: the direct dependencies and torch's compiler.
-PACKAGES = ("torch", "torchvision", "triton", "numpy", "pillow", "pyyaml", "tensorboard", "tqdm", "matplotlib")
+PACKAGES = ("torch", "torchvision", "triton", "numpy", "scipy", "pillow", "pyyaml", "tensorboard", "tqdm", "matplotlib")
 
 
 def _cpu_model() -> str:

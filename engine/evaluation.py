@@ -6,12 +6,14 @@ on a split and returns one JSON-ready record (metrics, per-class table, settings
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,7 +23,7 @@ from data.perturb import parse_perturbation
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from engine.inference import evaluate_loader
 from engine.precision import AMP_DTYPES, memory_format
-from engine.statistics import PerImageCounts
+from engine.statistics import PerImageCounts, count_image
 
 
 @dataclass
@@ -31,7 +33,7 @@ class EvalOptions:
     ``mode`` None uses ``eval.mode`` of the checkpoint's config; ``max_images`` None evaluates all of
     validation and ``data.train_eval_images`` of training (0 = all). ``amp`` is ``none`` (fp32, as
     mmsegmentation evaluates), ``bf16`` or ``fp16`` (CUDA only). ``per_image``: also save every image's
-    per-class counts there (``engine.statistics.PerImageCounts``, .npz) for the paired bootstrap.
+    per-class and object-size counts there (``engine.statistics.PerImageCounts``, .npz) for compare.py.
     ``perturb``: ``KIND=VALUE`` (data/perturb.py), every image and its label warped before inference.
     """
 
@@ -46,6 +48,15 @@ class EvalOptions:
     per_image: Path | None = None
     perturb: str | None = None
     progress: bool = True
+
+
+def checkpoint_digest(path: Path) -> str:
+    """The sha256 of a checkpoint file, recorded with every evaluation so that a result names the weights it used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _save_per_image(per_image: PerImageCounts, path: Path, rank: int, world_size: int) -> None:
@@ -84,6 +95,7 @@ def evaluate_checkpoint(
             f"--amp {options.amp} is for CUDA: on the CPU torchvision's deformable convolution has no bf16/fp16 "
             f"kernel. Leave --amp out (fp32) with --device cpu."
         )
+    digest = checkpoint_digest(path)
     checkpoint = load_checkpoint(path)
     model, config = build_model_from_checkpoint(checkpoint, path, config_override)
     del checkpoint
@@ -99,17 +111,22 @@ def evaluate_checkpoint(
     loader = build_val_loader(config, options.split, rank, world_size, max_images=max_images, perturb=perturb)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    per_image = PerImageCounts(config["model"]["num_classes"]) if options.per_image is not None else None
+    num_classes = config["model"]["num_classes"]
+    rows: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def count(name: str, pred: torch.Tensor, label: torch.Tensor) -> None:
+        rows.append((name, *count_image(pred, label, num_classes)))
+
     start = time.perf_counter()
     matrix = evaluate_loader(
         model, loader, device, config["model"]["num_classes"], mode=mode, scales=options.scales, flip=options.flip,
         crop=eval_cfg["slide_crop"], stride=eval_cfg["slide_stride"], amp_dtype=AMP_DTYPES[options.amp],
         memory_format=channels_last, save_dir=options.save_dir, progress=options.progress,
-        on_prediction=per_image.add if per_image is not None else None,
+        on_prediction=count if options.per_image is not None else None,
     )
     seconds = time.perf_counter() - start  # all_reduce at the end waits for the slowest rank
-    if per_image is not None:
-        _save_per_image(per_image, options.per_image, rank, world_size)
+    if options.per_image is not None:
+        _save_per_image(PerImageCounts.from_rows(rows, num_classes, digest), options.per_image, rank, world_size)
     m = matrix.metrics()
     class_names = list(load_class_info()[0])
     if len(class_names) != len(m["iou"]):
@@ -123,6 +140,7 @@ def evaluate_checkpoint(
         "num_images": matrix.num_images,
         "max_images": max_images,
         "checkpoint": str(path),
+        "checkpoint_sha256": digest,
         "config": config,
         "split": options.split,
         "mode": mode,

@@ -3,7 +3,7 @@
 As torchvision's segmentation reference: pixels are counted with ``bincount(n * target + pred)`` over
 labelled pixels on the device, and the raw counts are summed across processes before any ratio is
 taken. Classes absent from both ground truth and prediction are left out of the mean IoU
-(mmsegmentation's rule).
+(mmsegmentation's rule); ``class_iou`` and ``mean_iou`` are that rule, shared with engine/statistics.py.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,32 +52,44 @@ class ConfusionMatrix:
         self.num_images = int(images.item())
 
     def metrics(self) -> dict[str, Any]:
-        """All metrics in percent: ``mIoU``, ``aAcc``, ``mAcc``, ``score`` and per-class ``iou``, ``acc``.
-
-        A class's IoU is None where its union (ground truth + prediction - intersection) is empty;
-        such classes are left out of ``mIoU``. Its accuracy is None where it has no ground-truth
-        pixels; ``mAcc`` averages the other classes. ``score`` = (aAcc + mIoU) / 2, the ADE20K
-        challenge score. Means over no classes are NaN.
-        """
-        h = self.mat.detach().double().cpu()
-        correct = h.diag()
+        """All metrics in percent (:func:`metrics_from_counts` of the matrix's per-class counts)."""
+        h = self.mat.detach().cpu().numpy()
+        correct = np.diag(h)
         gt = h.sum(1)
-        union = gt + h.sum(0) - correct
-        iou = [100.0 * float(c / u) if u > 0 else None for c, u in zip(correct, union)]
-        acc = [100.0 * float(c / g) if g > 0 else None for c, g in zip(correct, gt)]
-        total = float(h.sum())
-        a_acc = 100.0 * float(correct.sum()) / total if total > 0 else math.nan
-        m_iou = _mean(iou)
-        return {
-            "mIoU": m_iou,
-            "aAcc": a_acc,
-            "mAcc": _mean(acc),
-            "score": (a_acc + m_iou) / 2,
-            "iou": iou,
-            "acc": acc,
-        }
+        return metrics_from_counts(correct, gt + h.sum(0) - correct, gt)
 
 
-def _mean(values: list[float | None]) -> float:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else math.nan
+def class_iou(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """IoU per class in percent (elementwise, any shape), NaN where the union is empty: such a class is absent."""
+    intersection, union = np.asarray(intersection, dtype=np.float64), np.asarray(union, dtype=np.float64)
+    return np.divide(100.0 * intersection, union, out=np.full(union.shape, np.nan), where=union > 0)
+
+
+def mean_iou(iou: np.ndarray) -> np.ndarray:
+    """The mean over the last axis of the classes present (not NaN); NaN where none is. The one mIoU rule."""
+    present = ~np.isnan(iou)
+    count = present.sum(-1)
+    total = np.where(present, iou, 0.0).sum(-1)
+    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
+def metrics_from_counts(intersection: np.ndarray, union: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
+    """``mIoU``, ``aAcc``, ``mAcc``, ``score`` and per-class ``iou``, ``acc`` in percent from per-class pixel counts.
+
+    A class's IoU is None where its union (ground truth + prediction - intersection) is empty;
+    such classes are left out of ``mIoU``. Its accuracy is None where it has no ground-truth
+    pixels; ``mAcc`` averages the other classes. ``score`` = (aAcc + mIoU) / 2, the ADE20K
+    challenge score. Means over no classes are NaN.
+    """
+    iou, acc = class_iou(intersection, union), class_iou(intersection, gt)
+    total = float(np.sum(gt))
+    a_acc = 100.0 * float(np.sum(intersection)) / total if total > 0 else math.nan
+    m_iou = float(mean_iou(iou))
+    return {
+        "mIoU": m_iou,
+        "aAcc": a_acc,
+        "mAcc": float(mean_iou(acc)),
+        "score": (a_acc + m_iou) / 2,
+        "iou": [None if math.isnan(v) else float(v) for v in iou],
+        "acc": [None if math.isnan(v) else float(v) for v in acc],
+    }

@@ -217,6 +217,29 @@ def trace(fields: list[LayerField], point: tuple[float, float]) -> list[tuple[np
     return levels
 
 
+def effective_dilation(offsets: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """DCNv1's effective dilation (Dai et al. 2017, section 4.1 and Table 2) at every output position.
+
+    The mean distance between adjacent sampling locations of the kernel (each tap and its right and lower
+    neighbours), in the layer's input pixels: a plain layer's dilation where the offsets are zero, s times it where
+    they scale the sampling grid by s. The v2 mask is not part of it; deformable groups are averaged.
+
+    Args:
+        offsets: (N, 2*G*kh*kw, H, W) in torchvision's layout (groups, then taps row-major, then y and x).
+        kernel, dilation: the layer's (kh, kw) and (dy, dx).
+
+    Returns:
+        (N, H, W) float32.
+    """
+    n, _, h, w = offsets.shape
+    kh, kw = kernel
+    taps = torch.stack(torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij"), -1) * torch.tensor(dilation)
+    grid = offsets.float().reshape(n, -1, kh, kw, 2, h, w) + taps.to(offsets.device)[..., None, None]  # (y, x) per tap
+    across = (grid[:, :, :, 1:] - grid[:, :, :, :-1]).norm(dim=4).flatten(2, 3)  # (N, G, kh*(kw-1), H, W)
+    down = (grid[:, :, 1:] - grid[:, :, :-1]).norm(dim=4).flatten(2, 3)
+    return torch.cat([across, down], 2).mean((1, 2))
+
+
 def check_num_layers(num_layers: int | None, names: list[str]) -> int:
     """How many of the deformable layers ``names`` to trace (default: up to 3), or UserError for a bad count."""
     if num_layers is None:

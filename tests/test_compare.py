@@ -1,4 +1,5 @@
-"""Tests of scripts/compare.py on three tiny demo runs: two seeds of one config and a norm-conv reference."""
+"""Tests of scripts/compare.py on three tiny demo runs (two seeds of def-conv-v2 and a norm-conv run), and of what it
+refuses: runs of another recipe, a run still training or stopped early, a re-run sharing a seed."""
 
 from __future__ import annotations
 
@@ -6,17 +7,22 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-import yaml
+import torch
 
-import engine.comparison as compare
+import engine.comparison as comparison
 from data.demo import ensure_demo_dataset
+from engine.checkpoint import load_checkpoint
+from engine.evaluation import checkpoint_digest
 from engine.statistics import PerImageCounts
 from scripts import compare as compare_cli
 
@@ -28,6 +34,7 @@ TINY = [
 ]
 FAST = ["--train-images", "4", "--val-images", "4"]  # evaluate 4 images per split
 RUNS = {"v2_s0": ["seed=0"], "v2_s1": ["seed=1"], "norm": ["seed=0", "model.deform.version=0"]}
+V2, NORM = "demo-def-conv-v2", "demo-norm-conv"
 
 
 def run_compare(argv: list[str]) -> tuple[int, str, str]:
@@ -58,137 +65,210 @@ def runs(module_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def compared(runs: dict[str, Path], module_dir: Path) -> tuple[str, Path]:
-    """compare.py over the three runs (evaluating them); returns its stdout and the --out folder."""
+def compared(runs: dict[str, Path], module_dir: Path) -> tuple[str, str, Path]:
+    """compare.py over the three runs (evaluating them, also rotated); returns its stdout, stderr and --out folder."""
     out = module_dir / "compare"
-    code, stdout, stderr = run_compare([str(p) for p in runs.values()] + ["--out", str(out), *FAST])
+    code, stdout, stderr = run_compare([str(p) for p in runs.values()] + ["--out", str(out), "--perturb", "rotate=15",
+                                                                          *FAST])
     assert code == 0, stderr
-    return stdout, out
+    return stdout, stderr, out
 
 
 def table_rows(markdown: str) -> list[list[str]]:
     """Cells of the data rows of the first markdown table."""
-    table = markdown.split("\n\n")[0]  # the first block: tables are separated by blank lines
-    lines = [line for line in table.splitlines() if line.startswith("|")]
+    lines = [line for line in markdown.split("\n\n")[0].splitlines() if line.startswith("|")]
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
-def test_seeds_are_one_row_and_norm_conv_another(compared: tuple[str, Path]) -> None:
-    stdout, _ = compared
+def fake_run(folder: Path, source: Path, **changes: object) -> Path:
+    """A run folder whose last.pt holds ``source``'s config, iteration and environment, changed as asked (dotted keys
+    with '__' for '.'), and no weights: enough for everything compare.py checks before it evaluates."""
+    state = load_checkpoint(source / "last.pt")
+    for key, value in changes.items():
+        if key == "iteration":
+            state["iteration"] = value
+        else:
+            *parents, last = key.split("__")
+            section = state["config"]
+            for part in parents:
+                section = section[part]
+            section[last] = value
+    folder.mkdir(parents=True)
+    torch.save({k: state[k] for k in ("config", "iteration", "environment")} | {"model": {}}, folder / "last.pt")
+    return folder
+
+
+def test_groups_are_named_by_config_and_variant_with_seeds_counted(compared: tuple[str, str, Path]) -> None:
+    stdout, _, _ = compared
     header = [line for line in stdout.splitlines() if line.startswith("|")][0]
-    assert "val mIoU" in header and "Δ val vs norm-conv" in header and "added params" in header
-    rows = table_rows(stdout)
-    assert len(rows) == 2
-    ref, v2 = rows  # the reference comes first
-    assert ref[0] == "demo (model.deform.version=0)" and ref[1] == "1" and ref[4] == "ref"
-    assert v2[0] == "demo (model.deform.version=2)" and v2[1] == "2"
-    assert "±" in v2[2] and "±" in v2[3]
-    assert v2[4].startswith(("+", "-")) and ref[8] == "+0.000M" and v2[8] != "+0.000M"
-    assert "(N=2)" in v2[6] and "best-of-N val †" in header and "val mIoU (final)" in header  # 2 validations per run
-    assert "demo (model.deform.version=2): " in stdout and "val mIoU vs demo (model.deform.version=0); " in stdout
-    assert "seed spread (pooled std)" in stdout and "first 4 validation images" in stdout
-    # the paired bootstrap over the same validation images, with the question each interval answers
-    assert "## Is the difference real?" in stdout and "test-set sampling: 95% CI [" in stdout
-    assert "training randomness:" in stdout and "| frequent" in stdout and "| largest gains and losses |" in stdout
+    assert "| model | n | val mIoU (final) |" in header and "best logged val †" in header and "added params" in header
+    ref, v2 = table_rows(stdout)  # the reference row first
+    assert ref[:2] == [NORM, "1"] and ref[4] == "ref" and ref[8] == "+0.000M"
+    assert v2[:2] == [V2, "2"] and "±" in v2[2] and v2[4].startswith(("+", "-")) and v2[8] != "+0.000M"
+    assert "(of 2)" in v2[6]  # two validations logged per run
+    assert f"- {V2}: " in stdout and "(seed 0)" in stdout and "(seed 1)" in stdout
+    assert "offset_lr_mult" not in stdout  # a plain network's label carries no offset settings
 
 
-def test_json_holds_mean_and_std_of_the_runs(compared: tuple[str, Path], runs: dict[str, Path]) -> None:
-    _, out = compared
+def test_verdict_lines_answer_one_question_each(compared: tuple[str, str, Path]) -> None:
+    stdout, _, _ = compared
+    section = stdout.split(f"### {V2} vs {NORM}")[1]
+    lines = section.strip().splitlines()
+    assert lines[0].startswith("mIoU ") and lines[0].endswith("(means over 2 vs 1 seeds)")
+    assert lines[1].startswith("- these checkpoints, on other images like these: 95% CI [")
+    assert "(paired jackknife over the 4 images, t with " in lines[1] and "degrees of freedom)" in lines[1]
+    assert lines[2].startswith("- the recipe, for other seeds: no claim (2 vs 1 seeds; an interval needs >= 3 a side).")
+    assert "a two-sided 5% t test detects" in lines[2] and "the reference study's +1.41 with" in lines[2]
+    assert "spread" not in "".join(lines[3:]) and "x the" not in stdout  # no other spread verdict
+    assert "| rotate=15 | change of mIoU |" in section and "95% CI over images (jackknife t)" in section
+    assert "No per-class intervals: no class has ground truth in >= 30 of the images." in section  # 4 images
+    assert "## Geometric robustness" in stdout and not re.search(r"\(--\d", stdout)  # a sign bug printed "(--0.50)"
+
+
+def test_json_holds_the_runs_their_digests_and_the_statistics(compared: tuple[str, str, Path],
+                                                              runs: dict[str, Path]) -> None:
+    _, _, out = compared
     summary = json.loads((out / "comparison.json").read_text())
     groups = {g["label"]: g for g in summary["groups"]}
-    v2, ref = groups["demo (model.deform.version=2)"], groups["demo (model.deform.version=0)"]
-    assert summary["reference"] == ref["label"] and ref["reference"] and not v2["reference"]
-    assert v2["n"] == 2 and sorted(v2["seeds"]) == [0, 1] and ref["n"] == 1
-    per_run = {Path(r["run"]).name: r for r in summary["runs"]}
-    for key in ("val_miou", "train_miou", "train_images_per_s", "val_images_per_s"):
-        values = [per_run[name][key] for name in ("v2_s0", "v2_s1")]
-        assert v2[key]["mean"] == pytest.approx(statistics.fmean(values))
-        assert v2[key]["std"] == pytest.approx(statistics.stdev(values))
-        assert ref[key]["mean"] == pytest.approx(per_run["norm"][key]) and ref[key]["std"] is None
-    assert v2["delta_val_miou"] == pytest.approx(v2["val_miou"]["mean"] - ref["val_miou"]["mean"])
-    assert v2["val_seed_spread"] == pytest.approx(v2["val_miou"]["std"])  # the only group with two runs
-    assert v2["deform_params"] > 0 and ref["deform_params"] == 0
-    assert v2["params"] == ref["params"] + v2["deform_params"]
-    # The numbers come from the evaluation JSONs that compare.py saved in the run dirs.
+    assert summary["reference"] == NORM and groups[V2]["n"] == 2 and sorted(groups[V2]["seeds"]) == [0, 1]
     for name in RUNS:
-        val = json.loads((runs[name] / compare.VAL_JSON).read_text())
-        train = json.loads((runs[name] / compare.TRAIN_JSON).read_text())
-        assert per_run[name]["val_miou"] == val["mIoU"] and per_run[name]["train_miou"] == train["mIoU"]
-        assert train["num_images"] == 4 and val["num_images"] == 4 and val["split"] == "validation"
-        # the per-image counts saved beside it sum to exactly the evaluation's dataset metric
-        counts = PerImageCounts.load(runs[name] / compare.VAL_COUNTS)
-        assert len(counts) == 4 and counts.metrics()["mIoU"] == val["mIoU"] and counts.metrics()["aAcc"] == val["aAcc"]
-    (boot,) = summary["bootstrap"]
-    assert boot["label"] == v2["label"] and boot["reference"] == ref["label"] and boot["runs"] == [1, 2]
-    ci = boot["test_sampling"]
-    assert ci["low"] <= ci["diff"] <= ci["high"]
-    assert ci["diff"] == pytest.approx(v2["val_miou"]["mean"] - ref["val_miou"]["mean"], abs=1e-9)
+        val = json.loads((runs[name] / "eval_validation.json").read_text())
+        assert val["checkpoint_sha256"] == checkpoint_digest(runs[name] / "last.pt") and val["num_images"] == 4
+        counts = PerImageCounts.load(runs[name] / "per_image_validation.npz")
+        assert counts.checkpoint == val["checkpoint_sha256"] and counts.metrics()["mIoU"] == val["mIoU"]
+        assert (runs[name] / "per_image_validation_rotate-15.npz").is_file()
+    values = [json.loads((runs[n] / "eval_validation.json").read_text())["mIoU"] for n in ("v2_s0", "v2_s1")]
+    assert groups[V2]["val_miou"]["mean"] == pytest.approx(statistics.fmean(values))
+    assert groups[V2]["val_miou"]["std"] == pytest.approx(statistics.stdev(values))
+    (pair,) = summary["pairs"]
+    assert pair["b_label"] == V2 and pair["a_label"] == NORM and pair["seeds"] == [1, 2]
+    assert pair["miou"]["low"] <= pair["miou"]["diff"] <= pair["miou"]["high"] and pair["miou"]["seeds"] is None
+    assert pair["miou"]["diff"] == pytest.approx(groups[V2]["delta_val_miou"])
+    assert pair["seed_spread"] == pytest.approx(statistics.stdev(values))
 
 
-def test_figures_and_markdown_are_written(compared: tuple[str, Path]) -> None:
-    stdout, out = compared
-    per_class = sorted(out.glob("per_class_*.png"))
-    assert [p.name for p in per_class] == ["per_class_demo_model.deform.version_2.png"]
-    for name in ("curves.png", "final_miou.png", per_class[0].name):
-        data = (out / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+def test_figures_and_markdown_are_written(compared: tuple[str, str, Path]) -> None:
+    stdout, _, out = compared
+    for name in ("curves.png",):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "comparison.md").read_text() == stdout
 
 
-def test_saved_evaluations_are_reused(compared: tuple[str, Path], runs: dict[str, Path]) -> None:
-    stamps = {p: p.stat().st_mtime_ns for p in runs.values() for p in (p / compare.VAL_JSON, p / compare.TRAIN_JSON)}
-    code, stdout, stderr = run_compare([str(p) for p in runs.values()] + FAST)
+def test_saved_evaluations_of_the_same_checkpoint_are_reused(compared: tuple[str, str, Path],
+                                                             runs: dict[str, Path]) -> None:
+    stamps = {p: p.stat().st_mtime_ns for r in runs.values() for p in r.glob("eval_*.json")}
+    code, stdout, stderr = run_compare([str(p) for p in runs.values()] + ["--perturb", "rotate=15", *FAST])
     assert code == 0 and "evaluating" not in stderr
     assert stdout == compared[0]
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
-def test_no_eval_falls_back_to_the_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
-    run = tmp_path / "copy"
+def test_an_evaluation_copied_from_another_checkpoint_is_not_used(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "norm-copy"  # norm-conv's checkpoint beside v2's evaluation files
     run.mkdir()
-    shutil.copy(runs["norm"] / "config.yaml", run / "config.yaml")
     (run / "last.pt").symlink_to(runs["norm"] / "last.pt")
-    code, stdout, stderr = run_compare([str(run), "--no-eval"])
+    for name in ("eval_validation.json", "per_image_validation.npz", "eval_training.json"):
+        shutil.copy(runs["v2_s0"] / name, run / name)
+    code, stdout, stderr = run_compare([str(run), *FAST])
     assert code == 0, stderr
-    row = table_rows(stdout)[0]
-    assert row[2].endswith(compare.NO_EVAL_MARK) and row[3] == "-"
-    assert "logged during training at the final iteration" in stdout and "no curves" in stderr
+    assert f"{run / 'eval_validation.json'} was not made from this last.pt" in stderr and "evaluating" in stderr
+    own = json.loads((runs["norm"] / "eval_validation.json").read_text())["mIoU"]
+    assert table_rows(stdout)[0][2] == f"{own:.2f}"
+    assert json.loads((run / "eval_validation.json").read_text())["checkpoint_sha256"] == checkpoint_digest(
+        runs["norm"] / "last.pt")
 
 
-def test_single_run_asks_for_more_seeds(runs: dict[str, Path]) -> None:
-    code, stdout, _ = run_compare([str(runs["norm"]), str(runs["v2_s1"]), "--no-eval"])
-    assert code == 0
-    assert "n=1: no seed spread known, run more seeds (seed=0, seed=2)" in stdout
+def test_a_copied_run_is_not_a_second_seed(runs: dict[str, Path], compared: tuple[str, str, Path],
+                                           tmp_path: Path) -> None:
+    copy = tmp_path / "v2_s1_copy"
+    shutil.copytree(runs["v2_s1"], copy, ignore=shutil.ignore_patterns("*.pt"))
+    (copy / "last.pt").symlink_to(runs["v2_s1"] / "last.pt")
+    code, stdout, stderr = run_compare([str(runs["norm"]), str(runs["v2_s1"]), str(copy), "--no-eval", *FAST])
+    assert code == 0, stderr
+    assert f"{copy} holds the same last.pt as {runs['v2_s1']}" in stderr and "counted once" in stderr
+    assert table_rows(stdout)[1][:2] == [V2, "1"]
+
+
+def test_a_re_run_with_the_same_seed_is_refused_by_name(runs: dict[str, Path], tmp_path: Path) -> None:
+    rerun = fake_run(tmp_path / "v2_s1_again", runs["v2_s1"])
+    code, stdout, stderr = run_compare([str(runs["v2_s1"]), str(rerun), "--no-eval"])
+    assert code == 2 and stdout == ""
+    assert str(runs["v2_s1"]) in stderr and str(rerun) in stderr and "same seed ([1])" in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_runs_of_another_recipe_are_refused_naming_the_keys(runs: dict[str, Path], tmp_path: Path) -> None:
+    shorter = fake_run(tmp_path / "norm-2-iters", runs["norm"], train__iters=2, iteration=2)
+    code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(shorter), "--no-eval"])
+    assert code == 2 and stdout == ""
+    assert "train.iters: 4 (" in stderr and f"2 ({shorter})" in stderr and "--allow-differences" in stderr
+    assert "model.deform.version" not in stderr.split("differ only in the model")[0]  # the model may differ
+    code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(shorter), "--no-eval", "--allow-differences"])
+    assert code == 0, stderr
+    assert stdout.startswith("**Not one recipe** (--allow-differences): the runs also differ in train.iters")
+
+
+def test_unfinished_and_training_runs_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    stopped = fake_run(tmp_path / "stopped", runs["norm"], iteration=2)
+    code, _, stderr = run_compare([str(stopped), "--no-eval"])
+    assert code == 2 and "stopped at iteration 2 of 4" in stderr and "--resume" in stderr
+    training = fake_run(tmp_path / "training", runs["norm"])
+    (training / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    code, _, stderr = run_compare([str(training), "--no-eval"])
+    assert code == 2 and "is still training" in stderr and str(training / ".lock") in stderr
+    (training / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # stale
+    assert comparison._lock_holder(training) is None
+
+
+def test_any_two_groups_can_be_compared(runs: dict[str, Path], compared: tuple[str, str, Path]) -> None:
+    code, stdout, stderr = run_compare([str(p) for p in runs.values()] + ["--no-eval", "--reference", V2,
+                                                                          "--pair", NORM, V2, *FAST])
+    assert code == 0, stderr
+    assert table_rows(stdout)[0][0] == V2 and f"### {NORM} vs {V2}" in stdout and stdout.count("### ") == 1
+    code, _, stderr = run_compare([str(p) for p in runs.values()] + ["--no-eval", "--pair", V2, "dilated"])
+    assert code == 2 and "no group is called 'dilated'" in stderr and f"here are: {V2}, {NORM}." in stderr
+
+
+def test_unreadable_per_image_file_is_one_paragraph(runs: dict[str, Path], compared: tuple[str, str, Path],
+                                                   tmp_path: Path) -> None:
+    run = tmp_path / "norm-link"
+    run.mkdir()
+    (run / "last.pt").symlink_to(runs["norm"] / "last.pt")
+    shutil.copy(runs["norm"] / "eval_validation.json", run / "eval_validation.json")
+    (run / "per_image_validation.npz").write_bytes(np.random.default_rng(0).bytes(4096))
+    code, _, stderr = run_compare([str(run), "--no-eval", *FAST])
+    error = stderr.splitlines()[-1]  # after the warning that the copy has no tb/
+    assert code == 2 and error.startswith("error: could not read the per-image counts") and str(run) in error
+    assert stderr.count("error") == 1 and "Traceback" not in stderr
+
+
+def test_groups_of_one_config_file_get_the_variant_and_collisions_the_keys() -> None:
+    def run(seed: int, version: int, lr_mult: float = 0.1) -> comparison.Run:
+        config = {k: None for k in comparison.MODEL_KEYS} | {
+            "config_name": "x", "seed": seed, "model.deform.version": version, "model.deform.dilation": 0,
+            "model.deform.offset_lr_mult": lr_mult}
+        name = f"r{seed}{version}{lr_mult}"
+        return comparison.Run(path=Path(name), digest=name, config=config, packages={})
+
+    groups = comparison.group_runs([run(0, 2), run(1, 2), run(0, 0), run(0, 1, 1.0), run(0, 1)], {})
+    labels = [g.label for g in groups]
+    assert labels == ["x-def-conv-v2", "x-norm-conv", "x-def-conv-v1 (deform.offset_lr_mult=1.0)",
+                      "x-def-conv-v1 (deform.offset_lr_mult=0.1)"]
+    assert [len(g.runs) for g in groups] == [2, 1, 1, 1]
+    plain = {**run(0, 0).config, "model.deform.offset_lr_mult": 1.0}  # means nothing without offsets
+    assert comparison.model_settings(plain) == comparison.model_settings(run(0, 0).config)
 
 
 def test_missing_run_dir_is_a_user_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-run"
-    proc = subprocess.run([sys.executable, "scripts/compare.py", str(missing)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "scripts/compare.py", str(missing)], cwd=REPO, capture_output=True,
+                          text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr
+    assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr and "no last.pt" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
-def test_run_dir_without_checkpoints_is_a_user_error(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {}}))
-    code, stdout, stderr = run_compare([str(tmp_path)])
-    assert code == 2 and stdout == ""
-    assert str(tmp_path) in stderr and "last.pt or best.pt" in stderr
-
-
-def test_groups_are_labelled_by_the_keys_that_differ() -> None:
-    def run(seed: int, version: int, lr: float = 0.01) -> compare.Run:
-        config = {"config_name": "x", "seed": seed, "model": {"deform": {"version": version}}, "train": {"lr": lr}}
-        return compare.Run(path=Path(f"r{seed}{version}"), config=config, checkpoint=Path("c"), seed=seed)
-
-    groups = compare.group_runs([run(0, 2), run(1, 2), run(0, 0), run(0, 2, lr=0.02)], list(compare.IGNORED_KEYS))
-    assert [len(g.runs) for g in groups] == [2, 1, 1]
-    assert [g.label for g in groups] == [
-        "x (model.deform.version=2, train.lr=0.01)",
-        "x (model.deform.version=0, train.lr=0.01)",
-        "x (model.deform.version=2, train.lr=0.02)",
-    ]
-    assert compare.pick_reference(groups) is groups[1]
-    a, b = compare.stats([1.0, 2.0, 3.0]), compare.stats([5.0, 5.0])
-    assert compare.pooled_std(a, b) == pytest.approx(((2 * 1.0 + 1 * 0.0) / 3) ** 0.5)
-    assert compare.pooled_std(compare.stats([1.0])) is None
+def test_robustness_cells_sign_the_change() -> None:
+    group = {"label": "x", "n": 1, "val_miou": {"mean": 40.0}, "perturbed": {"rotate=15": 40.5, "scale=0.5": 38.25}}
+    table = comparison.robustness_table({"perturb": ["rotate=15", "scale=0.5"], "groups": [group]})
+    assert "| x | 1 | 40.00 | 40.50 (+0.50) | 38.25 (-1.75) |" in table  # issue 22: a gain printed as "(--0.50)"
