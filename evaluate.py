@@ -24,7 +24,7 @@ from data.perturb import HELP as PERTURB_HELP
 from engine.checkpoint import load_checkpoint
 from engine.device import AMP_DTYPES, device_facts, inference_device
 from engine.distributed import env_rank, init_distributed, shutdown
-from engine.evaluation import EvalOptions, evaluate_checkpoint
+from engine.evaluation import evaluate_checkpoint
 from engine.workdir import make_writable_folder, output_lock
 
 
@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     device_name = inference_device(args.device, device_facts())
     if args.max_images is not None and args.max_images < 0:
         raise UserError(f"--max-images must be 0 (all) or a positive number, got {args.max_images}.")
-    scales = parse_scales(args.scales)  # fail before any checkpoint is read
+    changes = {"eval.scales": parse_scales(args.scales), "eval.flip": args.tta == "flip"}  # checked before any work
+    changes.update({"eval.mode": args.mode} if args.mode else {})
+    changes.update({"data.root": args.data_root} if args.data_root else {})
     config_override = load_config(args.config) if args.config else None
     paths = [Path(p) for p in args.checkpoint]
     for path in paths:  # a typo in the last of several checkpoints should not wait for the others
@@ -164,14 +166,12 @@ def run(args: argparse.Namespace) -> int:
         results = []
         for path, name, per_image in zip(paths, names, per_images):
             save_dir = Path(args.save_predictions) / (name if len(paths) > 1 else "") if args.save_predictions else None
-            options = EvalOptions(
-                split=args.split, max_images=args.max_images, mode=args.mode, scales=scales, flip=args.tta == "flip",
-                amp=args.amp, data_root=args.data_root, save_dir=save_dir, perturb=args.perturb,
-                per_image=temporary(per_image) if per_image is not None else None,
+            record = evaluate_checkpoint(
+                path, device, args.split, args.max_images, args.amp, changes, config_override, args.perturb, save_dir,
+                temporary(per_image) if per_image is not None else None,
             )
-            record = evaluate_checkpoint(path, options, device, rank, world_size, config_override)
             if rank == 0 and per_image is not None:  # written whole, then renamed
-                os.replace(options.per_image, per_image)
+                os.replace(temporary(per_image), per_image)
                 record["per_image"] = str(per_image)
             if rank == 0:
                 print(class_table(f"\n{name} ({path}): per-class IoU and accuracy (%)", record))

@@ -109,14 +109,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings to ``config``, keeping each key's type."""
-    for text in overrides:
-        key, value = parse_override(text)
+def set_values(config: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``config`` with the dotted keys of ``values`` set, each keeping its type (UserError naming ``source``)."""
+    for key, value in values.items():
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        config = _merge(config, nested, f"command-line override '{text}'")
+        config = _merge(config, nested, source)
+    return config
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to ``config``, keeping each key's type."""
+    for text in overrides:
+        config = set_values(config, dict([parse_override(text)]), f"command-line override '{text}'")
     return config
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import socket
 import statistics
 import sys
 import textwrap
@@ -25,21 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from configs import ARCHITECTURE_KEYS, UserError, flatten
+from configs import UserError, flatten, keys_of
 from data.dataset import load_class_info
 from data.perturb import parse_perturbation
 from engine.checkpoint import load_checkpoint
-from engine.evaluation import EvalOptions, checkpoint_digest, evaluate_checkpoint
+from engine.device import device_facts, inference_device
+from engine.evaluation import checkpoint_digest, evaluate_checkpoint
+from engine.workdir import lock_holder
 from engine.statistics import MIN_IMAGES, MIN_SEEDS, SIZE_BUCKETS, STUDY_DIFFERENCE, PerImageCounts, compare_sides
 from engine.statistics import seed_spread, seeds_needed
 from models.segmentor import build_model, count_parameters
 
-MODEL_KEYS = ARCHITECTURE_KEYS + ("model.deform.offset_lr_mult", "model.deform_op", "model.pretrained_backbone")
-# Keys that change speed, logging or locations, never the final model: runs may differ in them.
-BOOKKEEPING = (
-    "seed", "config_name", "data.root", "data.num_workers", "train.log_interval", "train.ckpt_interval",
-    "train.val_interval", "train.val_max_images", "train.tb_images", "train.channels_last", "train.compile",
-)
+MODEL_KEYS = keys_of("architecture", "variant")  # what may differ between the compared models (configs.KEYS)
+BOOKKEEPING = keys_of("run") + ("seed", "config_name")  # what changes no number (and the seed, which groups runs)
 # Model keys that mean nothing for a plain network (no offsets); the stages only matter with a dilation.
 OFFSET_KEYS = ("model.deform.offset_lr_mult", "model.deform.groups", "model.deform_op")
 VARIANTS = ("norm-conv", "def-conv-v1", "def-conv-v2")
@@ -90,29 +86,13 @@ class CompareOptions:
 
 
 # ------------------------------------------------------------------------------------------- reading runs
-def _lock_holder(path: Path) -> str | None:
-    """Who holds the run's training lock (``.lock`` of engine/workdir.py), or None when it is free or stale."""
-    try:
-        owner = json.loads((path / ".lock").read_text())
-    except (OSError, ValueError):
-        return None
-    if owner.get("host") == socket.gethostname():
-        try:
-            os.kill(int(owner.get("pid")), 0)
-        except ProcessLookupError:
-            return None
-        except (PermissionError, TypeError, ValueError):
-            pass
-    return f"process {owner.get('pid')} on {owner.get('host')}"
-
-
 def load_run(path: Path) -> Run:
     """Read a finished run folder; UserError for a missing folder or checkpoint and for a run still training."""
     checkpoint = path / "last.pt"
     if not checkpoint.is_file():
         raise UserError(f"run dir {path} holds no last.pt (or is no folder), so there is no final model to compare. "
                         f"Give folders written by train.py (runs/<config name>, or the --work-dir of a run).")
-    holder = _lock_holder(path)
+    holder = lock_holder(path / ".lock")
     if holder is not None:
         raise UserError(f"run dir {path} is still training ({holder} holds {path / '.lock'}): its last.pt is not the "
                         f"final model. Wait until it ends, or leave it out.")
@@ -120,7 +100,7 @@ def load_run(path: Path) -> Run:
     config = flatten(state["config"])
     if state["iteration"] < config["train.iters"]:
         raise UserError(f"run dir {path} stopped at iteration {state['iteration']} of {config['train.iters']} (its "
-                        f"last.pt is not the final model). Continue it with train.py --resume --work-dir {path}, or "
+                        f"last.pt is not the final model). Continue it with train.py --resume auto --work-dir {path}, or "
                         f"leave it out.")
     packages = (state.get("environment") or {}).get("packages") or {}
     return Run(path=path, digest=checkpoint_digest(checkpoint), config=config, packages=packages)
@@ -224,11 +204,11 @@ def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, opt
             print(f"note: {run.path}: {key} not evaluated ({reason}; --no-eval)", file=sys.stderr)
             return
         print(f"evaluating {run.path / 'last.pt'} on {key} ({reason}) ...", file=sys.stderr)
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        eval_options = EvalOptions(split=split, max_images=max_images, data_root=options.data_root, progress=False,
-                                   per_image=counts_path, perturb=perturb)
+        device = torch.device(inference_device(options.device, device_facts()))
+        changes = {"data.root": options.data_root} if options.data_root else {}
         try:
-            record = evaluate_checkpoint(run.path / "last.pt", eval_options, device)
+            record = evaluate_checkpoint(run.path / "last.pt", device, split, max_images, changes=changes,
+                                         perturb=perturb, per_image=counts_path)
         except UserError as err:
             raise UserError(f"evaluating {run.path / 'last.pt'} ({key}) failed: {err} (Often data.root: pass "
                             f"--data-root DIR; or use --no-eval to compare what was evaluated before.)") from None

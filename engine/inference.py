@@ -3,25 +3,19 @@
 As mmsegmentation: ``whole`` runs the resized image at once, ``slide`` averages overlapping crops
 (its ``slide_inference``), and test-time augmentation (scales, horizontal flip) sums the softmax
 probabilities of every augmented view. Predictions are scored at the original image size.
-``evaluate_loader`` serves evaluate.py and validation during training alike.
+``predictions`` serves evaluate.py and validation during training alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
-from engine.distributed import is_rank0
-from engine.metric import ConfusionMatrix
 from engine.device import autocast, memory_format
-from engine.precision import autocast as autocast_dtype
 
 INFERENCE_MODES = ("whole", "slide")
 
@@ -133,80 +127,7 @@ def predictions(
         torch.backends.cudnn.benchmark = benchmark
 
 
-def evaluate(model: nn.Module, loader: Any, device: torch.device, config: dict[str, Any], amp: str = "none") -> ConfusionMatrix:
-    """The confusion matrix of ``model`` over ``loader``'s images, summed over processes (``predictions``)."""
-    matrix = ConfusionMatrix(config["model"]["num_classes"], device)
-    for _, pred, label in predictions(model, loader, device, config, amp):
-        matrix.update(pred, label)
-        matrix.num_images += 1
-    matrix.all_reduce()
-    return matrix
-
-
 def plain_module(model: nn.Module) -> nn.Module:
     """The model inside DDP and torch.compile wrappers."""
     net = getattr(model, "module", model)
     return getattr(net, "_orig_mod", net)
-
-
-def evaluate_loader(
-    model: nn.Module,
-    loader: Any,
-    device: torch.device | str,
-    num_classes: int,
-    mode: str = "whole",
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    crop: int = 512,
-    stride: int = 341,
-    amp_dtype: torch.dtype | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-    save_dir: Path | None = None,
-    progress: bool = True,
-    on_prediction: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> ConfusionMatrix | None:
-    """Predict every ``(image, label, names)`` batch of ``loader`` (batch size 1) and count the pixels.
-
-    The matrix is summed over processes before it is returned. With ``save_dir`` each prediction is
-    written as ``NAME.png`` at the original size in the ADE20K submission format (uint8, class + 1);
-    ``on_prediction(name, pred, label)`` sees every image's prediction. ``should_stop`` is asked after
-    every image; when it says yes the loop ends early and None is returned (a stop signal). cuDNN's
-    benchmark mode is off inside (whole images have a new size almost every time, so it would
-    autotune every convolution per image) and the model's train/eval mode is restored afterwards.
-    """
-    device = torch.device(device)
-    # Run the plain module: a DDP wrapper could sync buffers on forward (ranks may hold different
-    # numbers of images), and a compiled one would recompile for every image size.
-    net = plain_module(model)
-    was_training, benchmark = net.training, torch.backends.cudnn.benchmark
-    net.eval()
-    torch.backends.cudnn.benchmark = False
-    matrix = ConfusionMatrix(num_classes, device)
-    if save_dir is not None:
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with torch.inference_mode():
-            for image, label, names in tqdm(loader, desc="eval", disable=not (progress and is_rank0())):
-                image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                label = label.to(device, non_blocking=True)
-                with autocast_dtype(device, amp_dtype):
-                    scores = predict_logits(
-                        net, image, tuple(label.shape[-2:]), mode, scales, flip, crop, stride, num_classes
-                    )
-                pred = scores.argmax(1)
-                matrix.update(pred, label)
-                matrix.num_images += image.shape[0]
-                for name, p, t in zip(names, pred, label):
-                    if on_prediction is not None:
-                        on_prediction(name, p, t)
-                    if save_dir is not None:
-                        Image.fromarray((p + 1).to(torch.uint8).cpu().numpy()).save(save_dir / f"{name}.png")
-                if should_stop is not None and should_stop():
-                    return None
-    finally:
-        net.train(was_training)
-        torch.backends.cudnn.benchmark = benchmark
-    matrix.all_reduce()
-    return matrix

@@ -134,27 +134,34 @@ class Lock:
                 pass  # gone or unreachable for a moment: the next refresh tries again
 
     def _remove_if_stale(self) -> None:
-        try:
-            owner, age = json.loads(self.path.read_text()), time.time() - self.path.stat().st_mtime
-        except (OSError, ValueError):
-            owner, age = {}, 0.0
-        pid, host = owner.get("pid"), owner.get("host")
-        same_host = host == self.owner["host"] and isinstance(pid, int)
-        ours_before = pid == self.owner["pid"] and self.path.resolve() not in Lock.held  # a restart that got its pid
-        if age > self.stale_s or (same_host and (ours_before or not _process_alive(pid))):
+        holder = lock_holder(self.path)
+        if holder is None:
             self.path.unlink(missing_ok=True)
             return
-        where = f"process {pid} on {host}" if pid else "another process"
         raise UserError(
-            f"{self.what} is in use by {where} (lock file {self.path}, refreshed {age:.0f} s ago). Two processes must "
-            f"not write it at once: wait for that one, or choose another output. A lock that nobody refreshes for "
-            f"{self.stale_s / 60:.0f} minutes (a crashed node) is taken over."
+            f"{self.what} is in use by {holder} (lock file {self.path}). Two processes must not write it at once: wait "
+            f"for that one, or choose another output. A lock that nobody refreshes for {self.stale_s / 60:.0f} minutes "
+            f"(a crashed node) is taken over."
         )
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         Lock.held.discard(self.path.resolve())
         self.path.unlink(missing_ok=True)
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock file ``path`` ("process P on HOST, refreshed N s ago"), or None: no lock, or a stale one."""
+    try:
+        owner, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return None if not path.exists() else "an unknown process"
+    pid, host = owner.get("pid"), owner.get("host")
+    same_host = host == socket.gethostname() and isinstance(pid, int)
+    ours_before = pid == os.getpid() and path.resolve() not in Lock.held  # a restart that was given the old pid
+    if age > Lock.stale_s or (same_host and (ours_before or not _process_alive(pid))):
+        return None
+    return f"process {pid} on {host}, refreshed {age:.0f} s ago"
 
 
 def output_lock(path: Path) -> Lock:

@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-images", type=int, default=0, metavar="N",
                         help="validation images (default 0: the whole split; fewer only for a quick look)")
     parser.add_argument("--data-root", help="dataset folder for evaluation, instead of data.root of the runs' configs")
-    parser.add_argument("--device", choices=["cuda", "cpu"], help="device for evaluation (default: cuda if available)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="device for evaluation: auto (default) is CUDA when usable, else the CPU with a note")
     parser.add_argument(
         "--perturb", nargs="+", default=[], metavar="KIND=VALUE",
         help="also evaluate every run on warped validation images (e.g. rotate=15 scale=0.75 shear=0.2 elastic=8): "

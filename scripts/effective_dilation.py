@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from configs import UserError
 from data.dataset import build_val_loader, load_class_info
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
-from engine.inference import evaluate_loader
+from engine.device import device_facts, inference_device
+from engine.inference import predictions
 from engine.offsets import capture_offsets, effective_dilation
 from engine.statistics import DILATION_BUCKETS, dilation_table, region_sums
 from models.segmentor import deformable_layers
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint of a def-conv-v1 or -v2 run")
     parser.add_argument("--data-root", help="dataset folder, instead of data.root of the checkpoint's config")
     parser.add_argument("--max-images", type=int, default=0, metavar="N", help="the first N validation images (0: all)")
-    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="auto (default): CUDA when usable, else the CPU with a note saying why")
     parser.add_argument("--classes", action="store_true", help="also print the mean per class")
     parser.add_argument("--out", type=Path, metavar="PNG", help="draw the table as a figure here")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every number here")
@@ -72,19 +74,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--max-images must be 0 (all) or positive, got {args.max_images}.")
     if args.data_root:
         config["data"]["root"] = args.data_root
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(inference_device(args.device, device_facts()))
     loader = build_val_loader(config, "validation", 0, 1, max_images=args.max_images)
     parts = []
     with capture_offsets(model) as captured:
-        def record(name: str, pred: torch.Tensor, label: torch.Tensor) -> None:
+        for _, _, label in predictions(model.to(device), loader, device, config):
             maps = []
             for layer_name, layer in layers.items():
                 offsets = captured[layer_name].pop().offsets  # this image's: one forward pass per image
                 dilation = effective_dilation(offsets, tuple(layer.weight.shape[-2:]), layer.dilation)
                 maps.append(F.interpolate(dilation[None], tuple(label.shape), mode="bilinear", align_corners=False))
             parts.append(region_sums(torch.cat(maps, 1)[0].cpu().numpy(), label.cpu().numpy()))
-
-        evaluate_loader(model.to(device), loader, device, config["model"]["num_classes"], on_prediction=record)
     columns = [np.concatenate([p[i] for p in parts], -1) for i in range(5)]
     return {"checkpoint": str(args.checkpoint), "layers": list(layers), "images": len(parts),
             "plain": [list(layer.dilation) for layer in layers.values()], **dilation_table(*columns, stuff=STUFF)}
