@@ -24,6 +24,7 @@ from data.demo import ensure_demo_dataset
 from engine.checkpoint import load_checkpoint
 from engine.evaluation import checkpoint_digest
 from engine.statistics import PerImageCounts
+from engine.workdir import lock_holder
 from scripts import compare as compare_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,11 +214,15 @@ def test_unfinished_and_training_runs_are_refused(runs: dict[str, Path], tmp_pat
     code, _, stderr = run_compare([str(stopped), "--no-eval"])
     assert code == 2 and "stopped at iteration 2 of 4" in stderr and "--resume" in stderr
     training = fake_run(tmp_path / "training", runs["norm"])
-    (training / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    code, _, stderr = run_compare([str(training), "--no-eval"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the training process
+    try:
+        (training / ".lock").write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        code, _, stderr = run_compare([str(training), "--no-eval"])
+    finally:
+        alive.kill()
     assert code == 2 and "is still training" in stderr and str(training / ".lock") in stderr
     (training / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # stale
-    assert comparison._lock_holder(training) is None
+    assert lock_holder(training / ".lock") is None
 
 
 def test_any_two_groups_can_be_compared(runs: dict[str, Path], compared: tuple[str, str, Path]) -> None:
