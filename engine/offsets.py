@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from scipy.ndimage import distance_transform_cdt, map_coordinates
 from torch import nn
 
 from configs import UserError
@@ -158,28 +158,9 @@ def run_with_fields(model: nn.Module, image_tensor: torch.Tensor) -> tuple[torch
     return logits, fields_from_captures(first_calls, tuple(x.shape[-2:]))
 
 
-def _pow2_stride(net_size: tuple[int, int], size: tuple[int, int]) -> float:
-    """The cumulative stride of a feature grid: the power of two nearest to the size ratio (long sides)."""
-    ratio = max(net_size) / max(size)
-    return float(2 ** round(np.log2(ratio)))
-
-
 def _bilinear(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Sample a (C, H, W) field at fractional (x, y) positions, clamped to the grid; returns (P, C)."""
-    _, h, w = field.shape
-    x = np.clip(x, 0, w - 1)
-    y = np.clip(y, 0, h - 1)
-    x0 = np.clip(np.floor(x), 0, max(w - 2, 0)).astype(int)
-    y0 = np.clip(np.floor(y), 0, max(h - 2, 0)).astype(int)
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    wx, wy = x - x0, y - y0
-    value = (
-        field[:, y0, x0] * (1 - wx) * (1 - wy)
-        + field[:, y0, x1] * wx * (1 - wy)
-        + field[:, y1, x0] * (1 - wx) * wy
-        + field[:, y1, x1] * wx * wy
-    )
-    return value.T
+    return np.stack([map_coordinates(channel, [y, x], order=1, mode="nearest") for channel in field], axis=1)
 
 
 def trace(fields: list[LayerField], point: tuple[float, float]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -258,40 +239,11 @@ def select_layers(fields: list[LayerField], num_layers: int | None) -> list[Laye
     return fields[-check_num_layers(num_layers, [f.name for f in fields]) :]
 
 
-def sampling_locations(
-    model: nn.Module,
-    image_tensor: torch.Tensor,
-    points_feat: list[tuple[float, float]],
-    num_layers: int | None = None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Sampling locations of the last ``num_layers`` stacked deformable layers for output positions.
-
-    Args:
-        model: a model with ``DeformConv2d`` layers (see ``models.segmentor.deformable_layers``).
-        image_tensor: normalised image, (3, h, w) or (1, 3, h, w).
-        points_feat: output positions (x, y) in the output grid of the last deformable layer.
-        num_layers: how many layers to trace back from the last one (default: up to 3).
-
-    Returns:
-        Per point: (locations (9^L, 2) as (x, y) in the input grid of the first traced layer, weights
-        (9^L,), the product of the v2 masks along each path, ones for v1).
-    """
-    _, fields = run_with_fields(model, image_tensor)
-    fields = select_layers(fields, num_layers)
-    return [trace(fields, p)[-1] for p in points_feat]
-
-
 # ------------------------------------------------------------------------------- choosing positions
 def _interior_depth(mask: np.ndarray, max_iter: int = 12) -> np.ndarray:
-    """How many 3x3 erosions each cell of a boolean mask survives (the image border counts as outside)."""
-    cur = torch.from_numpy(mask.astype(np.float32))[None, None]
-    depth = torch.zeros_like(cur)
-    for _ in range(max_iter):
-        depth += cur
-        if not cur.any():
-            break
-        cur = -F.max_pool2d(-F.pad(cur, (1, 1, 1, 1), value=0.0), 3, 1)
-    return depth[0, 0].numpy()
+    """How many 3x3 erosions each cell of a boolean mask survives (the image border counts as outside), at most
+    ``max_iter``: its chessboard distance to the nearest cell outside."""
+    return np.minimum(distance_transform_cdt(np.pad(mask, 1), metric="chessboard")[1:-1, 1:-1], max_iter)
 
 
 def choose_points(pred: np.ndarray, n: int = DEFAULT_POINTS, reach: int = 0) -> list[tuple[int, int]]:

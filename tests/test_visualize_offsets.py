@@ -20,6 +20,15 @@ from models.deform_conv import DeformConv2d
 from models.segmentor import build_model, deformable_layers
 from scripts import visualize_offsets as cli
 
+
+def sampling_locations(model: nn.Module, image: torch.Tensor, points: list[tuple[float, float]],
+                       num_layers: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per output position of the last traced layer: (locations (9^L, 2) as (x, y) in the input grid of the first
+    traced layer, weights (9^L,)), as the figure traces them."""
+    _, fields = offsets_lib.run_with_fields(model, image)
+    fields = offsets_lib.select_layers(fields, num_layers)
+    return [offsets_lib.trace(fields, p)[-1] for p in points]
+
 REPO = Path(__file__).resolve().parents[1]
 
 DEMO = ["model.pretrained_backbone=false", "data.scale=[64,64]"]  # small inputs keep the CPU forward passes short
@@ -82,12 +91,12 @@ def test_zero_offsets_give_the_composed_dilated_grids(v2_model: nn.Module, image
     assert list(layers) == LAYER4 and [layers[n].dilation[0] for n in LAYER4] == [2, 4, 4]
     point = (2, 1)
     p = np.array(point, dtype=np.float64)
-    (one, w1), = offsets_lib.sampling_locations(v2_model, image, [point], num_layers=1)
+    (one, w1), = sampling_locations(v2_model, image, [point], num_layers=1)
     expected = np.array([p + 4 * np.array(t) for t in GRID3])
     assert one.shape == (9, 2) and np.array_equal(one, expected)
-    two, w2 = offsets_lib.sampling_locations(v2_model, image, [point], num_layers=2)[0]
+    two, w2 = sampling_locations(v2_model, image, [point], num_layers=2)[0]
     assert two.shape == (81, 2) and np.array_equal(two, composed_grid(point, [4, 4]))
-    three, w3 = offsets_lib.sampling_locations(v2_model, image, [point], num_layers=3)[0]
+    three, w3 = sampling_locations(v2_model, image, [point], num_layers=3)[0]
     assert three.shape == (729, 2) and np.array_equal(three, composed_grid(point, [2, 4, 4]))
     # a fresh v2 mask is sigmoid(0) = 0.5 in every layer
     for weights, depth in ((w1, 1), (w2, 2), (w3, 3)):
@@ -96,7 +105,7 @@ def test_zero_offsets_give_the_composed_dilated_grids(v2_model: nn.Module, image
 
 def test_several_points_and_default_depth(v2_model: nn.Module, image: torch.Tensor) -> None:
     points = [(0, 0), (3, 2), (2, 1)]
-    results = offsets_lib.sampling_locations(v2_model, image, points)
+    results = sampling_locations(v2_model, image, points)
     assert len(results) == 3
     for point, (locations, _) in zip(points, results):
         assert np.array_equal(locations, composed_grid(point, [2, 4, 4]))  # also beyond the border
@@ -107,17 +116,17 @@ def test_constant_x_offset_shifts_one_pixel_per_layer(image: torch.Tensor) -> No
     layers = deformable_layers(model)
     point = (3, 1)
     set_offset_bias(layers["backbone.layer4.1.conv2"], dx=1.0)
-    locations, _ = offsets_lib.sampling_locations(model, image, [point], num_layers=3)[0]
+    locations, _ = sampling_locations(model, image, [point], num_layers=3)[0]
     shift = locations - composed_grid(point, [2, 4, 4])
     assert np.allclose(shift[:, 0], 1.0, atol=1e-9) and np.allclose(shift[:, 1], 0.0, atol=1e-9)
     for name in LAYER4:
         set_offset_bias(layers[name], dx=1.0)
     for depth in (1, 2, 3):
-        locations, _ = offsets_lib.sampling_locations(model, image, [point], num_layers=depth)[0]
+        locations, _ = sampling_locations(model, image, [point], num_layers=depth)[0]
         shift = locations - composed_grid(point, [2, 4, 4][-depth:])
         assert np.allclose(shift[:, 0], depth, atol=1e-9) and np.allclose(shift[:, 1], 0.0, atol=1e-9)
     set_offset_bias(layers["backbone.layer4.2.conv2"], dy=-2.0)
-    locations, _ = offsets_lib.sampling_locations(model, image, [point], num_layers=1)[0]
+    locations, _ = sampling_locations(model, image, [point], num_layers=1)[0]
     assert np.allclose(locations - composed_grid(point, [4]), [[0.0, -2.0]] * 9, atol=1e-9)
 
 
@@ -126,10 +135,10 @@ def test_mask_weights_are_products_along_the_path(image: torch.Tensor) -> None:
     for name in LAYER4:
         set_offset_bias(deformable_layers(model)[name], mask=0.8)
     for depth in (1, 2, 3):
-        _, weights = offsets_lib.sampling_locations(model, image, [(1, 2)], num_layers=depth)[0]
+        _, weights = sampling_locations(model, image, [(1, 2)], num_layers=depth)[0]
         assert np.allclose(weights, 0.8**depth, rtol=1e-6)
     set_offset_bias(deformable_layers(model)["backbone.layer4.0.conv2"], mask=0.25)
-    _, weights = offsets_lib.sampling_locations(model, image, [(1, 2)], num_layers=3)[0]
+    _, weights = sampling_locations(model, image, [(1, 2)], num_layers=3)[0]
     assert np.allclose(weights, 0.8 * 0.8 * 0.25, rtol=1e-6)
 
 
@@ -137,7 +146,7 @@ def test_v1_weights_are_ones_and_strided_layer_geometry(image: torch.Tensor) -> 
     model = demo_model(["model.deform.version=1", "model.deform.stages=[layer2]", "model.deform.blocks=[0]"])
     layer = deformable_layers(model)["backbone.layer2.0.conv2"]
     assert layer.stride == (2, 2) and layer.dilation == (1, 1)
-    locations, weights = offsets_lib.sampling_locations(model, image, [(3, 2)])[0]  # layer2 output grid 3x4
+    locations, weights = sampling_locations(model, image, [(3, 2)])[0]  # layer2 output grid 3x4
     expected = np.array([(2 * 3 + tx, 2 * 2 + ty) for tx, ty in GRID3], dtype=np.float64)
     assert np.array_equal(locations, expected) and np.array_equal(weights, np.ones(9))
 
@@ -147,7 +156,7 @@ def test_deformable_groups_are_averaged(image: torch.Tensor) -> None:
     layer = deformable_layers(model)["backbone.layer4.2.conv2"]
     with torch.no_grad():
         layer.offset_conv.bias[1:18:2] = 2.0  # x offsets of group 0 only; channel 2 * (g * 9 + k) + 1
-    locations, _ = offsets_lib.sampling_locations(model, image, [(1, 1)], num_layers=1)[0]
+    locations, _ = sampling_locations(model, image, [(1, 1)], num_layers=1)[0]
     assert np.allclose(locations - composed_grid((1, 1), [4]), [[0.5, 0.0]] * 9, atol=1e-9)
 
 
@@ -185,7 +194,7 @@ def test_locations_match_what_torchvision_samples(stride: int, dilation: int) ->
     assert offsets.abs().max() > 0.5  # the offsets really are non-trivial
     out_h, out_w = out.shape[-2:]
     points = [(px, py) for py in range(out_h) for px in range(out_w)]
-    results = offsets_lib.sampling_locations(model, x, points)
+    results = sampling_locations(model, x, points)
     checked = 0
     for (px, py), (locations, weights) in zip(points, results):
         mask = out[2::3, py, px]
@@ -291,7 +300,7 @@ def test_tiny_spreads_are_not_blown_up() -> None:
 def test_plain_model_is_a_user_error(image: torch.Tensor) -> None:
     model = demo_model(["model.deform.version=0"])
     with pytest.raises(UserError, match="no deformable layers"):
-        offsets_lib.sampling_locations(model, image, [(1, 1)])
+        sampling_locations(model, image, [(1, 1)])
 
 
 # --------------------------------------------------------------------------------------- command line
