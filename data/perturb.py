@@ -196,13 +196,8 @@ def perturb(
     Returns:
         (image, label): a PIL RGB image and an HxW uint8 array of the same size; outside pixels are label 255 and
         colour ``perturbation.fill``. The identity returns copies of the inputs.
-
-    Raises:
-        ValueError: if the label is not 2-D or not the image's size.
     """
     label = np.asarray(label)
-    if label.shape != (image.height, image.width):
-        raise ValueError(f"label shape {label.shape} differs from the image size {image.height}x{image.width} (HxW)")
     if perturbation.is_identity:
         return image.convert("RGB").copy(), label.copy()
     height, width = label.shape

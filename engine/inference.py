@@ -17,8 +17,6 @@ from torch import nn
 
 from engine.device import autocast, memory_format
 
-INFERENCE_MODES = ("whole", "slide")
-
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Logits in float32, resized bilinearly (align_corners=False) to ``size`` where they differ."""
@@ -74,8 +72,6 @@ def predict_logits(
         scales: factors the input image is rescaled by (bilinear) for multi-scale testing.
         flip: also run the horizontally flipped image (flipped back before combining).
     """
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     out_size = (int(out_size[0]), int(out_size[1]))
     h, w = image.shape[-2:]
     views = len(scales) * (2 if flip else 1)

@@ -378,8 +378,6 @@ def test_normalize_batch_layouts_and_padding() -> None:
         assert torch.equal(out[i], expected)
     channels_last = normalize_batch(images.contiguous(memory_format=torch.channels_last), valid)
     assert channels_last.is_contiguous(memory_format=torch.channels_last) and torch.equal(channels_last, out)
-    with pytest.raises(ValueError, match="uint8"):
-        normalize_batch(images.float(), valid)
 
 
 # ---------------------------------------------------------------- dataset
@@ -536,8 +534,6 @@ def test_sampler_rank_shards_partition_the_global_batch() -> None:
     shards = [_take(TrainSampler(10, 6, rank, 3, seed=0, start_iter=2), 5) for rank in range(3)]
     for it in range(5):
         assert shards[0][it] + shards[1][it] + shards[2][it] == single[it]
-    with pytest.raises(UserError, match="train.batch_size"):
-        TrainSampler(10, 6, 0, 4, seed=0)
 
 
 # ---------------------------------------------------------------- loaders and dataset root

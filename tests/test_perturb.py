@@ -180,12 +180,6 @@ def test_values_outside_the_stated_ranges_are_refused(text: str, why: str) -> No
         assert stated in HELP
 
 
-def test_label_size_must_match() -> None:
-    image, label = coloured_pair()
-    with pytest.raises(ValueError, match="differs from the image size"):
-        perturb(image, label[:-1], Perturbation("rotate", 5.0))
-
-
 def test_help_states_the_ranges_and_compare_refuses_at_once(tmp_path, capsys) -> None:
     import evaluate
     from scripts import compare
