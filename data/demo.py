@@ -10,15 +10,13 @@ label (nearest) together. Colour and texture alone do not decide the class (clot
 random colours, trees and grass are both green), so shape matters: the deformable-convolution
 comparison has something to learn.
 
-Run ``python -m data.demo --root data/demo`` to generate it by hand; training does it on first use.
+Training generates it on first use (``ensure_demo_dataset``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -270,32 +268,3 @@ def ensure_demo_dataset(root: Path) -> Path:
             if not (root / "images" / "training").is_dir():  # not just another process finishing first
                 raise
     return root
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.demo",
-        description="Generate the synthetic demo dataset (ADEChallengeData2016 layout, ADE20K class ids) "
-        "used by configs/demo.yaml. Training generates it automatically on first use.",
-        epilog="example: python -m data.demo --root data/demo",
-    )
-    parser.add_argument("--root", type=Path, default=Path("data/demo"), help="output folder (default: data/demo)")
-    parser.add_argument("--num-train", type=int, default=400, help="training images (default: 400)")
-    parser.add_argument("--num-val", type=int, default=40, help="validation images (default: 40)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default: 96)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    args = parser.parse_args(argv)
-    try:
-        if (args.root / "images" / "training").is_dir():
-            print(f"{args.root} already holds a dataset; delete it to generate a new one")
-            return 0
-        generate_demo_dataset(args.root, args.num_train, args.num_val, args.size, args.seed)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.num_train} training and {args.num_val} validation images to {args.root}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
