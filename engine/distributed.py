@@ -27,7 +27,11 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # torchrun restarts failed workers against the same store, where the previous attempt's addresses are still
+    # found (a rank then connects to a dead one): one key prefix per attempt.
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     _control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return rank, world_size, device
 

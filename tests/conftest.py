@@ -18,6 +18,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    """Tests that run a command line in-process (scripts/data_speed.py sets one thread, as a loader worker) must not
+    change the thread count of later tests: the in-process runs that resume tests compare with would differ."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_ade_tree(root: Path, num_train: int = 4, num_val: int = 2, size: tuple[int, int] = (40, 30)) -> Path:
     """Write a small ADE20K-format tree at ``root``; return it.
 
