@@ -24,13 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png, read_file
 from tqdm import tqdm
-
-try:  # torchvision's libjpeg-turbo/libpng decoders: PIL's pixels, faster. torchvision 0.29 deprecates them in
-    # favour of TorchCodec; _decode silences that notice, and PIL takes over if they ever disappear.
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png, read_file
-except ImportError:  # pragma: no cover - future torchvision
-    decode_jpeg = decode_png = None
 
 from configs import UserError
 from data.perturb import Perturbation
@@ -64,7 +59,8 @@ def load_class_info() -> tuple[list[str], np.ndarray]:
 
 
 def _decode(decoder: Any, path: Path) -> torch.Tensor | None:
-    """``decoder`` (torchvision) on the file's bytes, channels as stored; None where torchvision cannot read it."""
+    """``decoder`` (torchvision's libjpeg-turbo or libpng: PIL's pixels, faster) on the file's bytes, channels as
+    stored; None where torchvision cannot read it. Silences torchvision 0.29's deprecation notice (TorchCodec)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -77,7 +73,7 @@ def _read_image(path: Path) -> torch.Tensor | Image.Image:
     """The RGB pixels of ``path``: a uint8 [3, H, W] tensor when torchvision decodes it as a 3-channel JPEG
     (libjpeg-turbo, as PIL: the same pixels, but faster and without a copy into numpy), else ``read_rgb``'s image.
     Neither applies the EXIF orientation (``decode_jpeg`` leaves it off by default), as ``read_rgb`` here."""
-    if decode_jpeg is not None and path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
         pixels = _decode(decode_jpeg, path)
         if pixels is not None and pixels.dim() == 3 and pixels.shape[0] == 3:
             return pixels
@@ -95,30 +91,25 @@ def read_rgb(path: Path, exif_orientation: bool = False) -> Image.Image:
     """
     with Image.open(path) as im:
         im.load()  # decoded now: the pixels outlive the file
-        sixteen_bit = im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and im.format == "PNG")  # Pillow < 11: "I"
-        if im.mode in ("I", "F") and not sixteen_bit:
+        if im.mode in ("I", "F"):
             raise UserError(
                 f"{path} has {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels (PIL mode {im.mode}), "
                 f"which have no standard range to map to 8-bit colours. Save it as an 8- or 16-bit image (JPEG or PNG)."
             )
         if exif_orientation:
             im = ImageOps.exif_transpose(im)
-        if sixteen_bit:
+        if im.mode in SIXTEEN_BIT_MODES:
             im = Image.fromarray(np.rint(np.asarray(im, dtype=np.float32) / 257).astype(np.uint8))
         return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _read_label(path: Path) -> np.ndarray:
-    """Read an ADE annotation PNG as uint8 ids, raising UserError for anything outside 0..150.
-
-    Single-channel 8-bit PNGs (all of ADE20K's) go through torchvision's decoder (libpng: the same
-    values as PIL, faster); anything else through PIL, as before.
-    """
-    raw = None
-    decoded = _decode(decode_png, path) if decode_png is not None else None
+    """Read an ADE annotation PNG as uint8 ids (torchvision's decoder for single-channel 8-bit PNGs, all of ADE20K's;
+    PIL for the rest), raising UserError for anything outside 0..150."""
+    decoded = _decode(decode_png, path)
     if decoded is not None and decoded.dim() == 3 and decoded.shape[0] == 1 and decoded.dtype == torch.uint8:
         raw = decoded[0].numpy()
-    if raw is None:
+    else:
         with Image.open(path) as im:
             raw = np.array(im)
     if raw.ndim != 2:
@@ -139,17 +130,10 @@ def _read_label(path: Path) -> np.ndarray:
 class SegmentationFolder(Dataset):
     """Images and annotations in the ADEChallengeData2016 layout.
 
-    With a ``TrainTransform`` the dataset is indexed by ``(index, sample_seed)`` and returns
-    ``(image, label)`` crops; with a ``ValTransform`` it is indexed by ``index`` and returns
-    ``(resized image, label at the original size, file stem)``.
-
-    Args:
-        root: the ADEChallengeData2016 folder.
-        split: ``training`` or ``validation``.
-        transform: a ``TrainTransform`` or ``ValTransform``.
-        max_images: if > 0, keep only the first N files sorted by name.
-        perturb: validation only: a ``data.perturb.Perturbation`` applied to image and label together
-            (deterministic per file name) before the transform.
+    With a ``TrainTransform`` the dataset is indexed by ``(index, sample_seed)`` and returns ``TrainTransform``'s
+    crops; with a ``ValTransform`` it is indexed by ``index`` and returns ``(resized image, label at the original
+    size, file stem)``, after ``perturb`` (validation only) warped image and label together. ``max_images`` > 0
+    keeps the first N files sorted by name.
     """
 
     def __init__(
@@ -198,11 +182,9 @@ class SegmentationFolder(Dataset):
     def _load(self, index: int, pixels: bool = False) -> tuple[Image.Image | torch.Tensor, np.ndarray]:
         """The RGB image and the mapped training label (0..149, 255) of file ``index``.
 
-        ``pixels=True`` (training) may return the image as a uint8 [3, H, W] tensor (``_read_image``),
-        which ``TrainTransform`` takes as it is; otherwise it is a PIL image.
+        ``pixels=True`` (training) may return the image as a uint8 [3, H, W] tensor (``_read_image``), else a PIL
+        image. The stored pixels, without the EXIF orientation: ADE20K's annotations are aligned with them.
         """
-        # The stored pixels, without the EXIF orientation: ADE20K's annotations are aligned with the stored pixels,
-        # so turning a photo by its EXIF tag (as predict.py does for people's photos) would turn it away from its label.
         image = self._read(self.images[index], _read_image if pixels else read_rgb)
         raw = self._read(self.labels[index], _read_label)
         height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
@@ -270,15 +252,7 @@ class TrainSampler(Sampler):
     Global sample position ``p = it * global_batch + j`` belongs to epoch ``p // dataset_len`` and
     reads ``permutation(seed, epoch)[p % dataset_len]``; rank r takes the slice
     ``[r * B / W, (r + 1) * B / W)`` of every global batch. Starting at ``start_iter`` yields exactly
-    the continuation of a stream started at 0.
-
-    Args:
-        dataset_len: number of training images.
-        global_batch: the batch over all processes (``train.batch_size``).
-        rank: this process's rank.
-        world_size: number of processes.
-        seed: run seed (``seed`` in the config); the same on every rank.
-        start_iter: first iteration to produce.
+    the continuation of a stream started at 0. ``global_batch`` is ``train.batch_size``, ``seed`` the config's.
     """
 
     def __init__(
@@ -432,17 +406,11 @@ def _map_files(pairs: list[tuple[str | None, str | None]], desc: str, workers: i
 
 
 def check_layout(root: Path, workers: int | None = None) -> tuple[list[str], list[str]]:
-    """Check an ADEChallengeData2016 folder completely.
+    """Check an ADEChallengeData2016 folder completely, with ``workers`` processes (default: up to 8, one per CPU).
 
-    Every image needs an annotation and vice versa, pairs must have the same size, labels must be
-    in 0..150 and every file must decode fully. All problems are collected.
-
-    Args:
-        root: the ADEChallengeData2016 folder.
-        workers: processes for reading files (default: up to 8, one per CPU).
-
-    Returns:
-        (problems, report): problems make the dataset unusable; the report lists counts and warnings.
+    Every image needs an annotation and vice versa, pairs must have the same size, labels must be in 0..150 and
+    every file must decode fully. Returns (problems, report): every problem that makes the dataset unusable, and
+    the counts and warnings.
     """
     root = Path(root)
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)

@@ -6,7 +6,7 @@ centres at integer coordinates and the centre of the image at ((W - 1) / 2, (H -
 bilinearly (torch ``grid_sample``), the label with nearest neighbour (the source pixel ``floor(xs + 0.5)``).
 Output pixels whose source point lies outside the image (outside [-0.5, W - 0.5) x [-0.5, H - 0.5)) get label 255
 (``data.IGNORE_INDEX``, not scored) and the ImageNet mean colour (123.675, 116.28, 103.53, rounded), which the
-validation transform normalises to about 0: what the model saw as padding in training. ``fill`` can change it.
+validation transform normalises to about 0: what the model saw as padding in training.
 
 Kinds (``KIND=VALUE``, see :func:`parse_perturbation`):
 
@@ -16,12 +16,10 @@ Kinds (``KIND=VALUE``, see :func:`parse_perturbation`):
   ignored border; S > 1 crops).
 - ``shear=K``: horizontal shear by factor K = tan(shear angle) about the centre row: content at row y moves right
   by K * (y - (H - 1) / 2) pixels.
-- ``elastic=A`` or ``elastic=A:G``: smooth random displacement field (Simard et al. 2003, "Best practices for
-  convolutional neural networks applied to visual document analysis", as a coarse grid of random displacements
-  upsampled bicubically, as in many elastic-deformation libraries): the x and y displacements at grid nodes every
-  G pixels (default 64) are independent N(0, A^2) pixels, bicubically interpolated in between (typical
-  displacement a little below A). The field is drawn from a numpy Generator seeded from (global seed, image key),
-  so a given image gets the same warp in every run and every process.
+- ``elastic=A`` or ``elastic=A:G``: smooth random displacement field (Simard et al. 2003): the x and y
+  displacements at grid nodes every G pixels (default 64) are independent N(0, A^2) pixels, bicubically
+  interpolated in between (typical displacement a little below A). The field is drawn from a numpy Generator
+  seeded from (global seed, image key), so a given image gets the same warp in every run and every process.
 
 A value of 0 (1 for ``scale``) is the identity and returns the inputs unchanged (copies), bit for bit. Values outside
 :data:`RANGES` are refused (:data:`HELP` states them): every rotation is within +-180 degrees; beyond 4x (or below
@@ -61,26 +59,16 @@ HELP = (
 
 @dataclass(frozen=True)
 class Perturbation:
-    """One geometric perturbation; call it on (image, label, key).
+    """One geometric perturbation, as ``parse_perturbation`` checked it; call it on (image, label, key).
 
-    Attributes:
-        kind: one of :data:`KINDS`.
-        value: degrees (rotate), factor (scale, > 0), shear factor (shear), amplitude in pixels (elastic, >= 0).
-        spacing: elastic only: grid spacing of the random displacements in pixels (> 0; larger is smoother).
-        seed: global seed of the elastic field (combined with each image's key).
-        fill: RGB colour of pixels that come from outside the image.
+    ``value`` is in degrees (rotate), a factor (scale, shear) or pixels (elastic); ``spacing`` is the elastic grid's
+    in pixels, ``seed`` the elastic field's global seed (combined with each image's key).
     """
 
     kind: str
     value: float
     spacing: float = DEFAULT_ELASTIC_SPACING
     seed: int = 0
-    fill: tuple[int, int, int] = MEAN_FILL
-
-    def __post_init__(self) -> None:
-        why = _problem(self.kind, self.value, self.spacing)
-        if why:
-            raise ValueError(_error(str(self), why))
 
     def __str__(self) -> str:
         """The canonical ``KIND=VALUE`` text (``elastic=A:G`` when G is not the default)."""
@@ -88,11 +76,6 @@ class Perturbation:
         if self.kind == "elastic" and self.spacing != DEFAULT_ELASTIC_SPACING:
             text += f":{self.spacing:g}"
         return text
-
-    @property
-    def is_identity(self) -> bool:
-        """Whether this perturbation leaves every image unchanged."""
-        return self.value == IDENTITY[self.kind]
 
     def __call__(self, image: Image.Image, label: np.ndarray, key: str | int = 0) -> tuple[Image.Image, np.ndarray]:
         """Warp ``image`` and ``label`` together; see :func:`perturb`."""
@@ -121,18 +104,8 @@ def _error(text: str, why: str) -> str:
 
 
 def parse_perturbation(text: str, seed: int = 0) -> Perturbation:
-    """Parse ``KIND=VALUE`` (``rotate=15``, ``scale=0.75``, ``shear=0.2``, ``elastic=8``, ``elastic=8:32``).
-
-    Args:
-        text: the perturbation; for elastic, ``A:G`` gives amplitude A and grid spacing G in pixels.
-        seed: global seed of random perturbations (elastic).
-
-    Returns:
-        The Perturbation.
-
-    Raises:
-        ValueError: one line naming the bad text and the allowed kinds.
-    """
+    """Parse ``KIND=VALUE`` (``rotate=15``, ``scale=0.75``, ``shear=0.2``, ``elastic=8``, ``elastic=8:32``: amplitude
+    and grid spacing in pixels); ValueError in one line naming the bad text and the allowed kinds."""
     kind, sep, value = str(text).strip().partition("=")
     kind, value = kind.strip().lower(), value.strip()
     if not sep or not kind or not value:
@@ -185,20 +158,10 @@ def source_coordinates(
 def perturb(
     image: Image.Image, label: np.ndarray, perturbation: Perturbation, key: str | int = 0
 ) -> tuple[Image.Image, np.ndarray]:
-    """Warp a validation image and its label together, at the original size.
-
-    Args:
-        image: PIL image (converted to RGB).
-        label: HxW uint8 label map (0..149, 255 ignored) of the image's size.
-        perturbation: what to apply.
-        key: the image's name or index; with ``perturbation.seed`` it seeds random perturbations.
-
-    Returns:
-        (image, label): a PIL RGB image and an HxW uint8 array of the same size; outside pixels are label 255 and
-        colour ``perturbation.fill``. The identity returns copies of the inputs.
-    """
+    """Warp a PIL image and its HxW uint8 label together, at the original size; ``key`` (the image's name) seeds
+    random perturbations. Returns a PIL RGB image and the label; the identity returns copies of the inputs."""
     label = np.asarray(label)
-    if perturbation.is_identity:
+    if perturbation.value == IDENTITY[perturbation.kind]:
         return image.convert("RGB").copy(), label.copy()
     height, width = label.shape
     xs, ys = source_coordinates(perturbation, height, width, key)
@@ -213,5 +176,5 @@ def perturb(
     warped = F.grid_sample(pixels, grid[None], mode="bilinear", padding_mode="border",
                            align_corners=False)[0].permute(1, 2, 0).numpy()
     warped = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
-    warped[~inside] = np.asarray(perturbation.fill, dtype=np.uint8)
+    warped[~inside] = MEAN_FILL
     return Image.fromarray(warped, "RGB"), out_label

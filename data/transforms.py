@@ -7,23 +7,11 @@ normalisation and padding to the crop size (image 0 after normalisation, label 2
 fit ``scale`` and keeps the label at its original size. Every random number comes from the ``np.random.Generator``
 passed in, so a training sample is a function of (image, label, seed) and a resumed run sees the same samples.
 
-Speed (the loader workers are a training run's CPU budget):
-
-- The crop box is drawn in the rescaled frame and mapped back to the source image, and only that source region
-  is resampled to the crop: the image by torchvision's ``resized_crop``, the label by PIL's nearest neighbour
-  (which also counts its classes for ``cat_max_ratio``), both sampling the region at the centres of the crop's
-  pixels, so image and label share one grid. Rounding the region to whole source pixels moves that grid by at
-  most half a source pixel from resize-then-crop's.
-- The photometric distortion is mmseg's arithmetic on float pixels, a block of rows at a time; its saturation
-  and hue steps act in HSV written out in RGB (``scale_saturation``, ``shift_hue``), with no conversion there
-  and back.
-- ``TrainTransform`` ends at uint8; the float normalisation and the padding's zeros happen on the training
-  device in ``normalize_batch``.
-
-``data.resize_filter``: ``antialias`` is PIL's bilinear (a triangle filter that widens, i.e. low-pass filters,
-when shrinking; torch's kernel follows PIL's algorithm within one grey level), ``bilinear`` is OpenCV's
-``INTER_LINEAR`` as in mmseg (two taps at half-pixel centres, no low-pass filter when shrinking). When the image
-grows the two are the same filter.
+For speed (the README's "Data pipeline"), only the source region that becomes the crop is resampled (the image
+by torchvision's ``resized_crop``, the label by PIL's nearest neighbour, on one grid: the crop's pixel centres,
+within half a source pixel of resize-then-crop's), and ``TrainTransform`` ends at uint8: the normalisation
+happens on the training device (``normalize_batch``). ``data.resize_filter``: ``antialias`` is PIL's bilinear
+(low-pass when shrinking), ``bilinear`` OpenCV's ``INTER_LINEAR`` as in mmseg; the same filter when growing.
 """
 
 from __future__ import annotations
@@ -45,14 +33,7 @@ _HUE_OF_CHANNEL = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1)  # red, green, blu
 
 
 def map_ade_labels(raw: np.ndarray) -> np.ndarray:
-    """Map ADE20K annotation ids to training labels: 0 ("other") -> 255, k -> k - 1 for k in 1..150.
-
-    Args:
-        raw: uint8 annotation with values in 0..150 (the dataset rejects larger values first).
-
-    Returns:
-        uint8 array of the same shape with values in 0..149 or 255.
-    """
+    """Map uint8 ADE20K annotation ids (0..150) to training labels: 0 ("other") -> 255, k -> k - 1 for k in 1..150."""
     return np.subtract(np.asarray(raw, dtype=np.uint8), np.uint8(1))  # uint8 wraps: 0 - 1 = 255 = IGNORE_INDEX
 
 
@@ -69,8 +50,6 @@ def rescale_size(height: int, width: int, bounds: tuple[float, float]) -> tuple[
 
 
 # ---------------------------------------------------------------- photometric distortion
-
-
 def adjust_brightness(pixels: torch.Tensor, delta: float) -> torch.Tensor:
     """mmseg's brightness step in place on float RGB 0..255: + ``delta``, clipped, truncated as its uint8 cast."""
     return pixels.add_(delta).clamp_(0, 255).floor_()
@@ -144,19 +123,11 @@ def photometric_distortion(image: torch.Tensor, rng: np.random.Generator, block:
     return torch.from_numpy(out)
 
 
-# ---------------------------------------------------------------- normalisation
-
-
 def normalize_batch(images: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalise a uint8 batch from ``TrainTransform`` on whatever device it lives on.
+    """float32 ``(x - mean) / std`` of a uint8 [B, 3, H, W] batch, on its device and in its memory format.
 
-    Args:
-        images: uint8 [B, 3, H, W] (contiguous or channels_last, any device).
-        valid: int64 [B, 2], the (height, width) of each sample's real crop at the top left; pixels
-            outside it are set to 0, the padding value after normalisation. None: no padding.
-
-    Returns:
-        float32 [B, 3, H, W] ``(x - mean) / std`` in the memory format of ``images``.
+    ``valid`` (int64 [B, 2]) is the (height, width) of each sample's real crop at the top left; pixels outside it
+    are set to 0, the padding value after normalisation.
     """
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
@@ -177,27 +148,15 @@ def normalize_batch(images: torch.Tensor, valid: torch.Tensor | None = None) -> 
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
-    """Undo the normalisation of a 3xHxW tensor for figures.
-
-    Args:
-        image: normalised float tensor of shape 3xHxW (any device).
-
-    Returns:
-        HxWx3 uint8 RGB array.
-    """
+    """Undo the normalisation of a 3xHxW tensor (any device) for figures: HxWx3 uint8 RGB."""
     array = image.detach().float().cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
     return np.clip(np.rint(array), 0, 255).astype(np.uint8)
-
-
-# ---------------------------------------------------------------- transforms
 
 
 class TrainTransform:
     """Training augmentation, in the recipe's order: rescale, crop (cat_max_ratio), flip, photometric; uint8 out.
 
-    Args:
-        data: the config's ``data`` section (``scale``, ``ratio_range``, ``crop_size``, ``cat_max_ratio``,
-            ``photometric``, ``resize_filter``), as ``configs.load_config`` validated it.
+    ``data`` is the config's validated ``data`` section.
     """
 
     def __init__(self, data: dict[str, Any]) -> None:
@@ -211,17 +170,11 @@ class TrainTransform:
     def __call__(
         self, image: Image.Image | torch.Tensor, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Augment one pair.
+        """Augment one pair: a PIL image or uint8 [3, H, W] tensor and its HxW uint8 training labels, with ``rng``
+        the only source of randomness.
 
-        Args:
-            image: PIL image, or RGB pixels as a uint8 [3, H, W] tensor (the dataset's JPEG decoder).
-            label: HxW uint8 training labels (already mapped, 255 = ignore), same size as the image.
-            rng: the only source of randomness.
-
-        Returns:
-            (image uint8 [3, C, C], label uint8 [C, C], valid int64 [2]), C = crop_size: the crop sits at the top
-            left, ``valid`` = its (height, width); the image is 0 and the label 255 outside it.
-            ``normalize_batch(images, valid)`` turns a batch of these images into the normalised input.
+        Returns (image uint8 [3, C, C], label uint8 [C, C], valid int64 [2]), C = crop_size: the crop sits at the
+        top left, ``valid`` = its (height, width); the image is 0 and the label 255 outside it.
         """
         image, label = _as_tensor(image), Image.fromarray(label)
         ratio = rng.uniform(*self.ratio_range)  # mmcv's RandomResize: the bounds are int(scale x ratio)
@@ -264,11 +217,7 @@ class TrainTransform:
 
 
 class ValTransform:
-    """Test-time transform: resize (keep ratio, may upscale) to fit ``scale``, then normalise.
-
-    Args:
-        data: the config's ``data`` section (``scale``, ``resize_filter``).
-    """
+    """Test-time transform: resize (keep ratio, may upscale) to fit ``data["scale"]``, then normalise."""
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.scale = data["scale"]

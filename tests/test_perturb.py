@@ -109,9 +109,6 @@ def test_outside_pixels_are_ignored_and_filled() -> None:
     out_label = parse_perturbation("scale=0.5")(image, label)[1]
     assert (out_label[:23] == IGNORE_INDEX).all() and (out_label[:, :31] == IGNORE_INDEX).all()
     assert (out_label[25:71, 33:95] != IGNORE_INDEX).all()
-    # a custom fill
-    black = Perturbation("rotate", 45, fill=(0, 0, 0))(image, label)[0]
-    assert (np.asarray(black)[0, 0] == 0).all()
 
 
 def test_conventions_rotation_scale_shear() -> None:
@@ -157,8 +154,6 @@ def test_parser_values() -> None:
     e = parse_perturbation("elastic=8:32", seed=5)
     assert (e.kind, e.value, e.spacing, e.seed) == ("elastic", 8.0, 32.0, 5) and str(e) == "elastic=8:32"
     assert str(parse_perturbation("elastic=8")) == "elastic=8" and str(parse_perturbation("shear=-0.2")) == "shear=-0.2"
-    with pytest.raises(ValueError, match="scale must be between 0.25 and 4, got 0"):
-        Perturbation("scale", 0.0)
 
 
 @pytest.mark.parametrize("text,why", [
