@@ -18,7 +18,6 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent
-BASE_CONFIG = CONFIG_DIR / "ade20k-base.yaml"
 
 # ResNet-50's stages: blocks per stage and the channels of their 3x3 conv2 (what model.deform.* may select).
 STAGE_BLOCKS = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}

@@ -54,6 +54,30 @@ def _json_number(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def _score(model: torch.nn.Module, loader: Any, device: torch.device, config: dict[str, Any], amp: str,
+           digest: str, save_dir: Path | None, per_image: Path | None) -> tuple[ConfusionMatrix, float]:
+    """Predict every image of ``loader``: the confusion matrix summed over ranks and the seconds it took; the
+    predictions and per-image counts saved where asked."""
+    num_classes, rows = config["model"]["num_classes"], []
+    matrix = ConfusionMatrix(num_classes, device)
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for name, pred, label in tqdm(predictions(model, loader, device, config, amp), total=len(loader), desc="eval",
+                                  disable=not is_rank0()):
+        matrix.update(pred, label)
+        matrix.num_images += 1
+        if per_image is not None:
+            rows.append((name, *count_image(pred, label, num_classes)))
+        if save_dir is not None:
+            Image.fromarray((pred + 1).to(torch.uint8).cpu().numpy()).save(save_dir / f"{name}.png")
+    matrix.all_reduce()
+    seconds = time.perf_counter() - start  # all_reduce waits for the slowest rank
+    if per_image is not None:
+        _save_per_image(PerImageCounts.from_rows(rows, num_classes, digest), per_image)
+    return matrix, seconds
+
+
 def evaluate_checkpoint(
     path: Path, device: torch.device, split: str = "validation", max_images: int | None = None, amp: str = "none",
     changes: dict[str, Any] | None = None, config: dict[str, Any] | None = None, perturb: str | None = None,
@@ -61,18 +85,13 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate one checkpoint; return its record: mIoU, aAcc, mAcc, score, per-class IoU/Acc, settings, img/s.
 
-    Args:
-        path: the checkpoint. Its config decides the model; ``config`` (a user's ``--config``) must describe the
-            same model and then gives the data and evaluation settings.
-        split, max_images: the images (None: all of validation, ``data.train_eval_images`` of training).
-        amp: autocast on CUDA (``none``: fp32, as mmsegmentation evaluates).
-        changes: dotted config keys to set first (``eval.mode``, ``eval.scales``, ``eval.flip``, ``data.root``).
-        perturb: ``KIND=VALUE`` (data/perturb.py): every image and its label warped before inference.
-        save_dir: write every prediction there as ``NAME.png`` (the ADE20K submission format, class + 1).
-        per_image: save every image's per-class and object-size counts there (``PerImageCounts``, .npz).
-
-    Metrics are in percent (None where undefined). Under torchrun every rank calls this; the confusion matrix
-    is summed over ranks, so every rank returns the same numbers.
+    The checkpoint's config decides the model; ``config`` (a user's ``--config``) must describe the same model and
+    then gives the data and evaluation settings, ``changes`` (dotted keys) set more. ``max_images`` None means all
+    of validation or ``data.train_eval_images`` of training; ``amp`` is CUDA autocast (``none``: fp32, as
+    mmsegmentation evaluates); ``perturb`` (``KIND=VALUE``, data/perturb.py) warps every image and label first.
+    ``save_dir`` receives every prediction as ``NAME.png`` (the ADE20K submission format, class + 1), ``per_image``
+    every image's per-class and object-size counts (``PerImageCounts``, .npz). Metrics are in percent (None where
+    undefined). Under torchrun every rank calls this and returns the same numbers (the matrix is summed).
     """
     try:
         warp = parse_perturbation(perturb) if perturb else None
@@ -91,23 +110,7 @@ def evaluate_checkpoint(
         max_images = config["data"]["train_eval_images"] if split == "training" else 0
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_initialized() else (0, 1)
     loader = build_val_loader(config, split, rank, world, max_images=max_images, perturb=warp)
-    num_classes, rows = config["model"]["num_classes"], []
-    matrix = ConfusionMatrix(num_classes, device)
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for name, pred, label in tqdm(predictions(model, loader, device, config, amp), total=len(loader), desc="eval",
-                                  disable=not is_rank0()):
-        matrix.update(pred, label)
-        matrix.num_images += 1
-        if per_image is not None:
-            rows.append((name, *count_image(pred, label, num_classes)))
-        if save_dir is not None:
-            Image.fromarray((pred + 1).to(torch.uint8).cpu().numpy()).save(save_dir / f"{name}.png")
-    matrix.all_reduce()
-    seconds = time.perf_counter() - start  # all_reduce waits for the slowest rank
-    if per_image is not None:
-        _save_per_image(PerImageCounts.from_rows(rows, num_classes, digest), per_image)
+    matrix, seconds = _score(model, loader, device, config, amp, digest, save_dir, per_image)
     m, names = matrix.metrics(), list(load_class_info()[0])
     names = names if len(names) == len(m["iou"]) else [f"class {i}" for i in range(len(m["iou"]))]
     return {

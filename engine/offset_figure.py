@@ -247,17 +247,10 @@ def offset_figure(
 ) -> np.ndarray:
     """Render the sampling locations and per-layer offset/mask maps of one image; return RGB uint8 (H, W, 3).
 
-    Args:
-        model: a model with deformable layers.
-        image_tensor: the normalised network input (3, h, w), a resized version of ``original_rgb``.
-        original_rgb: the original image, HxWx3 uint8.
-        points: output positions as (x, y) pixels of the original image; None picks a few on
-            different predicted classes.
-        num_layers: how many stacked deformable layers to trace (default: up to 3).
-        iteration: training iteration of the weights, shown in the title.
-        image_name: shown in the title.
-        observed: the (1/8 logits, layer fields) of ``image_tensor`` when the caller already ran the model
-            (the trainer does, with ``engine.offsets.capture_offsets``); None runs it here.
+    ``image_tensor`` is the normalised network input (3, h, w) made from ``original_rgb`` (HxWx3 uint8);
+    ``points`` are (x, y) pixels of the original (None picks a few on different predicted classes); ``num_layers``
+    stacked layers are traced (default: up to 3). ``observed`` is the (1/8 logits, layer fields) of the image when
+    the caller already ran the model (the trainer does); None runs it here.
     """
     orig_h, orig_w = original_rgb.shape[:2]
     if points:

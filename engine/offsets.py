@@ -164,16 +164,11 @@ def _bilinear(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def trace(fields: list[LayerField], point: tuple[float, float]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Follow one output position of ``fields[-1]`` back through all of ``fields``.
+    """Follow the (x, y) ``point`` of ``fields[-1]``'s output grid back through ``fields`` (shallowest first).
 
-    Args:
-        fields: the stacked layers, shallowest first.
-        point: (x, y) in the output grid of ``fields[-1]``; may be fractional.
-
-    Returns:
-        One (locations (9^j, 2) as (x, y), weights (9^j,)) per level j = 1..L, level j in the input grid
-        of ``fields[-j]``. The 9 children of location i of level j are rows 9i..9i+8 of level j + 1, in
-        row-major tap order. Weights are the products of the masks along the path (ones for v1).
+    Returns one (locations (9^j, 2) as (x, y), weights (9^j,)) per level j = 1..L, level j in the input grid of
+    ``fields[-j]``; the 9 children of location i of level j are rows 9i..9i+8 of level j + 1, in row-major tap
+    order. Weights are the products of the masks along the path (ones for v1).
     """
     pts = np.asarray([point], dtype=np.float64)
     weights = np.ones(1)
@@ -203,14 +198,8 @@ def effective_dilation(offsets: torch.Tensor, kernel: tuple[int, int], dilation:
 
     The mean distance between adjacent sampling locations of the kernel (each tap and its right and lower
     neighbours), in the layer's input pixels: a plain layer's dilation where the offsets are zero, s times it where
-    they scale the sampling grid by s. The v2 mask is not part of it; deformable groups are averaged.
-
-    Args:
-        offsets: (N, 2*G*kh*kw, H, W) in torchvision's layout (groups, then taps row-major, then y and x).
-        kernel, dilation: the layer's (kh, kw) and (dy, dx).
-
-    Returns:
-        (N, H, W) float32.
+    they scale the sampling grid by s. The v2 mask is not part of it; deformable groups are averaged. ``offsets``
+    is (N, 2*G*kh*kw, H, W) in torchvision's layout (groups, then taps row-major, then y and x); returns (N, H, W).
     """
     n, _, h, w = offsets.shape
     kh, kw = kernel
@@ -239,7 +228,6 @@ def select_layers(fields: list[LayerField], num_layers: int | None) -> list[Laye
     return fields[-check_num_layers(num_layers, [f.name for f in fields]) :]
 
 
-# ------------------------------------------------------------------------------- choosing positions
 def _interior_depth(mask: np.ndarray, max_iter: int = 12) -> np.ndarray:
     """How many 3x3 erosions each cell of a boolean mask survives (the image border counts as outside), at most
     ``max_iter``: its chessboard distance to the nearest cell outside."""
