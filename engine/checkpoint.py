@@ -1,6 +1,6 @@
 """Checkpoints: the atomic save, the one reader, and building a model from a checkpoint.
 
-A checkpoint is one plain dict (nanoGPT): model, optimizer, scheduler, scaler, iteration, RNG states,
+A checkpoint is one plain dict (nanoGPT): model, optimizer, scaler, iteration, validation state,
 best metric and the resolved config. It is written to a temporary file in the same folder, flushed to
 disk and renamed, so a crash, a power loss or a full disk leaves the previous file intact; it is read with
 ``torch.load(weights_only=True)``, which refuses pickles that would run code.

@@ -104,8 +104,10 @@ def _likely_cause(facts: DeviceFacts) -> str:
     return "torch could not initialise CUDA" + (f": {facts.init_warning}" if facts.init_warning else "")
 
 
-def cuda_unusable_message(facts: DeviceFacts, why: str) -> str:
-    """One paragraph: why CUDA cannot run here, what torch was built for, what the machine has, and what to do."""
+def cuda_unusable_message(facts: DeviceFacts, why: str,
+                          instead: str = "To run on the CPU deliberately (slow), add --device cpu.") -> str:
+    """One paragraph: why CUDA cannot run here, what torch was built for, what the machine has, and what to do
+    (``instead``: the way around it, where there is one)."""
     build = f"torch {facts.torch} was built for CUDA {facts.cuda}" if facts.cuda else f"torch {facts.torch} is a CPU-only build"
     if facts.arch_list:
         build += f" (kernels for {', '.join(facts.arch_list)})"
@@ -117,7 +119,7 @@ def cuda_unusable_message(facts: DeviceFacts, why: str) -> str:
         f"{why}, but CUDA is not usable here: {build}; {machine}. Likely cause: {_likely_cause(facts)}. To use the "
         f"GPU, install a torch/torchvision pair built for a CUDA version the driver supports (the selector on "
         f"pytorch.org lists the builds; CUDA 12 builds run on drivers of the R525 series and newer), then `pip install "
-        f"-r requirements-gpu.txt`. To run on the CPU deliberately (slow), add --device cpu."
+        f"-r requirements-gpu.txt`. {instead}"
     )
 
 

@@ -199,7 +199,6 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     if checkpoint["scaler"] and run.scaler.is_enabled():
         run.scaler.load_state_dict(checkpoint["scaler"])
     run.iteration, run.validated, run.best_miou = checkpoint["iteration"], checkpoint["validated"], checkpoint["best_miou"]
-    torch.set_rng_state(checkpoint["rng"]["torch"])
 
 
 def loop(run: Run, stop: Stop) -> int:
@@ -402,17 +401,14 @@ def save_last(run: Run, last_good: int) -> int:
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
-    """The checkpoint: one plain dict (nanoGPT) of tensors and plain values."""
-    rng = {"torch": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    """The checkpoint: one plain dict (nanoGPT) of tensors and plain values. No RNG state: every iteration seeds
+    torch from the config seed and its number (``iteration_seed``), the data from the sample's position."""
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "iteration": run.iteration,
         "validated": run.validated,
-        "rng": rng,
         "best_miou": run.best_miou,
         "config": run.config,
         "config_changes": run.config_changes,

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     facts = device_facts()
     if not cuda_usable(facts):
-        print(f"error: {cuda_unusable_message(facts, 'gpu_check.py checks a GPU')}", file=sys.stderr)
+        instead = "This check has no CPU mode: run it on the machine with the GPU you will train on."
+        print(f"error: {cuda_unusable_message(facts, 'gpu_check.py checks a GPU', instead)}", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True  # as train.py
     return exit_code(run_checks(check_cases(facts), torch.device("cuda"), facts, RECIPE, args.out))

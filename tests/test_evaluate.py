@@ -73,7 +73,6 @@ def checkpoint(config: dict, module_dir: Path) -> Path:
             "scheduler": None,
             "scaler": None,
             "iteration": 0,
-            "rng": {"torch": torch.get_rng_state()},
             "best_miou": 0.0,
             "config": config,
             "versions": {"torch": str(torch.__version__)},  # TorchVersion is not weights_only-safe

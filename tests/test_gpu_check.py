@@ -82,3 +82,4 @@ def test_without_cuda_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsy
     assert gpu_check.main(["--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CUDA is not usable here" in err and "no NVIDIA GPU or driver was found" in err
+    assert "--device cpu" not in err and "no CPU mode" in err
