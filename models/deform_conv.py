@@ -49,13 +49,7 @@ class DeformConv2d(nn.Module):
         op: str = "reference",
     ) -> None:
         super().__init__()
-        if version not in (1, 2):
-            raise ValueError(f"deformable conv version must be 1 or 2, got {version}")
-        if op not in DEFORM_OPS:
-            raise ValueError(f"deformable conv op must be one of {list(DEFORM_OPS)}, got {op!r}")
         self.op = op
-        if in_channels % deform_groups:
-            raise ValueError(f"in_channels {in_channels} is not divisible by deform_groups {deform_groups}")
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.version = version
         self.deform_groups = deform_groups
