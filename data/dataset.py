@@ -73,11 +73,8 @@ def _read_image(path: Path) -> torch.Tensor | Image.Image:
     """The RGB pixels of ``path``: a uint8 [3, H, W] tensor when torchvision decodes it as a 3-channel JPEG
     (libjpeg-turbo, as PIL: the same pixels, but faster and without a copy into numpy), else ``read_rgb``'s image.
     Neither applies the EXIF orientation (``decode_jpeg`` leaves it off by default), as ``read_rgb`` here."""
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        pixels = _decode(decode_jpeg, path)
-        if pixels is not None and pixels.dim() == 3 and pixels.shape[0] == 3:
-            return pixels
-    return read_rgb(path)
+    pixels = _decode(decode_jpeg, path)  # a dataset image is a .jpg or .jpeg (list_split)
+    return pixels if pixels is not None and pixels.shape[0] == 3 else read_rgb(path)
 
 
 def read_rgb(path: Path, exif_orientation: bool = False) -> Image.Image:
@@ -107,7 +104,7 @@ def _read_label(path: Path) -> np.ndarray:
     """Read an ADE annotation PNG as uint8 ids (torchvision's decoder for single-channel 8-bit PNGs, all of ADE20K's;
     PIL for the rest), raising UserError for anything outside 0..150."""
     decoded = _decode(decode_png, path)
-    if decoded is not None and decoded.dim() == 3 and decoded.shape[0] == 1 and decoded.dtype == torch.uint8:
+    if decoded is not None and decoded.shape[0] == 1 and decoded.dtype == torch.uint8:
         raw = decoded[0].numpy()
     else:
         with Image.open(path) as im:
