@@ -394,24 +394,22 @@ def _map_files(pairs: list[tuple[Path | None, Path | None]], desc: str, workers:
         return list(tqdm(pool.imap(_check_pair, pairs, chunksize=32), total=len(pairs), desc=desc))
 
 
-def check_layout(root: Path, workers: int | None = None) -> tuple[list[str], list[str]]:
+def check_layout(root: Path, workers: int = min(8, os.cpu_count() or 1)) -> tuple[list[str], list[str]]:
     """Check an ADEChallengeData2016 folder completely, with ``workers`` processes (default: up to 8, one per CPU).
 
     Every image needs an annotation and vice versa, pairs must have the same size, labels must be in 0..150 and
     every file must decode fully. Returns (problems, report): every problem that makes the dataset unusable, and
     the counts and warnings.
     """
-    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     if not root.is_dir():
         return [f"{root}: the dataset folder does not exist (expected {LAYOUT_HELP})"], []
     problems: list[str] = []
     report = [f"checking {root}"]
     for split in SPLITS:
         image_dir, label_dir = root / "images" / split, root / "annotations" / split
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                problems.append(f"{folder}: folder is missing")
-        if not (image_dir.is_dir() and label_dir.is_dir()):
+        missing = [folder for folder in (image_dir, label_dir) if not folder.is_dir()]
+        problems.extend(f"{folder}: folder is missing" for folder in missing)
+        if missing:
             continue
         pairs, listing_problems = list_split(root, split)
         num_images, num_labels = sum(i is not None for i, _ in pairs), sum(a is not None for _, a in pairs)
