@@ -73,11 +73,8 @@ def _read_image(path: Path) -> torch.Tensor | Image.Image:
     """The RGB pixels of ``path``: a uint8 [3, H, W] tensor when torchvision decodes it as a 3-channel JPEG
     (libjpeg-turbo, as PIL: the same pixels, but faster and without a copy into numpy), else ``read_rgb``'s image.
     Neither applies the EXIF orientation (``decode_jpeg`` leaves it off by default), as ``read_rgb`` here."""
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        pixels = _decode(decode_jpeg, path)
-        if pixels is not None and pixels.dim() == 3 and pixels.shape[0] == 3:
-            return pixels
-    return read_rgb(path)
+    pixels = _decode(decode_jpeg, path)  # a dataset image is a .jpg or .jpeg (list_split)
+    return pixels if pixels is not None and pixels.shape[0] == 3 else read_rgb(path)
 
 
 def read_rgb(path: Path, exif_orientation: bool = False) -> Image.Image:
@@ -107,7 +104,7 @@ def _read_label(path: Path) -> np.ndarray:
     """Read an ADE annotation PNG as uint8 ids (torchvision's decoder for single-channel 8-bit PNGs, all of ADE20K's;
     PIL for the rest), raising UserError for anything outside 0..150."""
     decoded = _decode(decode_png, path)
-    if decoded is not None and decoded.dim() == 3 and decoded.shape[0] == 1 and decoded.dtype == torch.uint8:
+    if decoded is not None and decoded.shape[0] == 1 and decoded.dtype == torch.uint8:
         raw = decoded[0].numpy()
     else:
         with Image.open(path) as im:
@@ -117,8 +114,7 @@ def _read_label(path: Path) -> np.ndarray:
             f"annotation {path} has shape {raw.shape}; ADE20K annotations are single-channel PNGs of class "
             f"ids 0..150. Replace the file with the one from ADEChallengeData2016.zip."
         )
-    top = int(raw.max()) if raw.size else 0
-    if top > NUM_ADE_CLASSES:
+    if (top := int(raw.max())) > NUM_ADE_CLASSES:  # a PNG has at least one pixel
         raise UserError(
             f"annotation {path} holds the label value {top}, but ADE20K ids are 0..{NUM_ADE_CLASSES} "
             f"(0 = other). The file is corrupt or not an ADEChallengeData2016 annotation; run "
@@ -141,7 +137,6 @@ class SegmentationFolder(Dataset):
         perturb: Perturbation | None = None,
     ) -> None:
         self.root = Path(root)
-        self.split = split
         self.transform = transform
         self.train = isinstance(transform, TrainTransform)
         self.perturb = perturb
@@ -366,38 +361,32 @@ def prepare_dataset_root(config: dict) -> Path:
     return root.resolve()
 
 
-def _check_pair(pair: tuple[str | None, str | None]) -> list[str]:
+def _check_pair(pair: tuple[Path | None, Path | None]) -> list[str]:
     """Problems with one (image, annotation) pair: unreadable files, different sizes, ids > 150."""
-    image_path, label_path = pair
     problems, sizes = [], []
-    if image_path is not None:
+    for path, kind in zip(pair, ("image", "annotation")):
+        if path is None:
+            continue
         try:
-            with Image.open(image_path) as im:
+            with Image.open(path) as im:
                 im.load()
                 sizes.append(im.size)
-        except Exception as err:  # any decoder error means the file is unusable
-            problems.append(f"{image_path}: cannot read the image ({err})")
-    if label_path is not None:
-        try:
-            with Image.open(label_path) as im:
-                im.load()
-                sizes.append(im.size)
-                if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):  # single-channel, 8 or 16 bit: as training reads
-                    problems.append(f"{label_path}: annotation has mode {im.mode} ({len(im.getbands())} channels), "
+                if kind == "image":
+                    continue
+                if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):  # single-channel, 8 or 16 bit: as read
+                    problems.append(f"{path}: annotation has mode {im.mode} ({len(im.getbands())} channels), "
                                     f"expected a single-channel PNG of class ids")
-                else:
-                    top = int(np.asarray(im).max())
-                    if top > NUM_ADE_CLASSES:
-                        problems.append(f"{label_path}: label value {top} is outside 0..{NUM_ADE_CLASSES}")
-        except Exception as err:
-            problems.append(f"{label_path}: cannot read the annotation ({err})")
+                elif (top := int(np.asarray(im).max())) > NUM_ADE_CLASSES:
+                    problems.append(f"{path}: label value {top} is outside 0..{NUM_ADE_CLASSES}")
+        except Exception as err:  # any decoder error means the file is unusable
+            problems.append(f"{path}: cannot read the {kind} ({err})")
     if len(sizes) == 2 and sizes[0] != sizes[1]:
-        problems.append(f"{image_path}: image is {sizes[0][0]}x{sizes[0][1]} but its annotation is "
+        problems.append(f"{pair[0]}: image is {sizes[0][0]}x{sizes[0][1]} but its annotation is "
                         f"{sizes[1][0]}x{sizes[1][1]}")
     return problems
 
 
-def _map_files(pairs: list[tuple[str | None, str | None]], desc: str, workers: int) -> list[list[str]]:
+def _map_files(pairs: list[tuple[Path | None, Path | None]], desc: str, workers: int) -> list[list[str]]:
     """``_check_pair`` over all pairs, in a process pool for big lists, with a progress bar."""
     if workers <= 1 or len(pairs) < POOL_MIN_FILES:
         return [_check_pair(p) for p in tqdm(pairs, desc=desc, disable=len(pairs) < 256)]
@@ -405,25 +394,22 @@ def _map_files(pairs: list[tuple[str | None, str | None]], desc: str, workers: i
         return list(tqdm(pool.imap(_check_pair, pairs, chunksize=32), total=len(pairs), desc=desc))
 
 
-def check_layout(root: Path, workers: int | None = None) -> tuple[list[str], list[str]]:
+def check_layout(root: Path, workers: int = min(8, os.cpu_count() or 1)) -> tuple[list[str], list[str]]:
     """Check an ADEChallengeData2016 folder completely, with ``workers`` processes (default: up to 8, one per CPU).
 
     Every image needs an annotation and vice versa, pairs must have the same size, labels must be in 0..150 and
     every file must decode fully. Returns (problems, report): every problem that makes the dataset unusable, and
     the counts and warnings.
     """
-    root = Path(root)
-    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     if not root.is_dir():
         return [f"{root}: the dataset folder does not exist (expected {LAYOUT_HELP})"], []
     problems: list[str] = []
     report = [f"checking {root}"]
     for split in SPLITS:
         image_dir, label_dir = root / "images" / split, root / "annotations" / split
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                problems.append(f"{folder}: folder is missing")
-        if not (image_dir.is_dir() and label_dir.is_dir()):
+        missing = [folder for folder in (image_dir, label_dir) if not folder.is_dir()]
+        problems.extend(f"{folder}: folder is missing" for folder in missing)
+        if missing:
             continue
         pairs, listing_problems = list_split(root, split)
         num_images, num_labels = sum(i is not None for i, _ in pairs), sum(a is not None for _, a in pairs)
@@ -436,7 +422,6 @@ def check_layout(root: Path, workers: int | None = None) -> tuple[list[str], lis
         if not num_images:
             problems.append(f"{image_dir}: no .jpg/.jpeg images")
         problems.extend(listing_problems)
-        pairs = [(str(i) if i is not None else None, str(a) if a is not None else None) for i, a in pairs]
         for found in _map_files(pairs, f"checking {split}", workers):
             problems.extend(found)
     return problems, report

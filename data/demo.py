@@ -222,7 +222,6 @@ def generate_demo_dataset(root: Path, num_train: int = 400, num_val: int = 40, s
     The files are written to a temporary sibling folder that is renamed to ``root`` at the end, so an
     interrupted run never leaves a half-written dataset.
     """
-    root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UserError(
             f"cannot generate the demo dataset at {root}: it already exists and is not empty. Delete it "
@@ -253,13 +252,11 @@ def generate_demo_dataset(root: Path, num_train: int = 400, num_val: int = 40, s
             return
         raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_demo_dataset(root: Path) -> Path:
     """Generate the demo dataset at ``root`` unless ``root/images/training`` exists; return ``root``."""
-    root = Path(root)
     if not (root / "images" / "training").is_dir():
         print(f"generating the demo dataset at {root} (first use, a few seconds)", flush=True)
         try:

@@ -47,11 +47,8 @@ def _total_size(response, start: int) -> int | None:
 
 
 def download(url: str, dest: Path) -> None:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with a Range request.
-
-    Raises:
-        UserError: on any network error or when the size does not match the server's.
-    """
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with a Range request; UserError
+    on any network error or a size that does not match the server's."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     start = part.stat().st_size if part.exists() else 0
@@ -72,11 +69,10 @@ def download(url: str, dest: Path) -> None:
                 start = 0
             total = _total_size(response, start)
             bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name)
-            with part.open("ab" if start else "wb") as f:
+            with bar, part.open("ab" if start else "wb") as f:
                 while chunk := response.read(CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
-            bar.close()
     except (OSError, http.client.HTTPException) as err:  # URLError and HTTPError are OSErrors
         reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", None) or err
         kept = f" The partial file {part} is kept; a rerun resumes it." if part.exists() else ""
@@ -113,12 +109,8 @@ def extract(zip_path: Path, root: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            members = archive.infolist()
-            bar = tqdm(total=len(members), unit="file", desc="extracting")
-            for member in members:
+            for member in tqdm(archive.infolist(), unit="file", desc="extracting"):
                 archive.extract(member, tmp)
-                bar.update(1)
-            bar.close()
         inner = tmp / FOLDER if (tmp / FOLDER).is_dir() else tmp
         os.replace(inner, target)
     except (zipfile.BadZipFile, OSError, EOFError) as err:

@@ -78,14 +78,29 @@ class Perturbation:
         return text
 
     def __call__(self, image: Image.Image, label: np.ndarray, key: str | int = 0) -> tuple[Image.Image, np.ndarray]:
-        """Warp ``image`` and ``label`` together; see :func:`perturb`."""
-        return perturb(image, label, self, key)
+        """Warp a PIL image and its HxW uint8 label together, at the original size; ``key`` (the image's name) seeds
+        random perturbations. Returns a PIL RGB image and the label; the identity returns copies of the inputs."""
+        if self.value == IDENTITY[self.kind]:
+            return image.convert("RGB").copy(), label.copy()
+        height, width = label.shape
+        xs, ys = source_coordinates(self, height, width, key)
+        inside = (xs >= -0.5) & (xs < width - 0.5) & (ys >= -0.5) & (ys < height - 0.5)
+        xi = np.clip(np.floor(xs + 0.5), 0, width - 1).astype(np.intp)
+        yi = np.clip(np.floor(ys + 0.5), 0, height - 1).astype(np.intp)
+        out_label = np.where(inside, label[yi, xi], IGNORE_INDEX).astype(label.dtype)
+        # grid_sample with align_corners=False: normalised -1 and 1 are the outer edges of the border pixels.
+        grid = torch.stack([torch.from_numpy(xs * np.float32(2 / width) + np.float32(1 / width - 1)),
+                            torch.from_numpy(ys * np.float32(2 / height) + np.float32(1 / height - 1))], dim=-1)
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+        warped = F.grid_sample(pixels, grid[None], mode="bilinear", padding_mode="border",
+                               align_corners=False)[0].permute(1, 2, 0).numpy()
+        warped = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
+        warped[~inside] = MEAN_FILL
+        return Image.fromarray(warped, "RGB"), out_label
 
 
 def _problem(kind: str, value: float, spacing: float) -> str:
     """Why (kind, value, spacing) is not a valid perturbation, or ""."""
-    if kind not in KINDS:
-        return f"unknown kind {kind!r}"
     if not math.isfinite(value):
         return "the value must be a finite number"
     if kind in RANGES and not RANGES[kind][0] <= value <= RANGES[kind][1]:
@@ -153,28 +168,3 @@ def source_coordinates(
     nodes = torch.from_numpy(rng.standard_normal((1, 2) + grid) * v).float()
     field = F.interpolate(nodes, size=(height, width), mode="bicubic", align_corners=True)[0].numpy()
     return xs + field[0], ys + field[1]
-
-
-def perturb(
-    image: Image.Image, label: np.ndarray, perturbation: Perturbation, key: str | int = 0
-) -> tuple[Image.Image, np.ndarray]:
-    """Warp a PIL image and its HxW uint8 label together, at the original size; ``key`` (the image's name) seeds
-    random perturbations. Returns a PIL RGB image and the label; the identity returns copies of the inputs."""
-    label = np.asarray(label)
-    if perturbation.value == IDENTITY[perturbation.kind]:
-        return image.convert("RGB").copy(), label.copy()
-    height, width = label.shape
-    xs, ys = source_coordinates(perturbation, height, width, key)
-    inside = (xs >= -0.5) & (xs < width - 0.5) & (ys >= -0.5) & (ys < height - 0.5)
-    xi = np.clip(np.floor(xs + 0.5), 0, width - 1).astype(np.intp)
-    yi = np.clip(np.floor(ys + 0.5), 0, height - 1).astype(np.intp)
-    out_label = np.where(inside, label[yi, xi], IGNORE_INDEX).astype(label.dtype)
-    # grid_sample with align_corners=False: normalised -1 and 1 are the outer edges of the border pixels.
-    grid = torch.stack([torch.from_numpy(xs * np.float32(2 / width) + np.float32(1 / width - 1)),
-                        torch.from_numpy(ys * np.float32(2 / height) + np.float32(1 / height - 1))], dim=-1)
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
-    warped = F.grid_sample(pixels, grid[None], mode="bilinear", padding_mode="border",
-                           align_corners=False)[0].permute(1, 2, 0).numpy()
-    warped = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
-    warped[~inside] = MEAN_FILL
-    return Image.fromarray(warped, "RGB"), out_label

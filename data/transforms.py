@@ -195,13 +195,9 @@ class TrainTransform:
         return image, label, torch.tensor((height, width))
 
     def _crop(self, label: Image.Image, size: tuple[int, int], rng: np.random.Generator) -> tuple[tuple, Image.Image]:
-        """A random crop of the image rescaled to ``size`` = (height, width), and the label's crop.
-
-        Returns:
-            ``resized_crop``'s (top, left, height, width, [crop height, crop width]): the source region the crop
-            comes from, rounded to whole pixels, and the crop's size; the label's crop (PIL's nearest neighbour
-            samples the region at the same points as ``resized_crop``: its cell centres).
-        """
+        """A random crop of the image rescaled to ``size`` = (height, width): ``resized_crop``'s (top, left, height,
+        width, [crop height, crop width]), the source region rounded to whole pixels and the crop's size, and the
+        label's crop (PIL's nearest neighbour samples the region at ``resized_crop``'s points: its cell centres)."""
         top = int(rng.integers(0, max(size[0] - self.crop_size, 0) + 1))
         left = int(rng.integers(0, max(size[1] - self.crop_size, 0) + 1))
         crop = [min(self.crop_size, size[0]), min(self.crop_size, size[1])]

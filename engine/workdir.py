@@ -4,8 +4,7 @@ A work dir holding a checkpoint (last.pt, best.pt) or the record of a run belong
 refused there and ``--resume`` continues it; ``--resume auto`` continues it when last.pt exists and starts
 otherwise, so one command line serves starts and restarts (torchrun --max-restarts, a SLURM requeue). A record
 of a start that never reached a checkpoint (config.yaml, tb/) of the same experiment is started over. While a
-training runs, ``.lock`` keeps a second one out; its owner refreshes it every minute, so a lock whose process is
-gone (same host) or that nobody refreshed for five minutes (any host) is stale and taken over.
+training runs, ``.lock`` keeps a second one out (``Lock``).
 """
 
 from __future__ import annotations

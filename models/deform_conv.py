@@ -25,9 +25,7 @@ DEFORM_OPS = {"reference": deform_conv2d, "triton": triton_deform.deform_conv2d}
 class DeformConv2d(nn.Module):
     """A conv layer whose sampling grid is shifted by learned offsets (v1) and weighted by a mask (v2).
 
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as ``nn.Conv2d``.
-        bias: whether the main convolution has a bias.
+    Args (the others as ``nn.Conv2d``'s):
         version: 1 for offsets only, 2 for offsets and a modulation mask in [0, 1].
         deform_groups: number of offset sets; input channels are split into this many groups.
         op: "reference" (``torchvision.ops.deform_conv2d``) or "triton" (``models.triton_deform``, the
@@ -49,13 +47,7 @@ class DeformConv2d(nn.Module):
         op: str = "reference",
     ) -> None:
         super().__init__()
-        if version not in (1, 2):
-            raise ValueError(f"deformable conv version must be 1 or 2, got {version}")
-        if op not in DEFORM_OPS:
-            raise ValueError(f"deformable conv op must be one of {list(DEFORM_OPS)}, got {op!r}")
         self.op = op
-        if in_channels % deform_groups:
-            raise ValueError(f"in_channels {in_channels} is not divisible by deform_groups {deform_groups}")
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.version = version
         self.deform_groups = deform_groups

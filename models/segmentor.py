@@ -94,8 +94,7 @@ def load_backbone_state_dict(model: SegmentationModel, state: dict[str, torch.Te
     """Load a torchvision ResNet-50 state dict into the backbone; only offset predictors may stay unset."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    offsets = {f"{name}.{p}" for name, p in offset_parameter_names(model.backbone)}
-    missing = [k for k in missing if k not in offsets]
+    missing = [k for k in missing if ".offset_conv." not in k]
     if missing or unexpected:
         raise RuntimeError(f"backbone weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -122,15 +121,6 @@ def deformable_layers(model: nn.Module) -> dict[str, DeformConv2d]:
                 name = name.removeprefix(wrapper)
             layers[name] = module
     return layers
-
-
-def offset_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
-    """(module name, parameter name) of every offset/mask predictor parameter, found by module type."""
-    return [
-        (f"{name}.offset_conv", p)
-        for name, module in model.named_modules() if isinstance(module, DeformConv2d)
-        for p, _ in module.offset_conv.named_parameters()
-    ]
 
 
 def offset_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,16 +1,16 @@
 """Whether the Triton kernels (models/triton_deform.py, models/triton_loss.py) can run here.
 
 They run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
-before the kernels were defined (the tests do this when there is no GPU). They need Triton 3.2 or newer:
-older interpreters mis-execute loops whose bodies branch, so the kernels were never checked there. And they
-are registered as ``torch.library`` custom ops (so that ``torch.compile`` treats each launch as one opaque
-node), which needs torch 2.4 or newer. Elsewhere the callers use the reference implementations.
+before the kernels were defined (the tests do this when there is no GPU). They need Triton 3.2 or newer (older
+interpreters mis-execute loops whose bodies branch) and torch 2.4 or newer (``torch.library.custom_op``).
+Elsewhere the callers use the reference implementations.
 """
 
 import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 try:
@@ -26,22 +26,9 @@ HAVE_TRITON = TRITON_VERSION >= MIN_TRITON_VERSION and hasattr(torch.library, "c
 OP_NAMESPACE = "seg_triton"
 # triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when the kernel modules are imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _interpreter_works() -> bool:
-    """Whether Triton's interpreter runs the kernels with this NumPy.
-
-    Before Triton 3.7 the interpreter holds an integer argument as a 1-element array and reads it back with
-    ``int()``, which NumPy 2.4 refuses (triton-lang/triton#9171): every loop with a runtime bound fails.
-    """
-    if TRITON_VERSION >= (3, 7):
-        return True
-    import numpy
-
-    return tuple(int(part) for part in numpy.__version__.split(".")[:2]) < (2, 4)
-
-
-INTERPRETER_WORKS = _interpreter_works()
+# Before Triton 3.7 the interpreter holds an integer argument as a 1-element array and reads it back with int(),
+# which NumPy 2.4 refuses (triton-lang/triton#9171): every loop with a runtime bound fails.
+INTERPRETER_WORKS = TRITON_VERSION >= (3, 7) or tuple(int(part) for part in np.__version__.split(".")[:2]) < (2, 4)
 
 
 def triton_available(device: torch.device | str) -> bool:

@@ -13,7 +13,6 @@ from data.perturb import (
     MEAN_FILL,
     Perturbation,
     parse_perturbation,
-    perturb,
     source_coordinates,
 )
 
