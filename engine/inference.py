@@ -63,16 +63,12 @@ def predict_logits(
 ) -> torch.Tensor:
     """Class scores ``[N, C, *out_size]`` for a normalised image ``[N, 3, h, w]``, in float32.
 
-    Without augmentation these are logits; with several views (scales, flip) the sum of their softmax
-    probabilities, as mmsegmentation. Every view is resized bilinearly to ``out_size`` (the original
-    image size) before views are combined, so the argmax is taken at full resolution.
-
-    Args:
-        mode: ``whole`` (the image at once) or ``slide`` (``crop`` windows every ``stride`` pixels).
-        scales: factors the input image is rescaled by (bilinear) for multi-scale testing.
-        flip: also run the horizontally flipped image (flipped back before combining).
+    ``mode`` ``whole`` runs the image at once, ``slide`` ``crop`` windows every ``stride`` pixels; each of ``scales``
+    rescales the input (bilinear), and ``flip`` adds the horizontally flipped image (flipped back). Without
+    augmentation the scores are logits; with several views the sum of their softmax probabilities, as mmsegmentation.
+    Every view is resized bilinearly to ``out_size`` (the original image size) before views are combined, so the
+    argmax is taken at full resolution.
     """
-    out_size = (int(out_size[0]), int(out_size[1]))
     h, w = image.shape[-2:]
     views = len(scales) * (2 if flip else 1)
     total = None
