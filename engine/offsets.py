@@ -236,11 +236,8 @@ def choose_points(pred: np.ndarray, n: int = DEFAULT_POINTS, reach: int = 0) -> 
     inner[my : h - my, mx : w - mx] = True
     classes, areas = np.unique(pred, return_counts=True)
     by_area = [int(c) for c in classes[np.argsort(-areas, kind="stable")]]
-    order = []
-    background, objects = by_area[:2], by_area[2:]
-    for pair in itertools.zip_longest(background, objects[: len(background)]):
-        order += [c for c in pair if c is not None]
-    order += objects[len(background) :]
+    pairs = itertools.zip_longest(by_area[:2], by_area[2:4])  # background, object, background, object, the rest
+    order = [c for pair in pairs for c in pair if c is not None] + by_area[4:]
     chosen: list[tuple[int, int]] = []
 
     def distance_to_chosen() -> np.ndarray:
@@ -262,11 +259,10 @@ def choose_points(pred: np.ndarray, n: int = DEFAULT_POINTS, reach: int = 0) -> 
         y, x = np.unravel_index(np.argmax(score), score.shape)
         chosen.append((int(x), int(y)))
     while len(chosen) < n:
-        dist = np.where(inner, distance_to_chosen(), -np.inf)
-        if not chosen:
-            dist = np.where(inner, -np.hypot(xs - (w - 1) / 2, ys - (h - 1) / 2), -np.inf)
+        dist = distance_to_chosen() if chosen else -np.hypot(xs - (w - 1) / 2, ys - (h - 1) / 2)  # first: the centre
+        dist = np.where(inner, dist, -np.inf)
         y, x = np.unravel_index(np.argmax(dist), dist.shape)
-        if chosen and (int(x), int(y)) in chosen:
+        if (int(x), int(y)) in chosen:
             break
         chosen.append((int(x), int(y)))
     return chosen
