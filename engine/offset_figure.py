@@ -148,11 +148,6 @@ def _zoom_view(xy: np.ndarray, image_box: tuple[float, float, float, float],
     return float(cx - half[0]), float(cx + half[0]), float(cy + half[1]), float(cy - half[1])
 
 
-def _covers(box: tuple[float, float, float, float], image_box: tuple[float, float, float, float]) -> bool:
-    """Whether the view ``box`` holds all of ``image_box`` (both as left, right, bottom, top)."""
-    return box[0] <= image_box[0] and box[1] >= image_box[1] and box[2] >= image_box[2] and box[3] <= image_box[3]
-
-
 def _draw_overview(ax: Axes, geo: _Geometry, pred: np.ndarray, palette: np.ndarray, stride: float,
                    feats: list[tuple[int, int]], zooms: list[tuple[float, float, float, float]]) -> None:
     """The image with the predicted classes, the numbered output positions (cell centres) and zoom regions.
@@ -165,7 +160,7 @@ def _draw_overview(ax: Axes, geo: _Geometry, pred: np.ndarray, palette: np.ndarr
     step = 14.0 / _points_per_pixel(ax)  # a label's width, in image pixels
     placed: list[tuple[float, float]] = []
     for k, box in enumerate(zooms):
-        if _covers(box, (left, right, bottom, top)):
+        if box[1] - box[0] >= right - left:  # the shared widened view (``_zoom_view``) zooms nothing
             continue
         ax.add_patch(Rectangle((box[0], box[3]), box[1] - box[0], box[2] - box[3], fill=False, ec="white", lw=1.2,
                                zorder=2, path_effects=[patheffects.withStroke(linewidth=2.6, foreground="black")]))
