@@ -4,9 +4,8 @@ For a few output positions it draws the 9^L locations traced by ``engine.offsets
 the product of the v2 masks), beside per-layer maps of offset magnitude and mean mask. Each position's
 panel zooms to the region its locations occupy (on small images, where they reach far beyond the
 image, it shows the image and the padding around it); the overview marks these regions with numbered
-rectangles. ``offset_figure`` returns the figure as an RGB array (scripts/visualize_offsets.py saves
-it, the trainer logs it to TensorBoard). matplotlib is used through its object API (Figure and the Agg
-canvas), so no global backend is set.
+rectangles. ``offset_figure`` returns the figure as an RGB array. matplotlib is used through its object API
+(Figure and the Agg canvas), so no global backend is set.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from configs import UserError
 from data.dataset import load_class_info
 from engine.offsets import LayerField, check_num_layers, choose_points, run_with_fields, trace
 
@@ -89,15 +87,6 @@ def _class_info(num: int) -> tuple[list[str], np.ndarray]:
     if len(names) >= num:
         return names, palette
     return [f"class {i}" for i in range(num)], np.random.default_rng(0).integers(0, 256, (num, 3), dtype=np.uint8)
-
-
-def check_points(points: list[tuple[int, int]], width: int, height: int) -> None:
-    for x, y in points:
-        if not (0 <= x < width and 0 <= y < height):
-            raise UserError(
-                f"point {x},{y} lies outside the image, which is {width}x{height} pixels (x 0..{width - 1}, "
-                f"y 0..{height - 1}). Give points as x,y pixel coordinates of the original image."
-            )
 
 
 def _cloud_view(geo: _Geometry, fields: list[LayerField], traces: list[list[tuple[np.ndarray, np.ndarray]]],
