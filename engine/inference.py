@@ -26,11 +26,6 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return logits
 
 
-def _logits(model: nn.Module, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The model's 1/8 logits, in float32, upsampled to ``size``."""
-    return upsample_logits(model(image)["out"], size)
-
-
 def _slide_logits(model: nn.Module, image: torch.Tensor, crop: int, stride: int, num_classes: int) -> torch.Tensor:
     """mmsegmentation's slide_inference: average the logits of overlapping ``crop`` windows.
 
@@ -45,7 +40,7 @@ def _slide_logits(model: nn.Module, image: torch.Tensor, crop: int, stride: int,
         for j in range(cols):
             y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            logits[:, :, y1:y2, x1:x2] += _logits(model, image[:, :, y1:y2, x1:x2], (y2 - y1, x2 - x1))
+            logits[:, :, y1:y2, x1:x2] += upsample_logits(model(image[:, :, y1:y2, x1:x2])["out"], (y2 - y1, x2 - x1))
             count[:, :, y1:y2, x1:x2] += 1
     return logits / count
 
@@ -63,16 +58,12 @@ def predict_logits(
 ) -> torch.Tensor:
     """Class scores ``[N, C, *out_size]`` for a normalised image ``[N, 3, h, w]``, in float32.
 
-    Without augmentation these are logits; with several views (scales, flip) the sum of their softmax
-    probabilities, as mmsegmentation. Every view is resized bilinearly to ``out_size`` (the original
-    image size) before views are combined, so the argmax is taken at full resolution.
-
-    Args:
-        mode: ``whole`` (the image at once) or ``slide`` (``crop`` windows every ``stride`` pixels).
-        scales: factors the input image is rescaled by (bilinear) for multi-scale testing.
-        flip: also run the horizontally flipped image (flipped back before combining).
+    ``mode`` ``whole`` runs the image at once, ``slide`` ``crop`` windows every ``stride`` pixels; each of ``scales``
+    rescales the input (bilinear), and ``flip`` adds the horizontally flipped image (flipped back). Without
+    augmentation the scores are logits; with several views the sum of their softmax probabilities, as mmsegmentation.
+    Every view is resized bilinearly to ``out_size`` (the original image size) before views are combined, so the
+    argmax is taken at full resolution.
     """
-    out_size = (int(out_size[0]), int(out_size[1]))
     h, w = image.shape[-2:]
     views = len(scales) * (2 if flip else 1)
     total = None
@@ -82,7 +73,7 @@ def predict_logits(
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             if mode == "whole":
-                logits = _logits(model, x, size)
+                logits = upsample_logits(model(x)["out"], size)
             else:
                 logits = _slide_logits(model, x, crop, stride, num_classes)
             if flipped:

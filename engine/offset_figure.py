@@ -4,9 +4,8 @@ For a few output positions it draws the 9^L locations traced by ``engine.offsets
 the product of the v2 masks), beside per-layer maps of offset magnitude and mean mask. Each position's
 panel zooms to the region its locations occupy (on small images, where they reach far beyond the
 image, it shows the image and the padding around it); the overview marks these regions with numbered
-rectangles. ``offset_figure`` returns the figure as an RGB array (scripts/visualize_offsets.py saves
-it, the trainer logs it to TensorBoard). matplotlib is used through its object API (Figure and the Agg
-canvas), so no global backend is set.
+rectangles. ``offset_figure`` returns the figure as an RGB array. matplotlib is used through its object API
+(Figure and the Agg canvas), so no global backend is set.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from configs import UserError
 from data.dataset import load_class_info
-from engine.offsets import LayerField, choose_points, run_with_fields, select_layers, trace
+from engine.offsets import LayerField, check_num_layers, choose_points, run_with_fields, trace
 
 OUTPUT_COLOUR = "#39ff14"  # the output position, as the green point of DCNv1 Fig. 5
 V1_COLOUR = "#ff2a2a"
@@ -91,15 +89,6 @@ def _class_info(num: int) -> tuple[list[str], np.ndarray]:
     return [f"class {i}" for i in range(num)], np.random.default_rng(0).integers(0, 256, (num, 3), dtype=np.uint8)
 
 
-def check_points(points: list[tuple[int, int]], width: int, height: int) -> None:
-    for x, y in points:
-        if not (0 <= x < width and 0 <= y < height):
-            raise UserError(
-                f"point {x},{y} lies outside the image, which is {width}x{height} pixels (x 0..{width - 1}, "
-                f"y 0..{height - 1}). Give points as x,y pixel coordinates of the original image."
-            )
-
-
 def _cloud_view(geo: _Geometry, fields: list[LayerField], traces: list[list[tuple[np.ndarray, np.ndarray]]],
                 box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
     """Axis limits (left, right, bottom, top) showing the image and (nearly) all sampling locations.
@@ -148,26 +137,19 @@ def _zoom_view(xy: np.ndarray, image_box: tuple[float, float, float, float],
     return float(cx - half[0]), float(cx + half[0]), float(cy + half[1]), float(cy - half[1])
 
 
-def _covers(box: tuple[float, float, float, float], image_box: tuple[float, float, float, float]) -> bool:
-    """Whether the view ``box`` holds all of ``image_box`` (both as left, right, bottom, top)."""
-    return box[0] <= image_box[0] and box[1] >= image_box[1] and box[2] >= image_box[2] and box[3] <= image_box[3]
-
-
-def _draw_overview(ax: Axes, geo: _Geometry, pred: np.ndarray | None, palette: np.ndarray, stride: float,
+def _draw_overview(ax: Axes, geo: _Geometry, pred: np.ndarray, palette: np.ndarray, stride: float,
                    feats: list[tuple[int, int]], zooms: list[tuple[float, float, float, float]]) -> None:
     """The image with the predicted classes, the numbered output positions (cell centres) and zoom regions.
 
     ``zooms`` are the views of the point panels; those smaller than the image are drawn as thin numbered
     rectangles.
     """
-    if pred is not None:
-        colours = palette[np.clip(pred, 0, len(palette) - 1)]
-        ax.imshow(colours, extent=geo.extent(stride, pred.shape), alpha=0.45, interpolation="nearest")
+    ax.imshow(palette[pred], extent=geo.extent(stride, pred.shape), alpha=0.45, interpolation="nearest")
     left, right, bottom, top = ax.get_xlim() + ax.get_ylim()
     step = 14.0 / _points_per_pixel(ax)  # a label's width, in image pixels
     placed: list[tuple[float, float]] = []
     for k, box in enumerate(zooms):
-        if _covers(box, (left, right, bottom, top)):
+        if box[1] - box[0] >= right - left:  # the shared widened view (``_zoom_view``) zooms nothing
             continue
         ax.add_patch(Rectangle((box[0], box[3]), box[1] - box[0], box[2] - box[3], fill=False, ec="white", lw=1.2,
                                zorder=2, path_effects=[patheffects.withStroke(linewidth=2.6, foreground="black")]))
@@ -182,7 +164,7 @@ def _draw_overview(ax: Axes, geo: _Geometry, pred: np.ndarray | None, palette: n
         ax.plot(x, y, marker="*", ms=17, mfc=OUTPUT_COLOUR, mec="black", mew=1.2, ls="none")
         ax.annotate(str(k + 1), (x, y), xytext=(8, 6), textcoords="offset points", fontsize=11, fontweight="bold",
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
-    ax.set_title("prediction and output positions" if pred is not None else "output positions", fontsize=11)
+    ax.set_title("prediction and output positions", fontsize=11)
 
 
 def _draw_point(ax: Axes, geo: _Geometry, fields: list[LayerField], levels: list[tuple[np.ndarray, np.ndarray]],
@@ -243,33 +225,29 @@ def offset_figure(
     num_layers: int | None = None,
     iteration: int | None = None,
     image_name: str | None = None,
-    observed: tuple[torch.Tensor | None, list[LayerField]] | None = None,
+    observed: tuple[torch.Tensor, list[LayerField]] | None = None,
 ) -> np.ndarray:
     """Render the sampling locations and per-layer offset/mask maps of one image; return RGB uint8 (H, W, 3).
 
     ``image_tensor`` is the normalised network input (3, h, w) made from ``original_rgb`` (HxWx3 uint8);
-    ``points`` are (x, y) pixels of the original (None picks a few on different predicted classes); ``num_layers``
-    stacked layers are traced (default: up to 3). ``observed`` is the (1/8 logits, layer fields) of the image when
-    the caller already ran the model (the trainer does); None runs it here.
+    ``points`` are (x, y) pixels of the original, checked by the caller (None picks a few on different predicted
+    classes); ``num_layers`` stacked layers are traced (default: up to 3). ``observed`` is the (1/8 logits, layer
+    fields) of the image when the caller already ran the model (the trainer does); None runs it here.
     """
     orig_h, orig_w = original_rgb.shape[:2]
-    if points:
-        check_points(points, orig_w, orig_h)
     logits, all_fields = observed if observed is not None else run_with_fields(model, image_tensor)
-    fields = select_layers(all_fields, num_layers)
+    fields = all_fields[-check_num_layers(num_layers, [f.name for f in all_fields]) :]
     geo = _Geometry(orig_w, orig_h, image_tensor.shape[-1], image_tensor.shape[-2])
-    pred = None
-    if logits is not None:
-        pred_t = logits.argmax(1, keepdim=True).float()
-        pred = F.interpolate(pred_t, size=fields[-1].out_size, mode="nearest")[0, 0].long().cpu().numpy()
+    pred_t = logits.argmax(1, keepdim=True).float()
+    pred = F.interpolate(pred_t, size=fields[-1].out_size, mode="nearest")[0, 0].long().cpu().numpy()
     if not points:
         reach = sum(f.dilation[0] * (f.kernel[0] // 2) for f in fields)
-        feats = choose_points(pred if pred is not None else np.zeros(fields[-1].out_size, int), reach=reach)
+        feats = choose_points(pred, reach=reach)
         points = [tuple(int(v) for v in np.rint(geo.to_image(np.array(p), fields[-1].out_stride))) for p in feats]
     else:
         feats = [geo.to_feature(p, fields[-1].out_stride, fields[-1].out_size) for p in points]
-    scene = _Scene(geo, fields, pred, _class_info(logits.shape[1] if logits is not None else 1), feats, points,
-                   [trace(fields, p) for p in feats], original_rgb)
+    scene = _Scene(geo, fields, pred, _class_info(logits.shape[1]), feats, points, [trace(fields, p) for p in feats],
+                   original_rgb)
     fig, grid, sections, ncols = _layout(scene, _header(fields, iteration, image_name))
     _draw_panels(fig, grid, sections, ncols, scene)
     fig.canvas.draw()
@@ -282,7 +260,7 @@ class _Scene:
 
     geo: _Geometry
     fields: list[LayerField]
-    pred: np.ndarray | None
+    pred: np.ndarray
     classes: tuple[list[str], np.ndarray]  # names and palette
     feats: list[tuple[int, int]]  # positions on the last layer's grid
     shown: list[tuple[int, int]]  # the same positions in image pixels
@@ -363,11 +341,8 @@ def _draw_panels(fig: Figure, grid: Any, sections: list[list[Any]], ncols: int, 
             elif panel[0] == "point":
                 i = panel[1]
                 dots = _draw_point(ax, geo, fields, scene.traces[i], outs[i], w_max)
-                label = ""
-                if scene.pred is not None:
-                    cls, names = int(scene.pred[scene.feats[i][1], scene.feats[i][0]]), scene.classes[0]
-                    label = f": {names[cls]}" if cls < len(names) else f": class {cls}"
-                ax.set_title(f"{i + 1}  (x {scene.shown[i][0]}, y {scene.shown[i][1]}){label}", fontsize=11)
+                name = scene.classes[0][scene.pred[scene.feats[i][1], scene.feats[i][0]]]
+                ax.set_title(f"{i + 1}  (x {scene.shown[i][0]}, y {scene.shown[i][1]}): {name}", fontsize=11)
                 if v2 and not point_bar and (idx % ncols == ncols - 1 or idx == len(section) - 1):
                     _add_colorbar(fig, ax, dots, f"product of the {len(fields)} masks" if len(fields) > 1 else "mask")
                     point_bar = True  # one shared scale, at the end of the first row

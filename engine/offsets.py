@@ -1,19 +1,16 @@
 """Offsets of deformable layers: capturing them in a forward pass, and tracing sampling locations.
 
-``capture_offsets`` is the one mechanism that records what the deformable layers predicted (TensorBoard
-histograms, the sampling-location figure, the benchmark's layer shapes all use it): a forward hook on
-each layer's offset predictor keeps its output, so nothing runs twice.
+``capture_offsets`` records what the deformable layers predicted (for TensorBoard, the sampling-location figure and
+the benchmark) with a forward hook on each layer's offset predictor, so nothing runs twice.
 
-The tracing follows Figs. 5 and 6 of the DCNv1 paper (Dai et al., "Deformable Convolutional
-Networks", ICCV 2017): for one output position of the last deformable layer, its 9 sampling
-locations are ``p * stride - padding + dilation * tap + offset(p, tap)`` in that layer's input grid.
-Each of them is followed back through the previous deformable layer, whose offset (and mask) field
-is interpolated bilinearly at the fractional location, giving 9^2 locations for two layers and 9^3
-for three. In the ResNet-50 FCN at output stride 8 the layers between the deformable convs are 1x1
-convs, so a position carries over unchanged; strides between layers are handled through each
-layer's cumulative stride. For DCNv2 (Zhu et al. 2019) each location is weighted by the product of
-the modulation masks along its path. With several deformable groups the offsets and masks are
-averaged over the groups. Drawing lives in ``engine.offset_figure``.
+The tracing follows Figs. 5 and 6 of the DCNv1 paper (Dai et al., "Deformable Convolutional Networks", ICCV
+2017): for one output position of the last deformable layer, its 9 sampling locations are
+``p * stride - padding + dilation * tap + offset(p, tap)`` in that layer's input grid. Each of them is followed back
+through the previous deformable layer, whose offset (and mask) field is interpolated bilinearly at the fractional
+location, giving 9^2 locations for two layers and 9^3 for three. In the ResNet-50 FCN at output stride 8 the layers
+between the deformable convs are 1x1 convs, so a position carries over unchanged; strides between layers are handled
+through each layer's cumulative stride. For DCNv2 (Zhu et al. 2019) each location is weighted by the product of the
+modulation masks along its path. Several deformable groups are averaged. Drawing lives in ``engine.offset_figure``.
 """
 
 from __future__ import annotations
@@ -111,15 +108,15 @@ def _pow2_stride(net_size: tuple[int, int], size: tuple[int, int]) -> float:
     return float(2 ** round(np.log2(ratio)))
 
 
-def fields_from_captures(captures: list[Capture], net_size: tuple[int, int], index: int = 0) -> list[LayerField]:
-    """The ``LayerField`` of image ``index`` of each capture (one per layer, in forward order)."""
+def fields_from_captures(captures: list[Capture], net_size: tuple[int, int]) -> list[LayerField]:
+    """The ``LayerField`` of the first image of each capture (one per layer, in forward order)."""
     fields = []
     for c in captures:
         kh, kw = c.layer.weight.shape[-2:]
         groups, taps = c.layer.deform_groups, kh * kw
         h, w = c.offsets.shape[-2:]
-        raw = c.offsets[index].double().cpu().reshape(groups, taps, 2, h, w)  # reshape: may be channels_last
-        msk = None if c.mask is None else c.mask[index].double().cpu().reshape(groups, taps, h, w).mean(0).numpy()
+        raw = c.offsets[0].double().cpu().reshape(groups, taps, 2, h, w)  # reshape: may be channels_last
+        msk = None if c.mask is None else c.mask[0].double().cpu().reshape(groups, taps, h, w).mean(0).numpy()
         fields.append(
             LayerField(
                 name=c.name, version=c.layer.version, groups=groups, offsets=raw.mean(0).numpy(), mask=msk,
@@ -132,29 +129,22 @@ def fields_from_captures(captures: list[Capture], net_size: tuple[int, int], ind
 
 
 @torch.no_grad()
-def run_with_fields(model: nn.Module, image_tensor: torch.Tensor) -> tuple[torch.Tensor | None, list[LayerField]]:
+def run_with_fields(model: nn.Module, image_tensor: torch.Tensor) -> tuple[torch.Tensor, list[LayerField]]:
     """Run the model once in eval mode; return its logits (1, C, h', w') and every deformable layer's field.
 
-    Layers come in the order the forward pass calls them; the model's train/eval mode is restored.
+    ``image_tensor`` is one normalised image (3, h, w). Layers come in the order the forward pass calls them; the
+    model's train/eval mode is restored.
     """
-    if not deformable_layers(model):
-        raise UserError(
-            "this checkpoint has no deformable layers (model.deform.version is 0), so there are no offsets to "
-            "draw. Give a checkpoint of a def-conv-v1 or def-conv-v2 run."
-        )
-    x = image_tensor if image_tensor.dim() == 4 else image_tensor[None]
-    device = next(model.parameters()).device
-    x = x[:1].to(device=device, dtype=torch.float32)
+    x = image_tensor[None].to(device=next(model.parameters()).device, dtype=torch.float32)
     was_training = model.training
     model.eval()
     try:
         with capture_offsets(model) as captured:
-            out = model(x)
+            logits = model(x)["out"]
     finally:
         model.train(was_training)
-    logits = out.get("out") if isinstance(out, dict) else out if isinstance(out, torch.Tensor) else None
     # Module order is call order in a ResNet; each layer's first call is this image's.
-    first_calls = [calls[0] for calls in captured.values() if calls]
+    first_calls = [calls[0] for calls in captured.values()]
     return logits, fields_from_captures(first_calls, tuple(x.shape[-2:]))
 
 
@@ -223,11 +213,6 @@ def check_num_layers(num_layers: int | None, names: list[str]) -> int:
     return num_layers
 
 
-def select_layers(fields: list[LayerField], num_layers: int | None) -> list[LayerField]:
-    """The last ``num_layers`` deformable layers in forward order."""
-    return fields[-check_num_layers(num_layers, [f.name for f in fields]) :]
-
-
 def _interior_depth(mask: np.ndarray, max_iter: int = 12) -> np.ndarray:
     """How many 3x3 erosions each cell of a boolean mask survives (the image border counts as outside), at most
     ``max_iter``: its chessboard distance to the nearest cell outside."""
@@ -251,11 +236,8 @@ def choose_points(pred: np.ndarray, n: int = DEFAULT_POINTS, reach: int = 0) -> 
     inner[my : h - my, mx : w - mx] = True
     classes, areas = np.unique(pred, return_counts=True)
     by_area = [int(c) for c in classes[np.argsort(-areas, kind="stable")]]
-    order = []
-    background, objects = by_area[:2], by_area[2:]
-    for pair in itertools.zip_longest(background, objects[: len(background)]):
-        order += [c for c in pair if c is not None]
-    order += objects[len(background) :]
+    pairs = itertools.zip_longest(by_area[:2], by_area[2:4])  # background, object, background, object, the rest
+    order = [c for pair in pairs for c in pair if c is not None] + by_area[4:]
     chosen: list[tuple[int, int]] = []
 
     def distance_to_chosen() -> np.ndarray:
@@ -277,11 +259,10 @@ def choose_points(pred: np.ndarray, n: int = DEFAULT_POINTS, reach: int = 0) -> 
         y, x = np.unravel_index(np.argmax(score), score.shape)
         chosen.append((int(x), int(y)))
     while len(chosen) < n:
-        dist = np.where(inner, distance_to_chosen(), -np.inf)
-        if not chosen:
-            dist = np.where(inner, -np.hypot(xs - (w - 1) / 2, ys - (h - 1) / 2), -np.inf)
+        dist = distance_to_chosen() if chosen else -np.hypot(xs - (w - 1) / 2, ys - (h - 1) / 2)  # first: the centre
+        dist = np.where(inner, dist, -np.inf)
         y, x = np.unravel_index(np.argmax(dist), dist.shape)
-        if chosen and (int(x), int(y)) in chosen:
+        if (int(x), int(y)) in chosen:
             break
         chosen.append((int(x), int(y)))
     return chosen

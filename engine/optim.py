@@ -30,8 +30,6 @@ def parameter_groups(model: nn.Module, train_cfg: dict[str, Any], offset_lr_mult
     offsets = {id(p) for p in offset_parameters(model)}
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
-        if not param.requires_grad:
-            continue
         lr_mult = offset_lr_mult if id(param) in offsets else 1.0
         no_decay = train_cfg["no_decay_norm_bias"] and (param.ndim <= 1)
         groups.setdefault((lr_mult, no_decay), []).append(param)

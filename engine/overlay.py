@@ -12,13 +12,6 @@ from PIL import Image, ImageDraw, ImageFont
 LEGEND_MAX = 20  # classes listed; the rest are summed in one line
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
 def overlay(rgb: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[str], alpha: float = 0.5) -> np.ndarray:
     """HxWx3 uint8: ``rgb`` blended with the palette colours of ``pred`` (HxW class ids), a legend on the right."""
     colours = palette[np.clip(pred, 0, len(palette) - 1)]
@@ -27,7 +20,7 @@ def overlay(rgb: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[
     order = np.argsort(-counts, kind="stable")
     height, width = pred.shape
     size = max(12, min(22, height // 30))
-    font = _font(size)
+    font = ImageFont.load_default(size=size)
     row = size + 8
     shown = order[:LEGEND_MAX]
     legend_w = 16 * size

@@ -19,9 +19,10 @@ in Triton's interpreter, which the tests use to check the numerics with no GPU).
 float64 on the GPU or tensors of 2**31 elements or more, ``deform_conv2d`` calls torchvision's op. Gradients use
 atomics, so like torchvision's CUDA op they are not bitwise deterministic.
 
-The kernels are launched from two ``torch.library`` custom ops, ``seg_triton::deform_conv2d`` (with its
-autograd formula) and ``seg_triton::deform_conv2d_backward``: under ``torch.compile`` each launch is one opaque
-node of the graph, so a model using this op compiles whole, without graph breaks.
+The kernels are launched from two ``torch.library`` custom ops (models/triton_support.py):
+``seg_triton::deform_conv2d``, with its autograd formula, and ``seg_triton::deform_conv2d_backward``, so that a
+compiled backward graph holds the gradients too. Under ``torch.compile`` each launch is one opaque node of the
+graph, so a model using this op compiles whole, without graph breaks.
 """
 
 # No "from __future__ import annotations": older Tritons then miss the kernels' tl.constexpr annotations.
@@ -306,7 +307,7 @@ if HAVE_TRITON:
 
 
 # Tile sizes: rows (output positions), output channels, input channels. Chosen for an H100-class GPU by
-# reasoning, not by tuning (no GPU was available when they were written); every size stays correct.
+# reasoning, not tuned on one; every size stays correct.
 BLOCK_ROWS, BLOCK_OUT, BLOCK_IN = 64, 64, 32
 
 
@@ -424,12 +425,6 @@ def _backward(x, offset, mask, weight, grad_out, geo: _Geometry, need: tuple[boo
         grad_mask.to(mask.dtype) if mask is not None and need[2] else None,
         grad_weight,
     )
-
-
-# The kernels as torch.library custom ops (torch >= 2.4, see models/triton_support.py): torch.compile sees one
-# opaque node per call, with a fake implementation for shapes, instead of tracing into the Python launch code and
-# Triton's runtime, which dynamo cannot do. The autograd formula below is registered on the forward op; the
-# gradients come from a second op, so a compiled backward graph can hold it too.
 
 
 def _deform_forward_impl(

@@ -21,7 +21,8 @@ the tests use when there is no GPU; it must be set before this module is importe
 by more than about 2x, which the backward's tiles are not sized for.
 
 The kernels are launched from ``torch.library`` custom ops (``seg_triton::upsample_cross_entropy_sum`` and its
-backward), so under ``torch.compile`` each launch is one opaque node and the loss compiles without graph breaks.
+backward; models/triton_support.py), so under ``torch.compile`` each launch is one opaque node and the loss compiles
+without graph breaks. The ops compute the sum of the pixel losses; the division by the labelled pixels is plain torch.
 
 Unlike the reference on CPU, the kernels do not check labels: a label outside [0, C) that is not ``ignore_index``
 gives a wrong loss instead of an error. Gradients are accumulated with atomic adds; when a low-res column is
@@ -73,14 +74,9 @@ def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     """Cross-entropy of the bilinearly upsampled logits, averaged over labelled pixels (0 if there are none).
 
     Equal in value and gradient to ``reference_upsample_cross_entropy`` but without the (N, C, H, W) tensor.
-
-    Args:
-        logits: (N, C, h, w) float32, bfloat16, float16 or float64; any strides (e.g. channels_last).
-        labels: (N, H, W) int64, values in [0, C) or ``ignore_index``. H, W may be any size.
-        ignore_index: label of pixels that do not count.
-
-    Returns:
-        A 0-dim float32 tensor (float64 for float64 logits).
+    ``logits`` (N, C, h, w) are float32, bfloat16, float16 or float64 with any strides (e.g. channels_last);
+    ``labels`` (N, H, W) int64 in [0, C) or ``ignore_index``, of any size. Returns a 0-dim float32 tensor (float64
+    for float64 logits).
     """
     if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits (N, C, h, w) and labels (N, H, W), got {tuple(logits.shape)} and "
@@ -145,12 +141,6 @@ def _axis(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device)
     ends = (starts + BLOCK_X).clamp(max=out_size) - 1
     span = int((i1[ends] - i0[starts]).max()) + 1
     return _Axis(i0.to(device), i1.to(device), lam.to(device), matrix.to(device), span)
-
-
-# The kernels as torch.library custom ops (torch >= 2.4, see models/triton_support.py): torch.compile sees one
-# opaque node per launch, with a fake implementation for shapes, instead of tracing into the Python launch code and
-# Triton's runtime, which dynamo cannot do. The ops compute the sum of the pixel losses; the division by the
-# number of labelled pixels stays outside, in plain torch.
 
 
 def _loss_sum_impl(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +353,7 @@ if HAVE_TRITON:
             ptrs = rows_ptr + y * stride_ry + n * stride_rn + cs[:, None] * stride_rc + (j_start + js)[None, :]
             tl.atomic_add(ptrs, reduced, mask=c_mask[:, None] & j_mask[None, :], sem="relaxed")
 
-    # Registered here, after the kernels they launch (see the comment above ``_loss_sum_impl``).
+    # Registered here, after the kernels they launch.
     _loss_sum, _loss_backward = define_op_with_backward(
         "upsample_cross_entropy_sum", _loss_sum_impl, _loss_sum_fake, _loss_backward_impl, _loss_backward_fake,
         _loss_backward_rule, _loss_setup_context,

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from configs import UserError
 from data.transforms import ValTransform
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
-from engine.offset_figure import check_points, offset_figure
+from engine.offset_figure import offset_figure
 from engine.offsets import DEFAULT_LAYERS, MAX_LAYERS, check_num_layers
 from models.segmentor import deformable_layers
 
@@ -42,6 +42,16 @@ def parse_points(texts: list[str]) -> list[tuple[int, int]]:
             ) from None
         points.append((x, y))
     return points
+
+
+def check_points(points: list[tuple[int, int]], width: int, height: int) -> None:
+    """Raise UserError for the first point outside a ``width`` x ``height`` image."""
+    for x, y in points:
+        if not (0 <= x < width and 0 <= y < height):
+            raise UserError(
+                f"point {x},{y} lies outside the image, which is {width}x{height} pixels (x 0..{width - 1}, "
+                f"y 0..{height - 1}). Give points as x,y pixel coordinates of the original image."
+            )
 
 
 def load_image(path: Path) -> np.ndarray:
