@@ -112,7 +112,6 @@ def check_comparable(runs: list[Run], allow: bool) -> dict[str, list[Any]]:
 
 
 def variant(model: dict[str, Any]) -> str:
-    """norm-conv, def-conv-v1 or def-conv-v2, with -dilated for a set dilation."""
     return VARIANTS[model["model.deform.version"]] + ("-dilated" if model["model.deform.dilation"] else "")
 
 
@@ -208,15 +207,13 @@ def read_curves(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------- numbers
 def spread(values: list[float | None]) -> dict[str, Any]:
-    """Mean, sample std (None for n < 2) and n of the values present."""
     present = [v for v in values if v is not None]
     return {"mean": statistics.fmean(present) if present else None,
             "std": statistics.stdev(present) if len(present) > 1 else None, "n": len(present), "values": values}
 
 
 def group_record(group: Group, perturbs: list[str]) -> dict[str, Any]:
-    """One row of the table: the group's runs, seeds, mIoUs (clean and perturbed), best logged validation,
-    parameters and speeds."""
+    """One row of the table (and of the robustness table)."""
     def mean(key: str) -> dict[str, Any]:
         return spread([r.evals[key]["mIoU"] if key in r.evals else None for r in group.runs])
 
@@ -366,7 +363,6 @@ def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str],
 
 
 def robustness_table(summary: dict[str, Any]) -> str:
-    """Each group's mIoU under each perturbation, with its change from the clean images."""
     perturbs = summary["perturb"]
     if not perturbs:
         return ""
@@ -381,7 +377,6 @@ def robustness_table(summary: dict[str, Any]) -> str:
 
 
 def pairs_markdown(summary: dict[str, Any], class_names: list[str]) -> str:
-    """The "is the difference real?" section: per pair, the verdict lines and the breakdown."""
     if not summary["pairs"]:
         return ""
     lines = ["", "## Is the difference real? (95% intervals)"]
@@ -495,7 +490,7 @@ def compare(options: argparse.Namespace) -> str:
         try:
             options.out.mkdir(parents=True, exist_ok=True)
             (options.out / "comparison.md").write_text(markdown)
-            (options.out / "comparison.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
+            (options.out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
             plot_curves(groups, options.out / "curves.png")
             for pair in summary["pairs"]:
                 name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"per_class_{pair['b_label']}_vs_{pair['a_label']}")
@@ -504,8 +499,3 @@ def compare(options: argparse.Namespace) -> str:
             message = f"could not write the results to {options.out}: {err}. Choose another --out folder."
             raise UserError(message) from None
     return markdown
-
-
-def _json(value: Any) -> Any:
-    """numpy values in the summary as JSON numbers and lists."""
-    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)

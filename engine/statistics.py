@@ -281,8 +281,7 @@ def false_discoveries(p: np.ndarray, confidence: float = 0.95) -> np.ndarray:
     """Which p-values (NaN: never) survive a Benjamini-Hochberg correction at false-discovery rate 1 - confidence."""
     keep = np.zeros(len(p), dtype=bool)
     defined = ~np.isnan(p)
-    if defined.any():
-        keep[defined] = stats.false_discovery_control(p[defined]) < 1 - confidence
+    keep[defined] = stats.false_discovery_control(p[defined]) < 1 - confidence
     return keep
 
 
