@@ -10,7 +10,7 @@ the run folder. The statistics are ``engine.statistics.compare_sides``.
 
 from __future__ import annotations
 
-import copy
+import argparse
 import json
 import re
 import statistics
@@ -52,11 +52,6 @@ class Run:
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "training", "validation", "validation rotate=15"
     counts: dict[str, PerImageCounts] = field(default_factory=dict)  # "validation", "validation rotate=15"
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    params: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def seed(self) -> int:
-        return self.config["seed"]
 
 
 @dataclass
@@ -66,23 +61,6 @@ class Group:
     model: dict[str, Any]
     runs: list[Run]
     label: str = ""
-
-
-@dataclass
-class CompareOptions:
-    """What compare.py was asked for (see its --help)."""
-
-    runs: list[Path]
-    out: Path | None = None
-    no_eval: bool = False
-    train_images: int | None = None
-    val_images: int = 0
-    data_root: str | None = None
-    device: str | None = None
-    perturb: list[str] = field(default_factory=list)
-    reference: str | None = None
-    pairs: list[list[str]] = field(default_factory=list)
-    allow_differences: bool = False
 
 
 # ------------------------------------------------------------------------------------------- reading runs
@@ -110,8 +88,7 @@ def model_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The model keys of a flat config, without those that mean nothing for it (offset settings of a plain network)."""
     model = {k: config[k] for k in MODEL_KEYS}
     if model["model.deform.version"] == 0:
-        unused = OFFSET_KEYS if model["model.deform.dilation"] else OFFSET_KEYS + ("model.deform.stages",
-                                                                                   "model.deform.blocks")
+        unused = OFFSET_KEYS + ("model.deform.stages", "model.deform.blocks") * (not model["model.deform.dilation"])
         model = {k: v for k, v in model.items() if k not in unused}
     return model
 
@@ -135,7 +112,6 @@ def check_comparable(runs: list[Run], allow: bool) -> dict[str, list[Any]]:
 
 
 def variant(model: dict[str, Any]) -> str:
-    """norm-conv, def-conv-v1 or def-conv-v2, with -dilated for a set dilation."""
     return VARIANTS[model["model.deform.version"]] + ("-dilated" if model["model.deform.dilation"] else "")
 
 
@@ -150,21 +126,19 @@ def group_runs(runs: list[Run], differences: dict[str, list[Any]]) -> list[Group
     result = list(groups.values())
     for group in result:
         name = group.model["config_name"]
-        if sum(g.model["config_name"] == name for g in result) > 1 and name != variant(group.model):
-            name = f"{name}-{variant(group.model)}"
-        group.label = name
-    suffixes = []
-    for group in result:
-        same = [g for g in result if g.label == group.label]
+        shared = sum(g.model["config_name"] == name for g in result) > 1 and name != variant(group.model)
+        group.label = f"{name}-{variant(group.model)}" if shared else name
+    labels = [g.label for g in result]
+    for group, label in zip(result, labels):
+        same = [g for g, other in zip(result, labels) if other == label]
         keys = sorted({k for g in same for k in g.model if len({json.dumps(h.model.get(k)) for h in same}) > 1})
-        suffixes.append(" (" + ", ".join(f"{k.removeprefix('model.')}={group.model.get(k)}" for k in keys) + ")")
-    for group, suffix in zip(result, suffixes):
-        group.label += suffix if suffix != " ()" else ""
+        suffix = ", ".join(f"{k.removeprefix('model.')}={group.model.get(k)}" for k in keys)
+        group.label += f" ({suffix})" if keys else ""
     for group in result:
-        seeds = [r.seed for r in group.runs]
+        seeds = [r.config["seed"] for r in group.runs]
         repeated = sorted({s for s in seeds if seeds.count(s) > 1})
         if repeated:
-            dirs = ", ".join(str(r.path) for r in group.runs if r.seed in repeated)
+            dirs = ", ".join(str(r.path) for r in group.runs if r.config["seed"] in repeated)
             raise UserError(f"{dirs} are runs of {group.label} with the same seed ({repeated}) but different "
                             f"checkpoints: seeds are the runs' only difference, so one of them is a re-run, not "
                             f"another seed. Leave all but one out, or train another seed (seed=N).")
@@ -190,7 +164,7 @@ def _stale(run: Run, json_path: Path, counts_path: Path | None, wanted: dict[str
     return None
 
 
-def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, options: CompareOptions) -> None:
+def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, options: argparse.Namespace) -> None:
     """Fill ``run.evals`` (and ``run.counts`` for validation) from the saved evaluation, made again where stale."""
     key = split + (f" {perturb}" if perturb else "")
     stem = key.replace(" ", "_").replace("=", "-").replace(":", "-")
@@ -231,42 +205,30 @@ def read_curves(run: Run) -> None:
         run.curves[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def count_params(groups: list[Group]) -> None:
-    """Inference and offset/mask parameters of each group's model."""
-    for group in groups:
-        config = copy.deepcopy(load_checkpoint(group.runs[0].path / "last.pt")["config"])
-        config["model"]["pretrained_backbone"] = False
-        params = count_parameters(build_model(config, load_pretrained=False)[0])
-        for run in group.runs:
-            run.params = params
-
-
 # ------------------------------------------------------------------------------------------- numbers
 def spread(values: list[float | None]) -> dict[str, Any]:
-    """Mean, sample std (None for n < 2) and n of the values present."""
     present = [v for v in values if v is not None]
     return {"mean": statistics.fmean(present) if present else None,
             "std": statistics.stdev(present) if len(present) > 1 else None, "n": len(present), "values": values}
 
 
 def group_record(group: Group, perturbs: list[str]) -> dict[str, Any]:
-    """One row of the table: the group's runs, seeds, mIoUs (clean and perturbed), best logged validation,
-    parameters and speeds."""
-    def mean(runs: list[Run], key: str) -> dict[str, Any]:
-        return spread([r.evals[key]["mIoU"] if key in r.evals else None for r in runs])
+    """One row of the table (and of the robustness table)."""
+    def mean(key: str) -> dict[str, Any]:
+        return spread([r.evals[key]["mIoU"] if key in r.evals else None for r in group.runs])
 
     best = [max((v for _, v in r.curves.get("val/mIoU", [])), default=None) for r in group.runs]
-    record = {
+    model = build_model(load_checkpoint(group.runs[0].path / "last.pt")["config"], load_pretrained=False)[0]
+    return {
         "label": group.label, "model": group.model, "runs": [str(r.path) for r in group.runs],
-        "seeds": [r.seed for r in group.runs], "n": len(group.runs), "val_miou": mean(group.runs, "validation"),
-        "train_miou": mean(group.runs, "training"), "best_logged_val_miou": spread(best),
-        "validations": [len(r.curves.get("val/mIoU", [])) for r in group.runs], **group.runs[0].params,
+        "seeds": [r.config["seed"] for r in group.runs], "n": len(group.runs), "val_miou": mean("validation"),
+        "train_miou": mean("training"), "best_logged_val_miou": spread(best),
+        "validations": [len(r.curves.get("val/mIoU", [])) for r in group.runs], **count_parameters(model),
         "train_images_per_s": spread([statistics.median([v for _, v in r.curves["train/images_per_s"]])
                                       if r.curves.get("train/images_per_s") else None for r in group.runs]),
         "val_images_per_s": spread([r.evals.get("validation", {}).get("images_per_s") for r in group.runs]),
-        "perturbed": {p: mean(group.runs, f"validation {p}")["mean"] for p in perturbs},
+        "perturbed": {p: mean(f"validation {p}")["mean"] for p in perturbs},
     }
-    return record
 
 
 def compare_pair(b: Group, a: Group, perturbs: list[str]) -> dict[str, Any] | None:
@@ -288,18 +250,18 @@ def compare_pair(b: Group, a: Group, perturbs: list[str]) -> dict[str, Any] | No
     return result
 
 
-def choose_pairs(groups: list[Group], options: CompareOptions) -> tuple[Group | None, list[tuple[Group, Group]]]:
+def choose_pairs(groups: list[Group], options: argparse.Namespace) -> tuple[Group | None, list[tuple[Group, Group]]]:
     """The reference (``--reference``, default the plain norm-conv group) and the pairs (b, a): every group against
     the reference, then the ``--pair``s."""
     by_label = {g.label: g for g in groups}
-    for name in [options.reference] * (options.reference is not None) + [n for pair in options.pairs for n in pair]:
+    for name in [options.reference] * (options.reference is not None) + [n for pair in options.pair for n in pair]:
         if name not in by_label:
             raise UserError(f"no group is called '{name}' (--reference/--pair); the groups here are: "
                             f"{', '.join(by_label)}.")
     plain = [g for g in groups if variant(g.model) == "norm-conv"]
     reference = by_label[options.reference] if options.reference else (plain[0] if plain else None)
     pairs = [(g, reference) for g in groups if reference is not None and g is not reference]
-    extra = [(by_label[b], by_label[a]) for b, a in options.pairs]
+    extra = [(by_label[b], by_label[a]) for b, a in options.pair]
     return reference, pairs + [pair for pair in extra if pair not in pairs]
 
 
@@ -401,7 +363,6 @@ def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str],
 
 
 def robustness_table(summary: dict[str, Any]) -> str:
-    """Each group's mIoU under each perturbation, with its change from the clean images."""
     perturbs = summary["perturb"]
     if not perturbs:
         return ""
@@ -416,7 +377,6 @@ def robustness_table(summary: dict[str, Any]) -> str:
 
 
 def pairs_markdown(summary: dict[str, Any], class_names: list[str]) -> str:
-    """The "is the difference real?" section: per pair, the verdict lines and the breakdown."""
     if not summary["pairs"]:
         return ""
     lines = ["", "## Is the difference real? (95% intervals)"]
@@ -440,7 +400,7 @@ def plot_curves(groups: list[Group], path: Path) -> None:
                 if run.curves.get(tag):
                     steps, values = zip(*run.curves[tag])
                     ax.plot(steps, values, ["-", "--", ":", "-."][ri % 4], color=plt.get_cmap("tab10")(gi % 10),
-                            label=f"{group.label}, seed {run.seed}", marker="o" if len(steps) < 20 else None,
+                            label=f"{group.label}, seed {run.config['seed']}", marker="o" if len(steps) < 20 else None,
                             markersize=3)
     axes[0].set(title="Validation mIoU logged during training", xlabel="iteration", ylabel="mIoU (%)")
     axes[1].set(title="Training loss (main + aux)", xlabel="iteration", ylabel="loss")
@@ -489,16 +449,10 @@ def plot_per_class(pair: dict[str, Any], class_names: list[str], path: Path) -> 
 
 
 # --------------------------------------------------------------------------------------------- main
-def compare(options: CompareOptions) -> str:
-    """Read, check, evaluate and group the runs; write the files of ``options.out``; return the markdown."""
-    for name in ("train_images", "val_images"):
-        value = getattr(options, name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 (all images of the split) or positive, got {value}.")
-    try:
-        perturbs = [str(parse_perturbation(p)) for p in options.perturb]
-    except ValueError as err:
-        raise UserError(f"--perturb: {err}") from None
+def compare(options: argparse.Namespace) -> str:
+    """Read, check, evaluate and group the runs; write the files of ``options.out``; return the markdown. The
+    options are scripts/compare.py's, checked there."""
+    perturbs = [str(parse_perturbation(p)) for p in options.perturb]
     paths: dict[Path, Path] = {}
     for path in map(Path, options.runs):
         paths.setdefault(path.resolve(), path)
@@ -522,7 +476,6 @@ def compare(options: CompareOptions) -> str:
         evaluate_run(run, "training", train_images, None, options)
         for perturb in [None] + perturbs:
             evaluate_run(run, "validation", options.val_images, perturb, options)
-    count_params(groups)
     records = [group_record(g, perturbs) for g in groups]
     for record in records:
         for key in ("val_miou", "train_miou"):
@@ -537,7 +490,7 @@ def compare(options: CompareOptions) -> str:
         try:
             options.out.mkdir(parents=True, exist_ok=True)
             (options.out / "comparison.md").write_text(markdown)
-            (options.out / "comparison.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
+            (options.out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
             plot_curves(groups, options.out / "curves.png")
             for pair in summary["pairs"]:
                 name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"per_class_{pair['b_label']}_vs_{pair['a_label']}")
@@ -546,8 +499,3 @@ def compare(options: CompareOptions) -> str:
             message = f"could not write the results to {options.out}: {err}. Choose another --out folder."
             raise UserError(message) from None
     return markdown
-
-
-def _json(value: Any) -> Any:
-    """numpy values in the summary as JSON numbers and lists."""
-    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)

@@ -27,6 +27,7 @@ Percentages throughout; NaN where a value is undefined (no union).
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,11 +40,9 @@ from scipy import ndimage, stats
 
 from configs import UserError
 from data import IGNORE_INDEX
-from engine.metric import class_iou, mean_iou, metrics_from_counts
+from engine.metric import class_iou, mean_iou
 
-FIELDS = ("intersection", "union", "gt")
 SIZE_BUCKETS = ("small", "medium", "large")
-SIZE_FIELDS = ("correct", "pixels", "regions")
 THIRDS = ("frequent", "medium", "rare")
 COCO_SMALL, COCO_LARGE, COCO_IMAGE = 32**2, 96**2, 640 * 480
 MIN_SEEDS = 3  # seeds a side from which an interval over seeds is given (the simulations cover 3 and more)
@@ -53,8 +52,9 @@ STUDY_DIFFERENCE = 1.41  # the reference study's def-conv-v2 minus norm-conv (23
 
 
 # ------------------------------------------------------------------------------------------- per-image counts
-def image_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
-    """(C, 3) int64 intersection, union and ground-truth pixels per class of one image, counted where ``pred`` is."""
+def count_image(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One prediction against its label (HxW tensors, any device): (C, 3) int64 intersection, union and ground-truth
+    pixels per class, counted where ``pred`` is, and :func:`size_counts`."""
     label = label.to(pred.device)
     valid = label != IGNORE_INDEX
     truth, guess = label[valid].long(), pred[valid].long()
@@ -63,13 +63,8 @@ def image_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> n
     if gt.numel() != num_classes or predicted.numel() != num_classes:
         raise ValueError(f"labels or predictions outside 0..{num_classes - 1} (other than {IGNORE_INDEX})")
     inter = torch.bincount(truth[truth == guess], minlength=num_classes)
-    return torch.stack([inter, gt + predicted - inter, gt], 1).cpu().numpy()
-
-
-def size_thresholds(height: int, width: int) -> tuple[float, float]:
-    """COCO's small and large areas scaled to an image of this size: (small below, large from), in pixels."""
-    factor = height * width / COCO_IMAGE
-    return COCO_SMALL * factor, COCO_LARGE * factor
+    counts = torch.stack([inter, gt + predicted - inter, gt], 1).cpu().numpy()
+    return counts, size_counts((pred == label).cpu().numpy(), label.cpu().numpy())
 
 
 def label_regions(label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,23 +89,17 @@ def size_counts(correct: np.ndarray, label: np.ndarray) -> np.ndarray:
     regions, area, _ = label_regions(label)
     inside = regions >= 0
     hits = np.bincount(regions[inside], weights=correct[inside], minlength=area.size)
-    bucket = np.digitize(area, size_thresholds(*label.shape))
+    bucket = np.digitize(area, np.array([COCO_SMALL, COCO_LARGE]) * (label.size / COCO_IMAGE))  # COCO's, scaled
     columns = [np.bincount(bucket, weights=w, minlength=3) for w in (hits, area, None)]
     return np.stack(columns, 1).astype(np.int64)
-
-
-def count_image(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One prediction against its label (HxW tensors, any device): :func:`image_counts` and :func:`size_counts`."""
-    correct = (pred == label.to(pred.device)).cpu().numpy()
-    return image_counts(pred, label, num_classes), size_counts(correct, label.cpu().numpy())
 
 
 @dataclass
 class PerImageCounts:
     """One evaluation's per-image counts, rows in the order of ``names``.
 
-    ``counts`` is (images, classes, :data:`FIELDS`) and ``sizes`` (images, :data:`SIZE_BUCKETS`, :data:`SIZE_FIELDS`),
-    int64; ``checkpoint`` is the sha256 of the checkpoint file whose predictions they count.
+    ``counts`` is (images, classes, intersection/union/gt) and ``sizes`` (images, :data:`SIZE_BUCKETS`,
+    correct/pixels/regions), int64; ``checkpoint`` is the sha256 of the checkpoint file whose predictions they count.
     """
 
     names: list[str]
@@ -125,13 +114,6 @@ class PerImageCounts:
         if not rows:
             return cls([], np.zeros((0, num_classes, 3), np.int64), np.zeros((0, 3, 3), np.int64), checkpoint)
         return cls([r[0] for r in rows], np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows]), checkpoint)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def metrics(self) -> dict[str, Any]:
-        """The dataset metrics of these images: ``engine.metric.metrics_from_counts`` of the summed counts."""
-        return metrics_from_counts(*self.counts.sum(0).T)
 
     def sorted(self) -> PerImageCounts:
         """The same counts with the images sorted by name (a canonical order, e.g. after gathering processes)."""
@@ -155,27 +137,16 @@ class PerImageCounts:
         """Read a file written by :meth:`save`; UserError naming it when it is unreadable or of another layout."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                out = cls(z["names"].tolist(), z["counts"], z["sizes"], str(z["checkpoint"]))
-            if out.counts.ndim != 3 or out.counts.shape[2] != len(FIELDS) or out.sizes.shape[1:] != (3, 3) or not (
-                    len(out.names) == len(out.counts) == len(out.sizes)):
-                raise ValueError("arrays of unexpected shapes")
+                return cls(z["names"].tolist(), z["counts"], z["sizes"], str(z["checkpoint"]))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise UserError(
                 f"could not read the per-image counts {path} ({type(err).__name__}: {err}): it is damaged or was not "
                 f"written by this version's evaluate.py --per-image. Delete it; compare.py then evaluates the run "
                 f"again."
             ) from None
-        return out
 
 
 # ------------------------------------------------------------------------------------------- comparing two sides
-def frequency_thirds(gt_pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """The classes with ground truth in frequent / medium / rare thirds by pixel count (ties by class id)."""
-    ids = np.flatnonzero(gt_pixels > 0)
-    order = ids[np.lexsort((ids, -gt_pixels[ids]))]
-    return dict(zip(THIRDS, np.array_split(order, 3)))
-
-
 def _stacked(side: list[PerImageCounts], perturbed: list[list[PerImageCounts]]) -> tuple[np.ndarray, list[int]]:
     """(images, runs, 2, columns) numerators and denominators of a side's runs: per class (intersection, union), per
     size bucket (correct, pixels), per perturbation and class (intersection, union); and the widths of these parts."""
@@ -194,21 +165,15 @@ def _statistics(sums: np.ndarray, widths: list[int], classes: np.ndarray, groups
     return np.concatenate(columns + [(mean_iou(warped) - miou)[..., None] for warped in ratios[2:]], -1)
 
 
-def _mean(values: np.ndarray) -> np.ndarray:
-    """The mean over axis -2 (runs, or images), NaN where every value is NaN (no warning)."""
-    present = ~np.isnan(values)
-    count = present.sum(-2)
-    return np.divide(np.where(present, values, 0.0).sum(-2), count, out=np.full(count.shape, np.nan), where=count > 0)
-
-
 def _image_intervals(point: np.ndarray, left_out: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
     """Jackknife t intervals and p-values of the statistics ``point`` from their (images, statistics) values with
     each image left out. Degrees of freedom by Satterthwaite's rule over the images' contributions d_i, each
     contribution's squared variance estimated by d_i^4 / 3 (normal), at most images - 1."""
-    deviation = left_out - _mean(left_out)
-    n = (~np.isnan(left_out)).sum(0)
-    squares = np.nansum(deviation**2, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with warnings.catch_warnings():  # NaN where a statistic is undefined in every case (no union), without warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        deviation = left_out - np.nanmean(left_out, 0)
+        n = (~np.isnan(left_out)).sum(0)
+        squares = np.nansum(deviation**2, 0)
         se = np.sqrt((n - 1) / n * squares)
         df = np.minimum(3 * squares**2 / np.nansum(deviation**4, 0), n - 1)
         half = np.where(se > 0, stats.t.ppf((1 + confidence) / 2, df) * se, 0.0)
@@ -246,27 +211,8 @@ def seeds_needed(difference: float, spread: float, power: float = 0.8, alpha: fl
     return int(n[reached.argmax()]) if reached.any() else None
 
 
-def _check_paired(runs: list[PerImageCounts], names: list[str]) -> None:
-    """ValueError unless every run counts the images ``names`` in that order, all with the same ground truth."""
-    for run in runs:
-        if run.names != names or not np.array_equal(run.counts[..., 2], runs[0].counts[..., 2]):
-            raise ValueError(f"the runs were not evaluated on the same images with the same labels ({len(run.names)} "
-                             f"vs {len(names)} images)")
-
-
 def _number(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
-
-
-def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """JSON-ready rows ``{"a", "b", "diff", "low", "high", "p", "df", "seeds": {"low", "high", "p", "df"} or None}``
-    (the image interval, and the one over seeds), None for NaN."""
-    images, seeds = result["images"], result["seeds"]
-    return [
-        {**{k: _number(result[k][i]) for k in ("a", "b", "diff")}, **{k: _number(images[k][i]) for k in images},
-         "seeds": None if seeds is None else {k: _number(seeds[k][i]) for k in seeds}}
-        for i in range(len(result["diff"]))
-    ]
 
 
 def compare_sides(
@@ -275,39 +221,38 @@ def compare_sides(
 ) -> dict[str, Any]:
     """Side b against side a (runs of each, one per seed) on the same validation images.
 
-    Every statistic gets the paired jackknife interval over images (these checkpoints, on other images like these);
-    with at least :data:`MIN_SEEDS` seeds a side also Welch's t over seeds (the recipe, for other seeds). A side's
-    value is the mean over its seeds. Thirds, classes and size buckets with ground truth in fewer than
-    :data:`MIN_IMAGES` images get no interval; the class rows with one are marked where they survive
-    Benjamini-Hochberg over those classes (with the seed p-values where there are, else the image ones).
+    ``perturbed`` holds per perturbation both sides' counts on the perturbed images (the same runs in the same order).
+    Thirds, classes and size buckets with ground truth in fewer than :data:`MIN_IMAGES` images get no interval; the
+    class rows with one are marked where they survive Benjamini-Hochberg over those classes (with the seed p-values
+    where there are, else the image ones). ValueError if the runs were not evaluated on the same images with the same
+    ground truth.
 
-    Args:
-        a, b: each side's per-image counts, one per run; same images in the same order, same ground truth.
-        perturbed: per perturbation, both sides' counts on the perturbed images (the same runs in the same order).
-        confidence: the two-sided level of every interval.
-
-    Returns:
-        ``{"images", "seeds": [n_a, n_b], "seed_mious": [[...], [...]], "miou": row, "thirds": {third: row +
+    Returns ``{"images", "seeds": [n_a, n_b], "seed_mious": [[...], [...]], "miou": row, "thirds": {third: row +
         "classes"}, "classes": [row + "class", "bh"], "sizes": {bucket: row}, "perturbed": [row per perturbation: the
-        change of mIoU from the clean images]}``, each row as in :func:`_rows` plus "images" (that carry it).
-
-    Raises:
-        ValueError: if the runs were not evaluated on the same images with the same ground truth.
+        change of mIoU from the clean images]}``, each row ``{"a", "b", "diff", "low", "high", "p", "df", "seeds":
+        {"low", "high", "p", "df"} or None, "images"}``: the interval over images, the one over seeds and the images
+        that carry the row; None for NaN.
     """
     for runs in [a + b] + [pair[0] + pair[1] for pair in perturbed]:
-        _check_paired(runs, a[0].names)
+        for run in runs:
+            if run.names != a[0].names or not np.array_equal(run.counts[..., 2], runs[0].counts[..., 2]):
+                raise ValueError(f"the runs were not evaluated on the same images with the same labels "
+                                 f"({len(run.names)} vs {len(a[0].names)} images)")
     gt = a[0].counts[..., 2].sum(0)
-    thirds, classes = frequency_thirds(gt), np.flatnonzero(gt > 0)
+    classes = np.flatnonzero(gt > 0)
+    thirds = dict(zip(THIRDS, np.array_split(classes[np.lexsort((classes, -gt[classes]))], 3)))  # by pixels, ties by id
     values = []
     for i, side in enumerate((a, b)):
         counts, widths = _stacked(side, [pair[i] for pair in perturbed])
         total = counts.sum(0)
         values.append([_statistics(sums, widths, classes, list(thirds.values())) for sums in (total, total - counts)])
     (va, va_out), (vb, vb_out) = values
-    point = _mean(vb) - _mean(va)
-    result = {"a": _mean(va), "b": _mean(vb), "diff": point,
-              "images": _image_intervals(point, _mean(vb_out) - _mean(va_out), confidence),
-              "seeds": _seed_intervals(va, vb, confidence) if min(len(a), len(b)) >= MIN_SEEDS else None}
+    with warnings.catch_warnings():  # NaN where a statistic is undefined in every run (no union), without warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ma, ma_out, mb, mb_out = (np.nanmean(v, -2) for v in (va, va_out, vb, vb_out))
+    point = mb - ma
+    images = _image_intervals(point, mb_out - ma_out, confidence)
+    seeds = _seed_intervals(va, vb, confidence) if min(len(a), len(b)) >= MIN_SEEDS else None
     labelled = a[0].counts[..., 2] > 0  # (images, classes)
     carried = np.concatenate([[len(labelled)], [labelled[:, t].any(1).sum() for t in thirds.values()],
                               labelled[:, classes].sum(0), (a[0].sizes[..., 1] > 0).sum(0),
@@ -316,10 +261,12 @@ def compare_sides(
     few = carried < MIN_IMAGES  # too few images carry a third, class or size bucket for a calibrated interval
     few[0] = False  # every image carries mIoU ...
     few[k + 3:] = False  # ... and the changes under perturbations
-    for part in (result["images"], result["seeds"] or {}):
+    for part in (images, seeds or {}):
         for array in part.values():
             array[few] = np.nan
-    rows = [{**row, "images": int(n)} for row, n in zip(_rows(result), carried)]
+    rows = [{**{key: _number(v[i]) for key, v in (("a", ma), ("b", mb), ("diff", point), *images.items())},
+             "seeds": None if seeds is None else {key: _number(v[i]) for key, v in seeds.items()}, "images": int(n)}
+            for i, n in enumerate(carried)]
     p = np.array([np.nan if r["p"] is None else r["p"] for r in (row["seeds"] or row for row in rows[4:k])])
     for row, c, bh in zip(rows[4:k], classes, false_discoveries(p, confidence)):
         row.update({"class": int(c), "bh": bool(bh)})
@@ -334,8 +281,7 @@ def false_discoveries(p: np.ndarray, confidence: float = 0.95) -> np.ndarray:
     """Which p-values (NaN: never) survive a Benjamini-Hochberg correction at false-discovery rate 1 - confidence."""
     keep = np.zeros(len(p), dtype=bool)
     defined = ~np.isnan(p)
-    if defined.any():
-        keep[defined] = stats.false_discovery_control(p[defined]) < 1 - confidence
+    keep[defined] = stats.false_discovery_control(p[defined]) < 1 - confidence
     return keep
 
 

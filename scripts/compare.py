@@ -14,7 +14,7 @@ from pathlib import Path
 from configs import UserError
 from data.perturb import HELP as PERTURB_HELP
 from data.perturb import parse_perturbation
-from engine.comparison import CompareOptions, compare
+from engine.comparison import compare
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,11 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with a message for user errors)."""
     args = parse_args(argv)
-    options = CompareOptions(
-        runs=[Path(p) for p in args.runs], out=args.out, no_eval=args.no_eval, train_images=args.train_images,
-        val_images=args.val_images, data_root=args.data_root, device=args.device, perturb=args.perturb,
-        reference=args.reference, pairs=args.pair, allow_differences=args.allow_differences,
-    )
     for text in args.perturb:  # refused now, not after the first runs' evaluations
         try:
             parse_perturbation(text)
@@ -74,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --perturb: {err}", file=sys.stderr)
             return 2
     try:
-        markdown = compare(options)
+        for name in ("train_images", "val_images"):
+            value = getattr(args, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 (all images of the split) or positive, got "
+                                f"{value}.")
+        markdown = compare(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
