@@ -182,12 +182,16 @@ def _image_intervals(point: np.ndarray, left_out: np.ndarray, confidence: float)
 
 
 def _seed_intervals(a: np.ndarray, b: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
-    """Welch t intervals and p-values of mean(b) - mean(a) over (runs, statistics) per-seed values."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    """Welch t intervals and p-values of mean(b) - mean(a) over (runs, statistics) per-seed values. Where every
+    seed of both sides has the same value (a class all score 0 on) the interval is that point and p is 1, as for
+    images; scipy's p is undefined there."""
+    with warnings.catch_warnings():  # scipy warns of "precision loss" on identical values
+        warnings.simplefilter("ignore", RuntimeWarning)
         test = stats.ttest_ind(b, a, equal_var=False, axis=0)
         interval = test.confidence_interval(confidence)
+    p = np.where(np.isnan(test.pvalue) & (interval.low == interval.high), 1.0, test.pvalue)
     return {k: np.array(v, dtype=np.float64) for k, v in (("low", interval.low), ("high", interval.high),
-                                                          ("p", test.pvalue), ("df", test.df))}
+                                                          ("p", p), ("df", test.df))}
 
 
 def seed_spread(a: Sequence[float], b: Sequence[float]) -> float | None:

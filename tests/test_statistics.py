@@ -3,6 +3,7 @@ coverage of every interval compare.py prints on data drawn from a known model.""
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,12 @@ def test_identical_runs_differ_by_exactly_zero() -> None:
     rows = [r["miou"], *r["thirds"].values(), *r["sizes"].values(), *r["classes"]]
     assert all(row["diff"] in (0.0, None) and row["low"] in (0.0, None) and row["high"] in (0.0, None) for row in rows)
     assert r["miou"]["p"] == 1.0 and not any(c["bh"] for c in r["classes"])
+    with warnings.catch_warnings():  # three equal seeds a side: Welch's p is undefined in scipy, 1 here, silently
+        warnings.simplefilter("error")
+        r = compare_sides([counts] * 3, [counts] * 3)
+    rows = [r["miou"], *r["thirds"].values(), *r["sizes"].values(), *r["classes"]]
+    seeds = [row["seeds"] for row in rows if row["seeds"] is not None and row["seeds"]["low"] is not None]
+    assert seeds and all(abs(s["low"]) < 1e-9 and abs(s["high"]) < 1e-9 and s["p"] == 1.0 for s in seeds)
 
 
 def test_pairing_is_checked() -> None:
