@@ -11,9 +11,7 @@ checkpoint and prints a per-class table and a summary (the metric: ``engine/metr
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,7 +23,7 @@ from engine.checkpoint import load_checkpoint
 from engine.device import AMP_DTYPES, device_facts, inference_device
 from engine.distributed import env_rank, init_distributed, shutdown
 from engine.evaluation import evaluate_checkpoint
-from engine.workdir import make_writable_folder, output_lock
+from engine.workdir import make_writable_folder, output_lock, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,11 +101,6 @@ def per_image_path(template: str | None, name: str, several: bool) -> Path | Non
     return path.with_name(f"{path.stem}_{name}{path.suffix}") if several else path
 
 
-def temporary(path: Path) -> Path:
-    """A name beside ``path`` to write to before renaming it to ``path``, so no reader sees half a file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
@@ -168,11 +161,8 @@ def run(args: argparse.Namespace) -> int:
             save_dir = Path(args.save_predictions) / (name if len(paths) > 1 else "") if args.save_predictions else None
             record = evaluate_checkpoint(
                 path, device, args.split, args.max_images, args.amp, changes, config_override, args.perturb, save_dir,
-                temporary(per_image) if per_image is not None else None,
+                per_image,
             )
-            if rank == 0 and per_image is not None:  # written whole, then renamed
-                os.replace(temporary(per_image), per_image)
-                record["per_image"] = str(per_image)
             if rank == 0:
                 print(class_table(f"\n{name} ({path}): per-class IoU and accuracy (%)", record))
             results.append((name, record))
@@ -182,17 +172,11 @@ def run(args: argparse.Namespace) -> int:
                   f"amp {first['amp']}, perturb {first['perturb'] or 'none'}, {world_size} process(es)")
             print(summary_table(results))
             if args.json:
-                json_path = Path(args.json)
-                json_path.parent.mkdir(parents=True, exist_ok=True)
                 records = [r for _, r in results]
-                text = json.dumps(records[0] if len(records) == 1 else records, indent=2) + "\n"
-                temporary(json_path).write_text(text)
-                os.replace(temporary(json_path), json_path)  # written whole, then renamed
-                print(f"wrote {json_path}")
+                write_json(Path(args.json), records[0] if len(records) == 1 else records)
+                print(f"wrote {args.json}")
     finally:
         shutdown()
-        for target in outputs:  # a temporary file is left only by a write that failed
-            temporary(target).unlink(missing_ok=True)
         locks.close()
     return 0
 

@@ -373,7 +373,7 @@ def _check_pair(pair: tuple[Path | None, Path | None]) -> list[str]:
                 sizes.append(im.size)
                 if kind == "image":
                     continue
-                if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):  # single-channel, 8 or 16 bit: as read
+                if im.mode not in ("L", "P", "I", *SIXTEEN_BIT_MODES):  # single-channel, 8 or 16 bit: as read
                     problems.append(f"{path}: annotation has mode {im.mode} ({len(im.getbands())} channels), "
                                     f"expected a single-channel PNG of class ids")
                 elif (top := int(np.asarray(im).max())) > NUM_ADE_CLASSES:

@@ -29,7 +29,7 @@ from data.perturb import parse_perturbation
 from engine.checkpoint import load_checkpoint
 from engine.device import device_facts, inference_device
 from engine.evaluation import checkpoint_digest, evaluate_checkpoint
-from engine.workdir import lock_holder
+from engine.workdir import lock_holder, write_json
 from engine.statistics import MIN_IMAGES, MIN_SEEDS, SIZE_BUCKETS, STUDY_DIFFERENCE, PerImageCounts, compare_sides
 from engine.statistics import seed_spread, seeds_needed
 from models.segmentor import build_model, count_parameters
@@ -88,7 +88,8 @@ def model_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The model keys of a flat config, without those that mean nothing for it (offset settings of a plain network)."""
     model = {k: config[k] for k in MODEL_KEYS}
     if model["model.deform.version"] == 0:
-        unused = OFFSET_KEYS + ("model.deform.stages", "model.deform.blocks") * (not model["model.deform.dilation"])
+        unused = OFFSET_KEYS if model["model.deform.dilation"] else OFFSET_KEYS + ("model.deform.stages",
+                                                                                   "model.deform.blocks")
         model = {k: v for k, v in model.items() if k not in unused}
     return model
 
@@ -186,7 +187,7 @@ def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, opt
         except UserError as err:
             raise UserError(f"evaluating {run.path / 'last.pt'} ({key}) failed: {err} (Often data.root: pass "
                             f"--data-root DIR; or use --no-eval to compare what was evaluated before.)") from None
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(json_path, record)
     run.evals[key] = json.loads(json_path.read_text())
     if counts_path is not None:
         run.counts[key] = PerImageCounts.load(counts_path)
@@ -254,7 +255,7 @@ def choose_pairs(groups: list[Group], options: argparse.Namespace) -> tuple[Grou
     """The reference (``--reference``, default the plain norm-conv group) and the pairs (b, a): every group against
     the reference, then the ``--pair``s."""
     by_label = {g.label: g for g in groups}
-    for name in [options.reference] * (options.reference is not None) + [n for pair in options.pair for n in pair]:
+    for name in ([options.reference] if options.reference else []) + [n for pair in options.pair for n in pair]:
         if name not in by_label:
             raise UserError(f"no group is called '{name}' (--reference/--pair); the groups here are: "
                             f"{', '.join(by_label)}.")
@@ -490,7 +491,7 @@ def compare(options: argparse.Namespace) -> str:
         try:
             options.out.mkdir(parents=True, exist_ok=True)
             (options.out / "comparison.md").write_text(markdown)
-            (options.out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(options.out / "comparison.json", summary)
             plot_curves(groups, options.out / "curves.png")
             for pair in summary["pairs"]:
                 name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"per_class_{pair['b_label']}_vs_{pair['a_label']}")

@@ -46,7 +46,6 @@ def _save_per_image(per_image: PerImageCounts, path: Path) -> None:
         dist.all_gather_object(parts, per_image)
         per_image = PerImageCounts.concatenate(parts)
     if is_rank0():
-        path.parent.mkdir(parents=True, exist_ok=True)
         per_image.sorted().save(path)
 
 

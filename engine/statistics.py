@@ -27,6 +27,7 @@ Percentages throughout; NaN where a value is undefined (no union).
 
 from __future__ import annotations
 
+import io
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from scipy import ndimage, stats
 from configs import UserError
 from data import IGNORE_INDEX
 from engine.metric import class_iou, mean_iou
+from engine.workdir import write_whole
 
 SIZE_BUCKETS = ("small", "medium", "large")
 THIRDS = ("frequent", "medium", "rare")
@@ -127,10 +129,11 @@ class PerImageCounts:
                    np.concatenate([p.sizes for p in parts]), parts[0].checkpoint)
 
     def save(self, path: Path) -> None:
-        """Write a compressed .npz (no pickles)."""
-        with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path lacking it
-            np.savez_compressed(f, names=np.array(self.names, dtype=str), counts=self.counts, sizes=self.sizes,
-                                checkpoint=np.array(self.checkpoint))
+        """Write a compressed .npz (no pickles) at ``path`` as given, whole (``engine.workdir.write_whole``)."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, names=np.array(self.names, dtype=str), counts=self.counts, sizes=self.sizes,
+                            checkpoint=np.array(self.checkpoint))
+        write_whole(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> PerImageCounts:

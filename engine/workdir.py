@@ -168,13 +168,29 @@ def output_lock(path: Path) -> Lock:
     return Lock(path.with_name(f".{path.name}.lock"), f"the output {path}")
 
 
-def write_record(work_dir: Path, config: dict[str, Any]) -> None:
-    """Write the run's resolved config to ``work_dir/config.yaml`` atomically (a temporary file, then a rename)."""
-    path = work_dir / "config.yaml"
-    tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
+def write_whole(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, then a rename), making the folder:
+    a reader never sees half a file, and a failed or interrupted write leaves the old one. UserError naming the file
+    when it cannot be written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
         os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({err.strerror or err}). Check the free space and permissions.") from None
+    except BaseException as err:
+        if tmp.exists():  # exists() is False, not an error, under a parent that is a file
+            tmp.unlink()
+        if not isinstance(err, OSError):  # Ctrl-C stays Ctrl-C
+            raise
+        raise UserError(f"could not write {path} ({err.strerror or err}). Check the path, the free space and the "
+                        f"permissions.") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON in ``path``, written whole (``write_whole``): every JSON output goes through here."""
+    write_whole(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_record(work_dir: Path, config: dict[str, Any]) -> None:
+    """Write the run's resolved config to ``work_dir/config.yaml``, whole (``write_whole``)."""
+    write_whole(work_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))

@@ -9,7 +9,6 @@ The command line around ``engine.benchmark`` (what is timed and how: its docstri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from configs import UserError, load_config
 from engine.benchmark import CARD_SHARE, CARDS_GIB, PATHS, VARIANTS, memory_rows, model_rows, op_rows, run_amp
 from engine.device import choose_device, describe_device, device_facts
+from engine.workdir import write_json
 from models.triton_support import triton_available
 
 
@@ -138,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
         print(report(result), end="")
         if args.json is not None:
-            try:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(result, indent=2) + "\n")
-            except OSError as err:
-                raise UserError(f"could not write {args.json}: {err}. Choose another --json path.") from None
+            write_json(args.json, result)
     except torch.cuda.OutOfMemoryError:
         print(f"error: CUDA out of memory at --batch-size {args.batch_size} with every case resident at once. Use a "
               f"smaller --batch-size, or fewer --variants, --paths or --amp per run.", file=sys.stderr)

@@ -13,7 +13,6 @@ Dai et al. 2017; per class with --classes. Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from engine.device import device_facts, inference_device
 from engine.inference import predictions
 from engine.offsets import capture_offsets, effective_dilation
 from engine.statistics import DILATION_BUCKETS, dilation_table, region_sums
+from engine.workdir import write_json
 from models.segmentor import deformable_layers
 
 # ADE20K's stuff classes (0-based), as in its panoptic version (Zhou et al. 2017; Mask2Former's ADE20K_150_CATEGORIES
@@ -145,15 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = measure(args)
-        for target, write in ((args.out, lambda p: plot(result, p)),
-                              (args.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))):
-            if target is not None:
-                try:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    write(target)
-                except (OSError, ValueError) as err:
-                    message = f"could not write {target} ({err}). Give a writable path, .png for --out."
-                    raise UserError(message) from None
+        if args.out is not None:
+            try:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                plot(result, args.out)
+            except (OSError, ValueError) as err:
+                raise UserError(f"could not write {args.out} ({err}). Give a writable path ending in .png.") from None
+        if args.json is not None:
+            write_json(args.json, result)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

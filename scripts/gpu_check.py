@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from engine.device import (DeviceFacts, autocast, cuda_unusable_message, cuda_us
                            memory_format, resolve_amp)
 from engine.inference import predict_logits
 from engine.loss import LOSS_OPS
+from engine.workdir import write_json
 from models.deform_conv import DEFORM_OPS
 from models.segmentor import build_model
 from models.triton_loss import reference_upsample_cross_entropy
@@ -185,7 +185,7 @@ def run_checks(cases: list[dict[str, Any]], device: torch.device, facts: DeviceF
         print(format_row(rows[-1]), flush=True)
         record = {"device": describe_device(device, facts), "facts": dataclasses.asdict(facts), "shapes": shapes,
                   "tolerances": TOLERANCES, "rows": rows, "cases_left": len(cases) - len(rows)}
-        (out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(out / "gpu_check.json", record)  # whole: an interrupted check leaves the cases done
     bad = [row["case"] for row in rows if row["status"] != "ok"]
     print(f"{len(rows) - len(bad)} of {len(rows)} cases passed" + (f"; not passed: {', '.join(bad)}" if bad else ""))
     return rows

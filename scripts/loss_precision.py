@@ -20,7 +20,6 @@ process peak of a fresh process running only that (``engine.benchmark.process_pe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from configs import UserError
 from data import IGNORE_INDEX
 from engine.benchmark import GIB, process_peak
+from engine.workdir import write_json
 from models.triton_loss import reference_upsample_cross_entropy
 
 LOGITS = ("random", "trained")
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['peak_gib']['bf16']:.2f} GiB, fp32 upsampling {result['peak_gib']['fp32']:.2f} GiB "
               f"({n} images)")
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.json, result)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

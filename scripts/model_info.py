@@ -6,11 +6,11 @@ Example: ``python scripts/model_info.py --config def-conv-v2 --json runs/def-con
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from configs import UserError, load_config
+from engine.workdir import write_json
 from models.segmentor import build_model, count_parameters, deformable_layers
 
 
@@ -64,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}")
         if args.json is not None:
             record = {k: info[k] for k in ("config", "params", "deform_params", "deform_layers")}
-            try:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(record, indent=2) + "\n")
-            except OSError as err:
-                raise UserError(f"could not write {args.json}: {err}.") from None
+            write_json(args.json, record)
             print(f"wrote {args.json}")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

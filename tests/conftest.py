@@ -27,6 +27,16 @@ def keep_torch_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny forward passes: on a busy 2-core machine, thread hand-offs made them
+    20x slower (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_ade_tree(root: Path, num_train: int = 4, num_val: int = 2, size: tuple[int, int] = (40, 30)) -> Path:
     """Write a small ADE20K-format tree at ``root``; return it.
 

@@ -19,6 +19,7 @@ from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from engine.inference import predict_logits
 from engine.metric import metrics_from_counts
 from engine.statistics import PerImageCounts
+from engine import workdir
 from evaluate import main
 from models.segmentor import build_model
 
@@ -335,12 +336,17 @@ def test_evaluation_outputs_have_one_writer_and_are_written_whole(tree: Path, ch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", half_then_full)
-    with pytest.raises(OSError):
-        main(args + ["--json", str(json_path)])
+    assert main(args + ["--json", str(json_path)]) == 2  # one paragraph, no traceback
+    assert f"could not write {json_path} (No space left on device)" in capsys.readouterr().err
     monkeypatch.undo()
-    monkeypatch.setattr(PerImageCounts, "save", lambda self, path: half_then_full(Path(path), b"x" * 100))
-    with pytest.raises(OSError):
-        main(args + ["--per-image", str(counts)])
+    probe_writer = Path.write_bytes  # the output folder's write probe still works: the disk fills during the write
+
+    def half_counts(self: Path, data: bytes) -> None:
+        return half_then_full(self, data) if self.name.startswith(f".{counts.name}") else probe_writer(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", half_counts)
+    assert main(args + ["--per-image", str(counts)]) == 2
+    assert f"could not write {counts} (No space left on device)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (json_path, counts)} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.npz", "res.json"]
 
@@ -398,3 +404,21 @@ def test_predict_reads_photos_as_shown_and_lists_what_it_skips(tree: Path, check
     assert Image.open(out / "phone.png").size == (40, 48)
     grey16, grey8 = (np.asarray(Image.open(out / f"{name}_overlay.jpg")) for name in ("grey16", "grey8"))
     assert np.array_equal(grey16, grey8)
+
+
+def test_json_outputs_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one JSON writer (evaluate.py, compare.py, the scripts): a failed write names the file and leaves the old
+    one as it was, with no temporary file beside it."""
+    path = tmp_path / "new" / "result.json"
+    workdir.write_json(path, {"mIoU": 1.5})
+    assert json.loads(path.read_text()) == {"mIoU": 1.5}
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(workdir.os, "replace", full_disk)
+    with pytest.raises(UserError, match=f"could not write {path} \\(No space left on device\\)"):
+        workdir.write_json(path, {"mIoU": 2.5})
+    assert json.loads(path.read_text()) == {"mIoU": 1.5} and [p.name for p in path.parent.iterdir()] == ["result.json"]
+    with pytest.raises(UserError, match="could not write"):
+        workdir.write_json(path / "under_a_file.json", {})

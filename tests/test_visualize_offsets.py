@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +35,7 @@ LAYER4 = [f"backbone.layer4.{i}.conv2" for i in range(3)]
 GRID3 = [(kx - 1, ky - 1) for ky in range(3) for kx in range(3)]  # row-major taps as (x, y) unit steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine, thread hand-offs made tiny forward passes 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def demo_model(overrides: list[str] | None = None) -> nn.Module:
