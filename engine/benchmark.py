@@ -28,13 +28,12 @@ from torch.utils.benchmark import Measurement, Timer
 from data import IGNORE_INDEX
 from engine.device import AMP_DTYPES, DeviceFacts, autocast, memory_format, resolve_amp, resolve_config
 from engine.inference import predict_logits
-from engine.loss import LOSS_OPS
+from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
 from engine.offsets import capture_offsets
 from engine.optim import build_optimizer
 from engine.trainer import train_step
 from models.deform_conv import DEFORM_OPS
 from models.segmentor import build_model
-from models.triton_loss import reference_upsample_cross_entropy
 
 VARIANTS = {"norm": ("norm-conv", 0), "v1": ("def-conv-v1", 1), "v2": ("def-conv-v2", 2)}
 PATHS = ("reference", "triton")  # model.deform_op and train.loss_op together

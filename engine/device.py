@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from configs import UserError
-from models.triton_support import triton_available
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # The oldest NVIDIA driver branch that runs each CUDA major version (CUDA's minor-version compatibility).
@@ -197,9 +196,11 @@ def resolve_config(config: dict[str, Any], device: torch.device, facts: DeviceFa
     train, model = resolved["train"], resolved["model"]
     train["amp"] = resolve_amp(train["amp"], device.type, facts.capability)
     train["channels_last"] = train["channels_last"] and device.type == "cuda"
-    fast = triton_available(device)
-    model["deform_op"] = model["deform_op"] if fast else "reference"
-    train["loss_op"] = train["loss_op"] if fast else "reference"
+    if "triton" in (model["deform_op"], train["loss_op"]):
+        from models.triton_support import triton_available  # imported only for a config that asks for Triton
+
+        if not triton_available(device):
+            model["deform_op"] = train["loss_op"] = "reference"
     return resolved
 
 

@@ -1,10 +1,11 @@
 """The training loss: bilinear upsampling of the logits to the label size, then cross-entropy.
 
 Two implementations with the same value and gradient, chosen by ``train.loss_op``: ``reference``
-(``F.interpolate`` + ``F.cross_entropy``) and ``triton`` (models/triton_loss.py, fused, never makes the
-full-size logits; it runs the reference where Triton cannot run). Two normalisations, chosen by
-``train.loss_norm``: ``labelled`` divides the summed cross-entropy by the labelled pixels (as
-torchvision's reference), ``all`` by all N*H*W pixels (mmsegmentation's ``avg_non_ignore=False``).
+(``reference_upsample_cross_entropy`` below: ``F.interpolate`` + ``F.cross_entropy``) and ``triton``
+(models/triton_loss.py, fused, never makes the full-size logits; it runs the reference where Triton cannot
+run), imported at its first call, so that a run with the reference never imports the Triton modules. Two
+normalisations, chosen by ``train.loss_norm``: ``labelled`` divides the summed cross-entropy by the labelled
+pixels (as torchvision's reference), ``all`` by all N*H*W pixels (mmsegmentation's ``avg_non_ignore=False``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,40 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from data import IGNORE_INDEX
-from models.triton_loss import reference_upsample_cross_entropy, upsample_cross_entropy
+
+
+def reference_upsample_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Upsample ``logits`` (N, C, h, w) to ``labels`` (N, H, W), take the cross-entropy, average over labelled pixels
+    (0 if there are none).
+
+    bfloat16/float16 logits (autocast's) are cast to float32 before the upsampling, so that the upsampling, its
+    backward and the cross-entropy run in float32 and the gradient is rounded to the logits' dtype once; float64
+    stays float64. The fused kernels compute the same way. Upsampling in bf16 instead would make CUDA's backward
+    accumulate the gradient in bf16 atomics (README, "The bf16 loss": scripts/loss_precision.py measures it).
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(up, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def triton_upsample_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """The same loss by models/triton_loss.py's fused Triton kernels, imported here, at the first call."""
+    from models.triton_loss import upsample_cross_entropy
+
+    return upsample_cross_entropy(logits, labels, ignore_index)
+
 
 LOSS_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
     "reference": reference_upsample_cross_entropy,
-    "triton": upsample_cross_entropy,
+    "triton": triton_upsample_cross_entropy,
 }
 
 

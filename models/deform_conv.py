@@ -16,10 +16,26 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from models import triton_deform
+
+def triton_deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torchvision's op by models/triton_deform.py's Triton kernels, imported here, at the first call: a run with
+    the reference op never imports the Triton modules."""
+    from models import triton_deform
+
+    return triton_deform.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+
 
 # Implementations of the op, by the name config key ``model.deform_op`` uses; same signature and results.
-DEFORM_OPS = {"reference": deform_conv2d, "triton": triton_deform.deform_conv2d}
+DEFORM_OPS = {"reference": deform_conv2d, "triton": triton_deform_conv2d}
 
 
 class DeformConv2d(nn.Module):

@@ -15,7 +15,7 @@ upsample backward alone is a third of the GPU time. Here no (N, C, H, W) tensor 
   reduction along y is one dense torch matmul with the (H, h) row-interpolation matrix (it follows torch's fp32
   matmul precision setting: exact fp32 unless TF32 matmuls are allowed).
 
-Use ``upsample_cross_entropy``; it falls back to ``reference_upsample_cross_entropy`` (the reference of engine/loss.py) where
+Use ``upsample_cross_entropy``; it falls back to engine/loss.py's ``reference_upsample_cross_entropy`` where
 Triton cannot run: no triton, or CPU tensors without ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which
 the tests use when there is no GPU; it must be set before this module is imported); and for widths downsampled
 by more than about 2x, which the backward's tiles are not sized for.
@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from engine.loss import reference_upsample_cross_entropy
 from models.triton_support import HAVE_TRITON, define_op_with_backward, triton_available
 
 if HAVE_TRITON:
@@ -52,22 +53,6 @@ NUM_WARPS = 4
 # The backward's [BLOCK_X, BLOCK_J] interpolation matrix must stay small: a block of output columns may touch at
 # most this many low-res columns, i.e. the width may be downsampled by up to about 2x; beyond, the reference runs.
 MAX_SPAN = 128
-
-
-def reference_upsample_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
-) -> torch.Tensor:
-    """The unfused loss (``engine.loss.LOSS_OPS["reference"]``): upsample, cross-entropy, mean over labelled pixels.
-
-    bfloat16/float16 logits (autocast's) are cast to float32 before the upsampling, so that the upsampling, its
-    backward and the cross-entropy run in float32 and the gradient is rounded to the logits' dtype once; float64
-    stays float64. The fused kernels compute the same way. Upsampling in bf16 instead would make CUDA's backward
-    accumulate the gradient in bf16 atomics (README, "The bf16 loss": scripts/loss_precision.py measures it).
-    """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(up, labels, ignore_index=ignore_index, reduction="sum")
-    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

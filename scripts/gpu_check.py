@@ -32,11 +32,10 @@ from engine.benchmark import (GIB, PATHS, VARIANTS, TrainingCase, case_config, c
 from engine.device import (DeviceFacts, autocast, cuda_unusable_message, cuda_usable, describe_device, device_facts,
                            memory_format, resolve_amp)
 from engine.inference import predict_logits
-from engine.loss import LOSS_OPS
+from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
 from engine.workdir import write_json
 from models.deform_conv import DEFORM_OPS
 from models.segmentor import build_model
-from models.triton_loss import reference_upsample_cross_entropy
 from models.triton_support import triton_available
 
 CONFIG = "def-conv-v2.yaml"  # the recipe; the variants change model.deform.version

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from configs import UserError
 from data import IGNORE_INDEX
 from engine.benchmark import GIB, process_peak
+from engine.loss import reference_upsample_cross_entropy
 from engine.workdir import write_json
-from models.triton_loss import reference_upsample_cross_entropy
 
 LOGITS = ("random", "trained")
 

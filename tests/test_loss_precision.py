@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.triton_loss import reference_upsample_cross_entropy, upsample_cross_entropy
+from engine.loss import reference_upsample_cross_entropy
+from models.triton_loss import upsample_cross_entropy
 from scripts import loss_precision
 
 

@@ -20,11 +20,11 @@ import train
 from configs import load_config
 from data.transforms import normalize_batch
 from engine import loss as loss_module
-from engine import device as device_module
 from engine import trainer as trainer_module
 from engine.checkpoint import load_checkpoint
 from engine.optim import parameter_groups, poly_factor
 from engine.workdir import check_work_dir
+from models import triton_support
 from models.segmentor import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_op_choices_are_checked_and_reported(
     assert code == 2 and "train.loss_op" in capsys.readouterr().err
     # Where Triton cannot run (a CPU without TRITON_INTERPRET), asking for it says that the references run instead,
     # and the run's record holds what ran.
-    monkeypatch.setattr(device_module, "triton_available", lambda device: False)
+    monkeypatch.setattr(triton_support, "triton_available", lambda device: False)
     overrides = [*tiny_overrides(tree, iters=1), "model.deform_op=triton", "train.loss_op=triton"]
     assert train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "b"), *overrides]) == 0
     out = capsys.readouterr().out

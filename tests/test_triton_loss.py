@@ -10,13 +10,12 @@ import torch
 
 pytest.importorskip("triton", minversion="3.2")  # models/triton_support.py: older Tritons are not used
 
-
+from engine.loss import reference_upsample_cross_entropy
 from models import triton_loss
 from models.triton_loss import (
     BLOCK_C,
     BLOCK_X,
     MAX_SPAN,
-    reference_upsample_cross_entropy,
     triton_available,
     upsample_cross_entropy,
 )
