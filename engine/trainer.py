@@ -301,7 +301,7 @@ def on_device(run: Run, images: torch.Tensor, labels: torch.Tensor, valid: torch
 
 def finish(run: Run, stopped_by: str | None, error: str | None, metrics: dict[str, Any] | None) -> int:
     """Say how the run ended; raise the error of a file that could not be read, after last.pt was saved."""
-    saved = "saved" if run.checkpointed == run.iteration > 0 else "nothing trained yet"
+    saved = "saved" if run.iteration else "nothing trained yet"  # the loop's end saved the work since the last save
     if error is not None:
         raise UserError(f"{error} Training stopped at iteration {run.iteration} ({saved}); after fixing the file, run "
                         f"the same command line with --resume auto to continue.")

@@ -9,14 +9,14 @@ While a training runs, ``.lock`` keeps a second one out (``Lock``).
 What a kill at any moment leaves in a work dir, and what ``--resume auto`` does then (tests/test_operations.py
 builds each state; the first column names it there)::
 
-    state           the work dir holds                       a kill came                           --resume auto
-    empty           nothing (the folder, or no folder)       before the work dir was checked       starts
-    record          config.yaml                              before tb/ was made                   starts over
-    logs            config.yaml, tb/                         before the first checkpoint           starts over
-    best            config.yaml, tb/, best.pt                after a validation, before last.pt    continues from best.pt
-    last            config.yaml, tb/, last.pt                after last.pt, before a validation    continues from last.pt
-    both            config.yaml, tb/, last.pt, best.pt       after last.pt                         continues from last.pt
-    best-newer      config.yaml, tb/, last.pt, newer best.pt after a validation, before last.pt    continues from best.pt
+    state       the work dir holds                        the kill came                         --resume auto
+    empty       nothing (or not even the folder)          before the work dir was checked       starts
+    record      config.yaml                               before tb/ was made                   starts over
+    logs        config.yaml, tb/                          before the first checkpoint           starts over
+    best        config.yaml, tb/, best.pt                 after a validation, before last.pt    resumes best.pt
+    last        config.yaml, tb/, last.pt                 after last.pt, before a validation    resumes last.pt
+    both        config.yaml, tb/, last.pt, best.pt        after last.pt                         resumes last.pt
+    best-newer  config.yaml, tb/, last.pt, newer best.pt  after a validation, before last.pt    resumes best.pt
 
 In every state the killed run's ``.lock`` may be left (taken over at once when its process is gone from this host;
 from another host, waited for until it is stale: ``Lock``), and a write the kill cut short leaves its temporary
@@ -43,8 +43,8 @@ from engine.checkpoint import newest_checkpoint
 
 ARTEFACTS = ("config.yaml", "last.pt", "best.pt", "tb")
 CHECKPOINTS = ("last.pt", "best.pt")
-# What the writes of a training leave behind when a kill cuts them short: checkpoints and the record are written to
-# a temporary file and renamed (engine.checkpoint, write_whole), the folder is probed with a file (make_writable_folder).
+# What the writes of a training leave when a kill cuts them short: checkpoints and the record are written to a
+# temporary file and renamed (engine.checkpoint, write_whole); the folder is probed with a file (make_writable_folder).
 TEMPORARIES = (".last.pt.*.tmp", ".best.pt.*.tmp", ".config.yaml.*.tmp", ".write_test.*")
 
 
@@ -58,8 +58,8 @@ def resume_point(work_dir: Path, mode: str | None) -> Path | None:
         return None
     found = newest_checkpoint([work_dir / name for name in CHECKPOINTS])
     if found is None and mode == "last":
-        raise UserError(f"--resume was given but {work_dir} holds no checkpoint (last.pt or best.pt). Use --resume auto "
-                        f"to start when there is nothing to resume, or name the run's folder with --work-dir.")
+        raise UserError(f"--resume was given but {work_dir} holds no checkpoint (last.pt or best.pt). Use --resume "
+                        f"auto to start when there is nothing to resume, or name the run's folder with --work-dir.")
     return found
 
 
@@ -74,8 +74,9 @@ def check_work_dir(work_dir: Path, config: dict[str, Any]) -> str | None:
         return None
     saved = _read_record(work_dir / "config.yaml")
     if any(name in found for name in CHECKPOINTS):  # a start: --resume auto would have resumed them
-        what = "a run of this config" if saved == config else (
-            f"a run of a different config ({work_dir / 'config.yaml'})" if saved else f"another run ({', '.join(found)})")
+        record = work_dir / "config.yaml"
+        what = ("a run of this config" if saved == config else f"a run of a different config ({record})" if saved
+                else f"another run ({', '.join(found)})")
         raise UserError(
             f"the work dir {work_dir} already holds {what}. To continue it, add --resume auto (the same command line "
             f"starts and restarts); to start another run, give --work-dir DIR (or delete {work_dir}). Nothing was "

@@ -153,7 +153,8 @@ def test_the_readme_slurm_script_stops_cleanly_on_each_signal_a_job_gets(tree: P
     stubs.mkdir()
     (stubs / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (stubs / "scontrol").chmod(0o755)
-    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "OMP_NUM_THREADS": "1"}
     args = ["--work-dir", str(work_dir), *overrides(tree, iters=100), "train.batch_size=2", "train.accum_steps=1",
             "train.val_interval=100"]
     log = tmp_path / "slurm-demo.log"
@@ -175,7 +176,8 @@ def test_the_readme_slurm_script_stops_cleanly_on_each_signal_a_job_gets(tree: P
 
 def test_torchrun_agrees_on_a_stop_during_validation_and_on_a_file_one_rank_cannot_read(tmp_path: Path) -> None:
     """Two processes: SIGTERM to torchrun while validation runs (torchrun forwards it to each rank's process group,
-    loader workers included) saves last.pt at that iteration; the same command then makes the validation the stop
+    loader workers included) saves last.pt at that iteration (torchrun itself then ends with its SignalException,
+    exit 1); the same command then makes the validation the stop
     cut short, and a training image that rank 1 alone reads first, truncated, ends both ranks with last.pt at the
     last step and the file named."""
     tree = write_ade_tree(tmp_path / "ADEChallengeData2016", num_train=40, num_val=80, size=(48, 40))
@@ -194,6 +196,7 @@ def test_torchrun_agrees_on_a_stop_during_validation_and_on_a_file_one_rank_cann
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert "stopped by SIGTERM at iteration 2" in out and "val mIoU" not in out, err[-3000:]
+    assert proc.returncode == 1 and "SignalException" in err  # torchrun's own ending (README: "On a cluster")
     assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
 
     image = sorted((tree / "images" / "training").glob("*.jpg"))[victim]
