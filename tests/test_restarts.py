@@ -158,7 +158,8 @@ def test_the_readme_slurm_script_stops_cleanly_on_each_signal_a_job_gets(tree: P
     args = ["--work-dir", str(work_dir), *overrides(tree, iters=100), "train.batch_size=2", "train.accum_steps=1",
             "train.val_interval=100"]
     log = tmp_path / "slurm-demo.log"
-    for whom, sig, requeues in (("shell", signal.SIGUSR1, 1), ("job", signal.SIGUSR1, 2), ("job", signal.SIGTERM, 2)):
+    signals = (("shell", signal.SIGUSR1, 1), ("job", signal.SIGUSR1, 2), ("job", signal.SIGTERM, 2))
+    for launch, (whom, sig, requeues) in enumerate(signals):
         before = (work_dir / "last.pt").stat().st_mtime if (work_dir / "last.pt").exists() else 0.0
         with open(log, "w") as output:
             proc = subprocess.Popen(["bash", "train.sbatch", *args], cwd=clone, stdout=output, stderr=subprocess.STDOUT,
@@ -172,6 +173,7 @@ def test_the_readme_slurm_script_stops_cleanly_on_each_signal_a_job_gets(tree: P
         assert code == 0 and stopped and "Traceback" not in text, text[-3000:]
         assert load_checkpoint(work_dir / "last.pt")["iteration"] == int(stopped.group(1))
         assert calls.read_text().splitlines() == ["requeue 4242"] * requeues
+        assert ("resuming" in text) == (launch > 0)  # the requeued job continues
 
 
 def test_torchrun_agrees_on_a_stop_during_validation_and_on_a_file_one_rank_cannot_read(tmp_path: Path) -> None:
