@@ -61,15 +61,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _typed(old: Any, new: Any) -> Any:
     """``new`` as the type of ``old`` (an int or a number like ``1e-3``, which YAML reads as a string, where a float
-    was), or raise TypeError."""
+    was; in a list of floats, each item so), or raise TypeError."""
     if isinstance(old, bool) or isinstance(new, bool):
         if isinstance(old, bool) and isinstance(new, bool):
             return new
     elif isinstance(old, float) and isinstance(new, (int, str)):
         return float(new)  # ValueError for a string that is not a number
+    elif isinstance(old, list) and isinstance(new, list) and any(isinstance(x, float) for x in old):
+        return [_as_number(x) for x in new]
     elif isinstance(new, type(old)):
         return new
     raise TypeError
+
+
+def _as_number(value: Any) -> Any:
+    """A string that is a number (YAML reads ``1e-9`` as a string) as a float; anything else as it is."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:

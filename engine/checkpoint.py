@@ -119,6 +119,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def newest_checkpoint(paths: list[Path]) -> Path | None:
+    """Of the checkpoints among ``paths`` that exist, the one at the highest iteration (the first of a tie), or None.
+
+    Only the iteration is read (the file memory-mapped, its tensors left on disk); a file that cannot be read as a
+    checkpoint raises load_checkpoint's UserError naming it.
+    """
+    def iteration(path: Path) -> int:
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+        except Exception:  # whatever is wrong with the file, the reader says it in its own words
+            return int(load_checkpoint(path)["iteration"])
+
+    return max((path for path in paths if path.is_file()), key=iteration, default=None)
+
+
 # Modules whose functions a pickle can call to run commands or code: such a global means an attack, not an accident.
 _CODE_RUNNING = ("posix", "nt", "os", "subprocess", "builtins", "sys", "shutil", "socket", "importlib", "runpy", "pty",
                  "code", "ctypes", "pickle", "marshal", "webbrowser")

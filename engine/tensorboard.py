@@ -7,6 +7,7 @@ deformable layers' offsets and masks on the way.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,19 @@ from engine.offsets import capture_offsets, fields_from_captures
 
 
 def open_writer(work_dir: Path, iteration: int) -> SummaryWriter:
-    """The run's writer; when resuming at ``iteration``, events after it (left by a run that died) are hidden."""
+    """The run's writer; when resuming at ``iteration``, events after it (left by a run that died) are hidden.
+
+    A write that fails in the writer's thread (tb/ deleted, a read-only disk) prints no traceback there: the next
+    call on the writer raises it, where the caller reports it (``engine.trainer.log``).
+    """
+    threading.excepthook = quiet_writer_thread
     return SummaryWriter(str(work_dir / "tb"), purge_step=iteration + 1 if iteration > 0 else None)
+
+
+def quiet_writer_thread(args: threading.ExceptHookArgs) -> None:
+    """Python's ``threading.excepthook``, without the traceback of an OSError in a TensorBoard writer thread."""
+    if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+        threading.__excepthook__(args)
 
 
 def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -2,14 +2,17 @@
 
 The recipe is mmsegmentation's FCN-R50-D8 for ADE20K (SGD, poly schedule, aux loss 0.4). Everything random
 derives from the config seed and the iteration number, so a run stopped at any point and resumed ends where
-the uninterrupted run ends. Rank 0 alone logs and writes files. Every way out of the loop (the end, a stop
+the uninterrupted run ends (bitwise on the CPU; on CUDA, cuDNN's benchmark mode and the deformable backward's atomic
+adds are not bitwise reproducible). Rank 0 alone logs and writes files. Every way out of the loop (the end, a stop
 signal, a file that cannot be read, a non-finite loss, any error) passes one ``finally``, which saves last.pt
 when the work since the last save is sound; under torchrun the ranks agree on stopping every iteration.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,7 @@ from engine.environment import describe
 from engine.inference import predictions
 from engine.metric import ConfusionMatrix
 from engine.optim import build_optimizer, set_learning_rate
-from engine.workdir import check_work_dir, wants_resume, write_record
+from engine.workdir import check_work_dir, resume_point, write_record
 from models.segmentor import build_model, count_parameters
 
 
@@ -41,10 +44,12 @@ class NonFiniteLoss(Exception):
     """The loss (or the weights) became NaN or infinite; nothing after the last good checkpoint is saved."""
 
     def __init__(self, iteration: int, last_good: int, what: str = "the loss") -> None:
+        kept = (f"The weights after it are not saved: the run's newest checkpoint holds iteration {last_good}, where "
+                f"--resume auto continues (a changed train.lr applies from there on)." if last_good else
+                "Nothing was saved yet (no checkpoint): --resume auto starts the run over.")
         super().__init__(
-            f"training stopped: {what} became non-finite (NaN or inf) at iteration {iteration}. The weights after it "
-            f"are not saved; last.pt holds iteration {last_good}. Lower train.lr, check the data, or use train.amp=bf16, "
-            f"then continue with --resume auto (a changed train.lr applies from the resume iteration on)."
+            f"training stopped: {what} became non-finite (NaN or inf) at iteration {iteration}. {kept} Lower train.lr, "
+            f"check the data, or use train.amp=bf16, then run the same command line with --resume auto."
         )
 
 
@@ -109,6 +114,7 @@ class Run:
     validated: int = 0  # the iteration of the last completed validation
     best_miou: float = -1.0
     best_at: int = -1  # the iteration of the best validation in this process's lifetime
+    checkpointed: int = 0  # the iteration of the work dir's newest checkpoint, where --resume auto continues (0: none)
     config_changes: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     writer: SummaryWriter | None = None
@@ -131,13 +137,13 @@ def start(config: dict[str, Any], work_dir: Path, resume_mode: str | None, devic
             f"process(es) of this launch times train.accum_steps={tcfg['accum_steps']}."
         )
     torch.backends.cudnn.benchmark = cuda
-    resume = wants_resume(work_dir, resume_mode)
-    note = check_work_dir(work_dir, config, resume) if rank == 0 else None
+    point = resume_point(work_dir, resume_mode)
+    note = check_work_dir(work_dir, config) if rank == 0 and point is None else None
     if rank == 0:  # the dataset is checked (and the demo data made) before anything slow happens
         prepare_dataset_root(config)
-    checkpoint = load_checkpoint(work_dir / "last.pt") if resume else None
+    checkpoint = load_checkpoint(point) if point else None
     changes = list(checkpoint["config_changes"]) if checkpoint else []
-    if checkpoint and (diff := resume_changes(checkpoint["config"], config, str(work_dir / "last.pt"))):
+    if checkpoint and (diff := resume_changes(checkpoint["config"], config, str(point))):
         changes.append({"iteration": checkpoint["iteration"], "changes": diff})
     if rank != 0 and world_size > 1:
         dist.barrier()  # rank 0 fetches the ImageNet weights first; the others then read them from the cache
@@ -153,7 +159,7 @@ def start(config: dict[str, Any], work_dir: Path, resume_mode: str | None, devic
     train_model = torch.compile(model) if tcfg["compile"] else model  # compiled inside DDP, as nanoGPT
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if cuda else None)
-    how = note or (f"resuming {work_dir / 'last.pt'} at iteration {checkpoint['iteration']}" if checkpoint
+    how = note or (f"resuming {point} at iteration {checkpoint['iteration']}" if checkpoint
                    else f"starting a new run in {work_dir}")
     run = Run(config, work_dir, rank, world_size, device, model, train_model, optimizer, scaler,
               banner(config, asked, model, deform_names, world_size, device, facts, how), config_changes=changes,
@@ -199,6 +205,7 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     if checkpoint["scaler"] and run.scaler.is_enabled():
         run.scaler.load_state_dict(checkpoint["scaler"])
     run.iteration, run.validated, run.best_miou = checkpoint["iteration"], checkpoint["validated"], checkpoint["best_miou"]
+    run.checkpointed = run.iteration
 
 
 def loop(run: Run, stop: Stop) -> int:
@@ -217,7 +224,7 @@ def loop(run: Run, stop: Stop) -> int:
         if run.validated < run.iteration and due(tcfg["val_interval"]):  # a validation a stop cut short
             stopped = (metrics := validate(run, val_loader, stop, then_saved=True)) is None
             if not stopped:
-                save_last(run, saved)  # with the validation's record (validated, best mIoU)
+                save_last(run)  # with the validation's record (validated, best mIoU)
         while not stopped and run.iteration < tcfg["iters"]:
             try:
                 images, labels, valid = next(batches)
@@ -239,23 +246,37 @@ def loop(run: Run, stop: Stop) -> int:
             set_learning_rate(run.optimizer, run.iteration, tcfg)  # the next step's (a per-step scheduler)
             bar.update(1)
             if due(tcfg["log_interval"]) or due(tcfg["val_interval"]) or due(tcfg["ckpt_interval"]):
-                log_window(run, window, saved, bar)  # checks the losses: NonFiniteLoss names the iteration
+                log_window(run, window, bar)  # checks the losses: NonFiniteLoss names the iteration
                 window = Window()
             if due(tcfg["val_interval"]):
-                check_weights(run, saved)  # a bad last update must reach neither best.pt nor last.pt
+                check_weights(run)  # a bad last update must reach neither best.pt nor last.pt
                 if stopped := (metrics := validate(run, val_loader, stop, due(tcfg["ckpt_interval"]))) is None:
                     break
             if due(tcfg["ckpt_interval"]):
-                saved = save_last(run, saved)
+                saved = save_last(run)
             window.mark = time.perf_counter()
         agreed = True  # every rank leaves here together: the end, or a stop they agreed on
     finally:
         bar.close()
         if run.iteration > saved and (agreed or run.world_size == 1):  # one process may always save its own work
-            log_window(run, window, saved, bar)
-            saved = save_last(run, saved)
+            log_window(run, window, bar)
+            saved = save_last(run)
     return finish(run, (stop.reason or "a stop signal on another rank") if stopped else None,
                   first_message(error) if stopped else None, metrics)
+
+
+def log(run: Run, write: Callable[[SummaryWriter], None]) -> None:
+    """``write(run.writer)`` on rank 0: a log write that fails (tb/ deleted, a read-only or full disk) is reported in
+    one line and ends the logging, never the training (checkpoints are saved as usual; a restart logs again)."""
+    if run.writer is None:
+        return
+    try:
+        write(run.writer)
+    except OSError as err:
+        run.writer = None
+        tqdm.write(f"warning: TensorBoard logging stopped: cannot write {run.work_dir / 'tb'} ({err.strerror or err}). "
+                   f"The training goes on without it and saves its checkpoints as usual; a restart (--resume auto) "
+                   f"logs there again.", file=sys.stderr)
 
 
 def announce(run: Run) -> None:
@@ -280,16 +301,15 @@ def on_device(run: Run, images: torch.Tensor, labels: torch.Tensor, valid: torch
 
 def finish(run: Run, stopped_by: str | None, error: str | None, metrics: dict[str, Any] | None) -> int:
     """Say how the run ended; raise the error of a file that could not be read, after last.pt was saved."""
+    saved = "saved" if run.iteration else "nothing trained yet"  # the loop's end saved the work since the last save
     if error is not None:
-        saved = " (last.pt holds it)" if run.iteration > 0 else ""
-        raise UserError(f"{error} Training stopped at iteration {run.iteration}{saved}; after fixing the file, run the "
-                        f"same command with --resume auto to continue.")
+        raise UserError(f"{error} Training stopped at iteration {run.iteration} ({saved}); after fixing the file, run "
+                        f"the same command line with --resume auto to continue.")
     if not run.master:
         return 0
     if stopped_by:
-        saved = "last.pt holds it" if run.iteration > 0 else "nothing trained yet"
-        print(f"stopped by {stopped_by} at iteration {run.iteration}; {saved}. Continue with the same command and "
-              f"--resume auto.")
+        print(f"stopped by {stopped_by} at iteration {run.iteration} ({saved}). To continue, run the same command line "
+              f"with --resume auto.")
     elif metrics is None:
         print(f"nothing to do: the run in {run.work_dir} is already at iteration {run.config['train']['iters']}.")
     else:
@@ -311,7 +331,7 @@ class Window:
     mark: float = field(default_factory=time.perf_counter)  # when the next batch was asked for
 
 
-def log_window(run: Run, window: Window, last_good: int, bar: tqdm) -> None:
+def log_window(run: Run, window: Window, bar: tqdm) -> None:
     """Check the window's losses (averaged over ranks: one sync) and log them with the speed on rank 0.
 
     Raises NonFiniteLoss naming the first bad iteration, so nothing after it is saved.
@@ -325,7 +345,7 @@ def log_window(run: Run, window: Window, last_good: int, bar: tqdm) -> None:
     stacked = stacked.float().cpu()
     bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
     if len(bad):
-        raise NonFiniteLoss(run.iteration - len(window.losses) + int(bad[0]) + 1, last_good)
+        raise NonFiniteLoss(run.iteration - len(window.losses) + int(bad[0]) + 1, run.checkpointed)
     if not run.master:
         return
     elapsed, mean, group = time.perf_counter() - window.start, stacked.mean(0), run.optimizer.param_groups[0]
@@ -336,17 +356,17 @@ def log_window(run: Run, window: Window, last_good: int, bar: tqdm) -> None:
         values["loss_aux"] = mean[2].item()
     if run.device.type == "cuda":
         values["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-    tb.log_train(run.writer, run.iteration, values)
+    log(run, lambda writer: tb.log_train(writer, run.iteration, values))
     bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
 
 
-def check_weights(run: Run, last_good: int) -> None:
+def check_weights(run: Run) -> None:
     """NonFiniteLoss if an update made a weight NaN or infinite (the losses before it were still finite)."""
     finite = torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all().to(torch.int32)
     if run.world_size > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
-        raise NonFiniteLoss(run.iteration, last_good, "the weights")
+        raise NonFiniteLoss(run.iteration, run.checkpointed, "the weights")
 
 
 def validate(run: Run, loader: Any, stop: Stop, then_saved: bool) -> dict[str, Any] | None:
@@ -374,29 +394,32 @@ def validate(run: Run, loader: Any, stop: Stop, then_saved: bool) -> dict[str, A
                 return None
     matrix.all_reduce()
     metrics, run.validated = matrix.metrics(), run.iteration
+    is_best, run.best_miou = metrics["mIoU"] > run.best_miou, max(run.best_miou, metrics["mIoU"])  # alike on every rank
+    if is_best:
+        run.best_at = run.iteration
     if run.master:
         names, palette = load_class_info()
         if run.samples is None:  # the fixed panel images, read once per run
             run.samples = [loader.dataset[i][:2] for i in range(min(run.config["train"]["tb_images"], len(loader.dataset)))]
-        tb.log_validation(run.writer, run.iteration, metrics, names)
-        tb.log_samples(run.writer, run.iteration, run.model, run.samples, palette, run.device)
-        is_best, run.best_miou = metrics["mIoU"] > run.best_miou, max(run.best_miou, metrics["mIoU"])
+        log(run, lambda writer: tb.log_validation(writer, run.iteration, metrics, names))
+        log(run, lambda writer: tb.log_samples(writer, run.iteration, run.model, run.samples, palette, run.device))
         tqdm.write(f"iter {run.iteration}: val mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc "
                    f"{metrics['mAcc']:.2f}  ({time.perf_counter() - start:.0f}s){'  new best' if is_best else ''}")
-        if is_best:
-            run.best_at = run.iteration
-            if not then_saved:
-                save_checkpoint(checkpoint_state(run), run.work_dir / "best.pt")
+        if is_best and not then_saved:
+            save_checkpoint(checkpoint_state(run), run.work_dir / "best.pt")
+    if is_best and not then_saved:
+        run.checkpointed = run.iteration
     return metrics
 
 
-def save_last(run: Run, last_good: int) -> int:
+def save_last(run: Run) -> int:
     """last.pt at the current iteration, once the weights are checked finite; returns the iteration saved."""
-    check_weights(run, last_good)
+    check_weights(run)
     if run.master:
         save_checkpoint(checkpoint_state(run), run.work_dir / "last.pt")
         if run.best_at == run.iteration:  # the best weights are these: best.pt names the same file
             link_checkpoint(run.work_dir / "last.pt", run.work_dir / "best.pt")
+    run.checkpointed = run.iteration
     return run.iteration
 
 

@@ -1,10 +1,28 @@
-"""The work dir of a run: whether a start may use it, whether a restart resumes, its lock, and its record.
+"""The work dir of a run: whether a start may use it, where a restart resumes, its lock, and its record.
 
 A work dir holding a checkpoint (last.pt, best.pt) or the record of a run belongs to that run: a new run is
-refused there and ``--resume`` continues it; ``--resume auto`` continues it when last.pt exists and starts
-otherwise, so one command line serves starts and restarts (torchrun --max-restarts, a SLURM requeue). A record
-of a start that never reached a checkpoint (config.yaml, tb/) of the same experiment is started over. While a
-training runs, ``.lock`` keeps a second one out (``Lock``).
+refused there, and ``--resume`` continues it from its newest checkpoint (the one at the highest iteration: last.pt,
+or best.pt when a validation wrote it after the last last.pt). ``--resume auto`` does the same and starts when
+there is no checkpoint, so one command line serves starts and restarts (torchrun --max-restarts, a SLURM requeue).
+While a training runs, ``.lock`` keeps a second one out (``Lock``).
+
+What a kill at any moment leaves in a work dir, and what ``--resume auto`` does then (tests/test_operations.py
+builds each state; the first column names it there)::
+
+    state       the work dir holds                        the kill came                         --resume auto
+    empty       nothing (or not even the folder)          before the work dir was checked       starts
+    record      config.yaml                               before tb/ was made                   starts over
+    logs        config.yaml, tb/                          before the first checkpoint           starts over
+    best        config.yaml, tb/, best.pt                 after a validation, before last.pt    resumes best.pt
+    last        config.yaml, tb/, last.pt                 after last.pt, before a validation    resumes last.pt
+    both        config.yaml, tb/, last.pt, best.pt        after last.pt                         resumes last.pt
+    best-newer  config.yaml, tb/, last.pt, newer best.pt  after a validation, before last.pt    resumes best.pt
+
+In every state the killed run's ``.lock`` may be left (taken over at once when its process is gone from this host;
+from another host, waited for until it is stale: ``Lock``), and a write the kill cut short leaves its temporary
+file (``.NAME.*.tmp``, ``TEMPORARIES``): ``remove_temporaries`` removes them, saying so. "Starts over" holds for the
+record of the same experiment; another experiment's record or checkpoint is refused, naming the file or the keys
+that differ, and nothing is written.
 """
 
 from __future__ import annotations
@@ -12,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,44 +38,73 @@ from typing import Any
 
 import yaml
 
-from configs import UserError, resume_changes
+from configs import RESUME_FIXED, UserError, flatten
+from engine.checkpoint import newest_checkpoint
 
 ARTEFACTS = ("config.yaml", "last.pt", "best.pt", "tb")
 CHECKPOINTS = ("last.pt", "best.pt")
+# What the writes of a training leave when a kill cuts them short: checkpoints and the record are written to a
+# temporary file and renamed (engine.checkpoint, write_whole); the folder is probed with a file (make_writable_folder).
+TEMPORARIES = (".last.pt.*.tmp", ".best.pt.*.tmp", ".config.yaml.*.tmp", ".write_test.*")
 
 
-def wants_resume(work_dir: Path, mode: str | None) -> bool:
-    """Whether a run resumes: ``--resume`` (mode ``last``) always, ``--resume auto`` when last.pt exists."""
-    return mode == "last" or (mode == "auto" and (work_dir / "last.pt").is_file())
+def resume_point(work_dir: Path, mode: str | None) -> Path | None:
+    """The checkpoint a start continues from, or None to start: with ``--resume`` (mode ``last``) or ``--resume
+    auto``, the newest checkpoint of the work dir (last.pt or best.pt, by iteration; last.pt when they tie).
 
-
-def check_work_dir(work_dir: Path, config: dict[str, Any], resume: bool) -> str | None:
-    """Refuse a start that would overwrite another run, or a resume without last.pt.
-
-    Returns a line to print when a start replaces the record of a start that never reached a checkpoint.
+    UserError for ``--resume`` in a work dir without a checkpoint.
     """
-    if resume:
-        if not (work_dir / "last.pt").is_file():
-            raise UserError(f"--resume was given but {work_dir / 'last.pt'} does not exist. Use --resume auto to "
-                            f"start when there is nothing to resume, or name the run's folder with --work-dir.")
+    if mode is None:
         return None
+    found = newest_checkpoint([work_dir / name for name in CHECKPOINTS])
+    if found is None and mode == "last":
+        raise UserError(f"--resume was given but {work_dir} holds no checkpoint (last.pt or best.pt). Use --resume "
+                        f"auto to start when there is nothing to resume, or name the run's folder with --work-dir.")
+    return found
+
+
+def check_work_dir(work_dir: Path, config: dict[str, Any]) -> str | None:
+    """Refuse a start that would overwrite another run (a start: no checkpoint is resumed).
+
+    Returns a line to print when a start replaces the record of a start of this experiment that never reached a
+    checkpoint.
+    """
     found = [name for name in ARTEFACTS if (work_dir / name).exists()]
     if not found:
         return None
     saved = _read_record(work_dir / "config.yaml")
-    if saved is not None and not any(name in found for name in CHECKPOINTS):
-        try:
-            resume_changes(saved, config, str(work_dir / "config.yaml"))
-        except UserError:
-            pass  # another experiment's record: refused below
-        else:
-            return f"starting over in {work_dir}: it holds only the record of a start that never reached a checkpoint"
-    what = "a run of this config" if saved == config else (
-        f"a run of a different config ({work_dir / 'config.yaml'})" if saved else f"another run ({', '.join(found)})")
-    raise UserError(
-        f"the work dir {work_dir} already holds {what}. To continue it, add --resume auto (the same command line "
-        f"starts and restarts); to start another run, give --work-dir DIR (or delete {work_dir}). Nothing was overwritten."
-    )
+    if any(name in found for name in CHECKPOINTS):  # a start: --resume auto would have resumed them
+        record = work_dir / "config.yaml"
+        what = ("a run of this config" if saved == config else f"a run of a different config ({record})" if saved
+                else f"another run ({', '.join(found)})")
+        raise UserError(
+            f"the work dir {work_dir} already holds {what}. To continue it, add --resume auto (the same command line "
+            f"starts and restarts); to start another run, give --work-dir DIR (or delete {work_dir}). Nothing was "
+            f"overwritten."
+        )
+    if saved is None:
+        raise UserError(
+            f"the work dir {work_dir} already holds {', '.join(found)} but no readable config.yaml, so it is not known "
+            f"which run wrote them. Give --work-dir DIR for this run, or delete {work_dir}. Nothing was overwritten."
+        )
+    recorded, wanted = flatten(saved), flatten(config)
+    differ = [key for key in RESUME_FIXED if recorded.get(key) != wanted.get(key)]
+    if differ:
+        raise UserError(
+            f"the work dir {work_dir} already holds the record ({work_dir / 'config.yaml'}) of a start of another "
+            f"experiment that never reached a checkpoint ({', '.join(differ)} differ). To start this run, give "
+            f"--work-dir DIR, or delete {work_dir} if that start is not wanted. Nothing was overwritten."
+        )
+    return f"starting over in {work_dir}: it holds only the record of a start that never reached a checkpoint"
+
+
+def remove_temporaries(work_dir: Path) -> list[str]:
+    """Remove the temporary files that interrupted writes of a training left in ``work_dir`` (``TEMPORARIES``);
+    their names. Call it holding the work dir's lock: no other training writes there then."""
+    found = sorted({path for pattern in TEMPORARIES for path in work_dir.glob(pattern)})
+    for path in found:
+        path.unlink(missing_ok=True)
+    return [path.name for path in found]
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -79,7 +127,7 @@ def make_writable_folder(folder: Path, advice: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test.{os.getpid()}"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # a training that starts there removes the probes of killed processes
     except OSError as err:
         raise UserError(f"cannot write to {folder} ({err.strerror or err}). {advice}") from None
 
@@ -97,10 +145,13 @@ def _process_alive(pid: int) -> bool:
 class Lock:
     """``with Lock(path, what):`` holds the lock file ``path`` for one writer of ``what``; UserError if it is taken.
 
-    A thread refreshes the file's modification time every ``refresh_s`` seconds while it is held. A lock is stale,
-    and taken over, when its process is gone (same host), when it names this process but this process does not
-    hold it (a restart that got the old pid), or when nobody refreshed it for ``stale_s`` seconds (any host: a node
-    that crashed).
+    A thread refreshes the file's modification time every ``refresh_s`` seconds while it is held (the heartbeat). A
+    lock is stale, and taken over, when its process is gone (same host), when it names this process but this process
+    does not hold it (a restart that got the old pid), or when nobody refreshed it for ``stale_s`` seconds (any host:
+    a node that crashed). A lock held on this host by a live process is refused at once. A lock from another host (or
+    one that names no owner) is watched instead, saying so: if its heartbeat goes on, the holder is alive and the lock
+    is refused; if it has stopped, the lock is taken over once stale, at most ``stale_s`` after its last refresh (a
+    job requeued onto another node after a node crash waits instead of failing).
     """
 
     refresh_s, stale_s = 60.0, 300.0
@@ -116,7 +167,7 @@ class Lock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                self._remove_if_stale()
+                self._take_over_when_stale()
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
@@ -132,21 +183,51 @@ class Lock:
             except OSError:
                 pass  # gone or unreachable for a moment: the next refresh tries again
 
-    def _remove_if_stale(self) -> None:
-        holder = lock_holder(self.path)
-        if holder is None:
-            self.path.unlink(missing_ok=True)
-            return
-        raise UserError(
-            f"{self.what} is in use by {holder} (lock file {self.path}). Two processes must not write it at once: wait "
-            f"for that one, or choose another output. A lock that nobody refreshes for {self.stale_s / 60:.0f} minutes "
-            f"(a crashed node) is taken over."
-        )
+    def _take_over_when_stale(self) -> None:
+        """Remove the lock file once it is stale; UserError while a live process holds it (see the class)."""
+        first, told = _modified(self.path), False
+        while (holder := lock_holder(self.path)) is not None:
+            modified = _modified(self.path)
+            if _on_this_host(self.path) or (modified or 0) > (first or 0):  # a live process, or a heartbeat
+                raise UserError(
+                    f"{self.what} is in use by {holder} (lock file {self.path}). Two processes must not write it at "
+                    f"once: wait for that one, or choose another output. A lock that nobody refreshes for "
+                    f"{self.stale_s / 60:.0f} minutes (a crashed node) is taken over."
+                )
+            left = self.stale_s - (time.time() - (modified or 0))
+            if not told:
+                print(f"waiting for the lock {self.path}, held by {holder}: a live holder refreshes it every "
+                      f"{self.refresh_s:.0f} s (then this start stops); if its node crashed, it is taken over when "
+                      f"nobody refreshed it for {self.stale_s:.0f} s, in at most {max(left, 0):.0f} s.", flush=True)
+                told = True
+            time.sleep(min(self.refresh_s / 4, max(left, 0) + 0.01))
+        self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         Lock.held.discard(self.path.resolve())
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as err:  # a filesystem remounted read-only: the lock names a process that is ending
+            print(f"could not remove the lock file {self.path} ({err.strerror or err}); the next start on this host "
+                  f"takes it over, since its process is gone.", file=sys.stderr)
+
+
+def _modified(path: Path) -> float | None:
+    """The modification time of ``path`` (the lock's last heartbeat), or None when it is gone."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _on_this_host(path: Path) -> bool:
+    """Whether the lock file ``path`` names a process of this host (whose liveness can be checked directly)."""
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(owner, dict) and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
 
 
 def lock_holder(path: Path) -> str | None:
@@ -154,7 +235,10 @@ def lock_holder(path: Path) -> str | None:
     try:
         owner, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
     except (OSError, ValueError):
-        return None if not path.exists() else "an unknown process"
+        if not path.exists():
+            return None
+        age = time.time() - (_modified(path) or 0)
+        return None if age > Lock.stale_s else f"an unknown process (the lock file names none), made {age:.0f} s ago"
     pid, host = owner.get("pid"), owner.get("host")
     same_host = host == socket.gethostname() and isinstance(pid, int)
     ours_before = pid == os.getpid() and path.resolve() not in Lock.held  # a restart that was given the old pid

@@ -170,7 +170,7 @@ def test_missing_dataset_root_names_layout_and_download(tmp_path: Path, capsys: 
     assert "download_ade20k.py" in err and "annotations" in err and "Traceback" not in err
     # the failed start saved no checkpoint, so the same work dir may be used once the data is there
     config = load_config("demo.yaml", overrides)
-    check_work_dir(tmp_path / "run", config, resume=False)
+    check_work_dir(tmp_path / "run", config)
 
 
 def test_overfitting_a_tiny_batch_reaches_90_percent_pixel_accuracy(tree: Path) -> None:
@@ -437,7 +437,7 @@ def test_a_bad_last_update_reaches_no_checkpoint(tree: Path, tmp_path: Path, mon
     work_dir = tmp_path / "nan_weights"
     code = train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)])
     err = capsys.readouterr().err
-    assert code == 1 and "the weights became non-finite" in err and "last.pt holds iteration 2" in err
+    assert code == 1 and "the weights became non-finite" in err and "newest checkpoint holds iteration 2" in err
     assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
     assert load_checkpoint(work_dir / "best.pt")["iteration"] == 2
 
