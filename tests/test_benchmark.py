@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from configs import load_config
 from engine import benchmark as benchmark_lib
 from engine.device import DeviceFacts, device_facts
-from engine.memory import STEP_GIB
+from engine.memory import CARDS_GIB, STEP_GIB, fewest_that_fit, step_gib
 from scripts import benchmark
 
 GIB = 2**30
@@ -125,3 +126,18 @@ def test_cuda_without_a_usable_gpu_is_a_user_error(monkeypatch: pytest.MonkeyPat
     assert benchmark.main(["--config", "demo.yaml", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not usable here" in err and "--device cpu" in err
+
+
+def test_the_readme_memory_table_is_engine_memorys() -> None:
+    """The README's table and the figures the advice and gpu_check.py's plan use cannot drift apart."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [line.split(" | ") for line in readme.splitlines()
+            if line.startswith("| ") and line.endswith("| not measured yet |")]
+    versions, found = {"norm-conv": 0, "def-conv-v1": 1, "def-conv-v2": 2}, {}
+    for row in rows:
+        key = (versions[row[0].strip("| ")], "none" if row[1] == "fp32" else row[1].split()[0])
+        per_image, fixed = (float(cell.split()[0]) for cell in row[2:4])
+        found[key] = (per_image, fixed)
+        fits = [fewest_that_fit(lambda b: step_gib(*key, 512, b), 16, 1, card) for card in CARDS_GIB]
+        assert row[4:8] == [f"accum {n}" for n in fits], row
+    assert found == STEP_GIB
