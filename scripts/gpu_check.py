@@ -150,7 +150,7 @@ def plan_table(cases: list[dict[str, Any]], memories: list[float], shapes: dict[
     lines.append(f"cells: images per forward x train.accum_steps (the step's GiB by the README's memory table, at most "
                  f"{CARD_SHARE:.0%} of the card)\nseconds: estimates for an H100, not measured (ESTIMATE_S in "
                  f"scripts/gpu_check.py)")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _minutes(seconds: float) -> str:
