@@ -5,7 +5,8 @@
 
 The command line around ``engine.evaluation.evaluate_checkpoint``: it parses arguments, evaluates each
 checkpoint and prints a per-class table and a summary (the metric: ``engine/metric.py``; inference:
-``engine/inference.py``). Evaluation runs in fp32 unless ``--amp bf16`` is given (the fast option).
+``engine/inference.py``). Evaluation runs in fp32 unless ``--amp`` asks for autocast (auto, bf16, fp16: the fast
+option), resolved for the GPU by the rule train.amp follows.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from configs import UserError, error_message, load_config
 from data.perturb import HELP as PERTURB_HELP
 from engine.checkpoint import load_checkpoint
-from engine.device import AMP_DTYPES, device_facts, inference_device
+from engine.device import AMP_DTYPES, device_facts, inference_device, resolve_amp
 from engine.distributed import env_rank, init_distributed, shutdown
 from engine.evaluation import evaluate_checkpoint
 from engine.workdir import make_writable_folder, output_lock, write_json
@@ -69,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto (default): CUDA when usable, else the CPU with a note saying why")
     parser.add_argument(
-        "--amp", choices=list(AMP_DTYPES), default="none",
-        help="autocast dtype on CUDA (default none: fp32, as mmsegmentation; bf16 is the fast option)",
+        "--amp", choices=["auto", *AMP_DTYPES], default="none",
+        help="autocast on CUDA, resolved as train.amp is (auto: bf16 on GPUs of capability 8.0 or newer, fp16 below; "
+        "default none: fp32, as mmsegmentation)",
     )
     return parser.parse_args(argv)
 
@@ -132,7 +134,9 @@ def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, evaluate every checkpoint, print and write the results."""
-    device_name = inference_device(args.device, device_facts())
+    facts = device_facts()
+    device_name = inference_device(args.device, facts)
+    amp = resolve_amp(args.amp, device_name, facts.capability, "--amp")
     if args.max_images is not None and args.max_images < 0:
         raise UserError(f"--max-images must be 0 (all) or a positive number, got {args.max_images}.")
     changes = {"eval.scales": parse_scales(args.scales), "eval.flip": args.tta == "flip"}  # checked before any work
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         for path, name, per_image in zip(paths, names, per_images):
             save_dir = Path(args.save_predictions) / (name if len(paths) > 1 else "") if args.save_predictions else None
             record = evaluate_checkpoint(
-                path, device, args.split, args.max_images, args.amp, changes, config_override, args.perturb, save_dir,
+                path, device, args.split, args.max_images, amp, changes, config_override, args.perturb, save_dir,
                 per_image,
             )
             if rank == 0:

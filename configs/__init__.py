@@ -96,13 +96,16 @@ def _merge(base: dict[str, Any], child: dict[str, Any], source: str, prefix: str
                 raise UserError(f"config key '{dotted}' in {source} must be a mapping, got {value!r}.")
             merged[key] = _merge(old, value, source, f"{dotted}.")
         else:
+            (test, requirement), _ = KEYS.get(dotted, ((lambda v: False, f"of type {type(old).__name__}"), ""))
             try:
                 merged[key] = _typed(old, value)
             except (TypeError, ValueError):
-                raise UserError(
-                    f"config key '{dotted}' in {source} must be of type {type(old).__name__} "
-                    f"(like the default {old!r}), got {value!r} of type {type(value).__name__}."
-                ) from None
+                if not test(value):  # a key of two types takes either (train.accum_steps: auto or N)
+                    raise UserError(
+                        f"config key '{dotted}' in {source} must be {requirement} (like the default {old!r}), got "
+                        f"{value!r} of type {type(value).__name__}."
+                    ) from None
+                merged[key] = value
     return merged
 
 
@@ -231,7 +234,8 @@ KEYS: dict[str, tuple[Rule, str]] = {
     "data.train_eval_images": (_integer(0, "an integer >= 0 (0 = all)"), "schedule"),
     "train.iters": (_integer(1), "schedule"),
     "train.batch_size": (_integer(1), "recipe"),
-    "train.accum_steps": (_integer(1, "a positive integer (micro-batches per optimizer step)"), "schedule"),
+    "train.accum_steps": (((lambda v: v == "auto" or _integer(1)[0](v)),
+                           "auto or a positive integer (micro-batches per optimizer step)"), "schedule"),
     "train.lr": (((lambda v: _number(v) and v > 0), "a positive number"), "schedule"),
     "train.min_lr": (_real(0), "schedule"),
     "train.poly_power": (_real(0), "schedule"),
@@ -303,10 +307,35 @@ def validate_config(config: dict[str, Any], source: str) -> None:
             raise _fail(source, key, requirement, flat[key])
     if flat["train.min_lr"] > flat["train.lr"]:
         raise _fail(source, "train.min_lr", f"at most train.lr ({flat['train.lr']})", flat["train.min_lr"])
+    accum = 1 if flat["train.accum_steps"] == "auto" else flat["train.accum_steps"]
+    if (why := batch_split_error(flat["train.batch_size"], accum, 1)) is not None:
+        raise UserError(f"config {source}: {why}")
     if flat["eval.slide_stride"] > flat["eval.slide_crop"]:
         raise _fail(source, "eval.slide_stride", f"at most eval.slide_crop ({flat['eval.slide_crop']})",
                     flat["eval.slide_stride"])
     _validate_deform(flat, source)
+
+
+MIN_PER_FORWARD = 2  # images BatchNorm's statistics need in one forward (over one image they are noise, or fail)
+
+
+def batch_split_error(batch_size: int, accum_steps: int, processes: int, synced: bool = False) -> str | None:
+    """Why ``train.batch_size`` cannot run as ``processes`` x ``accum_steps`` forwards (None: it can).
+
+    Each forward runs batch_size / (processes x accum_steps) images, and BatchNorm computes its statistics over
+    them (over every process's with SyncBatchNorm, ``synced``): at least ``MIN_PER_FORWARD``.
+    """
+    split = f"train.batch_size={batch_size} (the global batch) over {processes} process(es) x train.accum_steps={accum_steps}"
+    if batch_size % (processes * accum_steps):
+        return f"{split} does not divide evenly: the batch must be divisible by processes x train.accum_steps."
+    per_forward = batch_size // (processes * accum_steps)
+    if per_forward * (processes if synced else 1) < MIN_PER_FORWARD:
+        ways = ["raise train.batch_size (the recipe's is 16)"]
+        ways += ["lower train.accum_steps"] if accum_steps > 1 else []
+        ways += ["use fewer processes"] if processes > 1 else []
+        return (f"{split} gives {per_forward} image per forward, and BatchNorm needs its statistics over at least "
+                f"{MIN_PER_FORWARD} images: {'; or '.join(ways)}.")
+    return None
 
 
 def _validate_deform(flat: dict[str, Any], source: str) -> None:

@@ -7,7 +7,9 @@ train.py sets it up and resolved for the device by ``engine.device``; its traini
 the GPU and reports medians; the cases are timed in alternating rounds, so that a change in machine load hits
 all of them alike. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step after a warm-up one;
 on the CPU the peak resident size of a fresh process that runs only that case (``process_peak``), which also
-counts the interpreter and torch's libraries (Linux: its VmHWM).
+counts the interpreter and torch's libraries (Linux: its VmHWM); there bf16 and fp16 run CPU autocast with
+torchvision's CUDA autocast rule for the deformable op (``deform_in_fp32_under_cpu_autocast``): the memory
+table's CPU stand-in for the GPU's autocast.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from data import IGNORE_INDEX
 from engine.device import AMP_DTYPES, DeviceFacts, autocast, memory_format, resolve_amp, resolve_config
 from engine.inference import predict_logits
 from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
+from engine.memory import CARDS_GIB, fewest_that_fit
 from engine.offsets import capture_offsets
 from engine.optim import build_optimizer
 from engine.trainer import train_step
@@ -38,29 +41,44 @@ from models.segmentor import build_model
 VARIANTS = {"norm": ("norm-conv", 0), "v1": ("def-conv-v1", 1), "v2": ("def-conv-v2", 2)}
 PATHS = ("reference", "triton")  # model.deform_op and train.loss_op together
 GIB = 2**30
-CARDS_GIB = (16, 24, 40, 80)  # the memory table's cards
-CARD_SHARE = 0.9  # a step fits a card when its peak is at most this share of it (CUDA context, allocator slack)
 RECIPE_BATCH = 16
 
 
 def run_amp(name: str, device: torch.device, facts: DeviceFacts) -> str:
     """``train.amp`` as a benchmark runs it: ``resolve_amp``'s rule, except that on the CPU an explicit bf16 or fp16
-    is kept. That is CPU autocast, which train.py never uses: the memory table's CPU stand-in for bf16 (norm-conv
-    only: torchvision's deformable op has no bf16 CPU kernel)."""
+    is kept. That is CPU autocast, which train.py never uses: the memory table's CPU stand-in for bf16."""
     if device.type == "cpu" and name in ("bf16", "fp16"):
         return name
     return resolve_amp(name, device.type, facts.capability)
 
 
+@functools.cache
+def deform_in_fp32_under_cpu_autocast() -> torch.library.Library:
+    """Give CPU autocast torchvision's CUDA autocast rule for its deformable op: compute in fp32, return the input's
+    dtype (torchvision has no bf16 CPU kernel, and registers the rule for CUDA only). For the rest of the process."""
+    library = torch.library.Library("torchvision", "IMPL")
+
+    def in_fp32(input: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
+                bias: torch.Tensor, *geometry: Any) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            out = torch.ops.torchvision.deform_conv2d(input.float(), weight.float(), offset.float(), mask.float(),
+                                                      bias.float(), *geometry)
+        return out.to(input.dtype)
+
+    library.impl("deform_conv2d", in_fp32, "AutocastCPU")
+    return library
+
+
 def case_config(config: dict[str, Any], version: int, path: str, amp: str, device: torch.device,
                 facts: DeviceFacts) -> dict[str, Any]:
     """``config`` resolved for ``device`` with ``model.deform.version``, both ops and ``train.amp`` (as ``run_amp``
-    gives it) set, and no ImageNet download (random weights)."""
+    gives it) set, one micro-batch per step, and no ImageNet download (random weights)."""
     config = copy.deepcopy(config)
     config["model"]["deform"]["version"] = version
     config["model"]["pretrained_backbone"] = False
     config["model"]["deform_op"] = config["train"]["loss_op"] = path
     config["train"]["amp"] = "none"  # replaced by amp below; resolve_config settles the layout and the ops
+    config["train"]["accum_steps"] = 1  # a case's batch is one forward
     config = resolve_config(config, device, facts)
     config["train"]["amp"] = amp
     return config
@@ -140,7 +158,10 @@ def process_peak(fn: Callable[..., Any], *args: Any) -> int:
 
 
 def cpu_training_peak(config: dict[str, Any], batch: int, crop: int) -> None:
-    """Two training steps of ``config`` on the CPU (the second has the optimizer's momentum), for ``process_peak``."""
+    """Two training steps of ``config`` on the CPU (the second has the optimizer's momentum), for ``process_peak``
+    (in a process of its own: CPU autocast gets the deformable op's CUDA rule there)."""
+    if config["train"]["amp"] != "none":
+        deform_in_fp32_under_cpu_autocast()
     case = TrainingCase(config, torch.device("cpu"), batch, crop)
     case.train()
     case.train()
@@ -160,12 +181,11 @@ def training_peak(config: dict[str, Any], device: torch.device, batch: int, crop
 
 def memory_fit(peaks: dict[int, int]) -> dict[str, Any]:
     """Per-image bytes (the slope between the two batch sizes) and the fixed part, and per card the fewest
-    ``train.accum_steps`` with which the recipe's batch of 16 fits (None: not even one image at a time)."""
+    accepted ``train.accum_steps`` with which the recipe's batch of 16 fits (None: not even 2 images at a time)."""
     (b1, p1), (b2, p2) = sorted(peaks.items())
     slope = (p2 - p1) / (b2 - b1)
     fixed = p1 - slope * b1
-    accum = {card: next((n for n in (1, 2, 4, 8, 16) if fixed + slope * RECIPE_BATCH / n <= CARD_SHARE * card * GIB),
-                        None) for card in CARDS_GIB}
+    accum = {card: fewest_that_fit(lambda b: (fixed + slope * b) / GIB, RECIPE_BATCH, 1, card) for card in CARDS_GIB}
     return {"per_image_gib": slope / GIB, "fixed_gib": fixed / GIB, "accum_steps": accum}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from configs import UserError
+from engine.memory import CARD_SHARE, accum_choices, config_step_gib
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # The oldest NVIDIA driver branch that runs each CUDA major version (CUDA's minor-version compatibility).
@@ -166,13 +168,21 @@ def inference_device(requested: str, facts: DeviceFacts) -> str:
     return device
 
 
-def resolve_amp(name: str, device_type: str, capability: tuple[int, int] | None) -> str:
-    """``train.amp`` as it will run: auto is bf16 on GPUs of capability 8.0 or newer, fp16 below, none on the CPU."""
+def spell(setting: str, value: Any) -> str:
+    """A setting as the user writes it: ``key=value`` for a config key, ``--flag value`` for a command-line flag."""
+    if isinstance(value, list):
+        value = ",".join(map(str, value)) if setting.startswith("--") else f"[{', '.join(map(str, value))}]"
+    return f"{setting} {value}" if setting.startswith("--") else f"{setting}={value}"
+
+
+def resolve_amp(name: str, device_type: str, capability: tuple[int, int] | None, setting: str = "train.amp") -> str:
+    """``train.amp`` (or evaluate.py's ``--amp``: ``setting``) as it will run: auto is bf16 on GPUs of capability 8.0
+    or newer, fp16 below, none on the CPU."""
     if device_type != "cuda":
         if name in ("bf16", "fp16"):
             raise UserError(
-                f"train.amp={name} is a GPU setting: on the CPU autocast stays off (torchvision's deformable "
-                f"convolution has no {name} CPU kernel). Use train.amp=auto (or none) with --device cpu."
+                f"{spell(setting, name)} is a GPU setting: on the CPU autocast stays off (torchvision's deformable "
+                f"convolution has no {name} CPU kernel). Use {spell(setting, 'auto')} (or none) with --device cpu."
             )
         return "none"
     native_bf16 = capability is not None and capability >= (8, 0)
@@ -180,8 +190,9 @@ def resolve_amp(name: str, device_type: str, capability: tuple[int, int] | None)
         return "bf16" if native_bf16 else "fp16"
     if name == "bf16" and not native_bf16:
         raise UserError(
-            f"train.amp=bf16 needs a GPU with native bfloat16 (compute capability 8.0 or newer: A100, RTX 30xx, "
-            f"H100...); this one has {capability}. Use train.amp=fp16 (with the gradient scaler) or train.amp=auto."
+            f"{spell(setting, 'bf16')} needs a GPU with native bfloat16 (compute capability 8.0 or newer: A100, RTX "
+            f"30xx, H100...); this one has {capability}. Use {spell(setting, 'fp16')} or "
+            f"{spell(setting, 'auto')}."
         )
     return name
 
@@ -221,3 +232,100 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout of a resolved ``train.channels_last``: channels_last (cuDNN's and the Triton kernels' fast one)."""
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# ------------------------------------------------------------------------------------------ the advice table
+# What an out-of-memory or a non-finite loss message proposes: only settings this device accepts that are not
+# already in force, spelled as config keys in training and validation and as evaluate.py's flags in evaluation.
+WHERE = ("training", "validation", "evaluation")
+EVALUATE_FLAGS = {"train.amp": "--amp", "eval.mode": "--mode", "eval.scales": "--scales"}
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One setting to change: the config key, its value, and what it does."""
+
+    key: str
+    value: Any
+    why: str
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's refusal."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def memory_gib(device: torch.device) -> float:
+    """The memory of ``device`` in GiB: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def memory_advice(where: str, config: dict[str, Any], amp: str, processes: int, device_type: str,
+                  available_gib: float) -> list[Proposal]:
+    """What makes ``where`` (training, validation or evaluation) of a resolved ``config`` in precision ``amp`` fit.
+
+    Training: more micro-batches (the fewest the memory table says fit ``available_gib``, or the next accepted
+    value where it says the present one should), then autocast. Validation and evaluation: autocast, sliding
+    windows, no test scale above 1.
+    """
+    tcfg, ecfg, proposals = config["train"], config["eval"], []
+    if where == "training":
+        batch, accum = tcfg["batch_size"], tcfg["accum_steps"]
+        more = [n for n in accum_choices(batch, processes) if n > accum]
+        if more:
+            need = {n: config_step_gib(config, batch // (processes * n)) for n in more}
+            n = next((n for n in more if need[n] <= CARD_SHARE * available_gib), more[-1])
+            proposals.append(Proposal("train.accum_steps", n, f"{batch // (processes * n)} images per forward, about "
+                                      f"{need[n]:.1f} GiB by the memory table; the same global batch and recipe"))
+    if device_type == "cuda" and amp == "none":
+        proposals.append(Proposal("train.amp", "auto", "bf16 or fp16 autocast, about half the activation memory"))
+    if where != "training" and ecfg["mode"] == "whole":
+        proposals.append(Proposal("eval.mode", "slide", f"windows of {ecfg['slide_crop']} pixels instead of the "
+                                  "whole image"))
+    if where != "training" and max(ecfg["scales"]) > 1:
+        scales = [s for s in ecfg["scales"] if s <= 1] or [1.0]
+        proposals.append(Proposal("eval.scales", scales, "no view larger than the image"))
+    return proposals
+
+
+def nonfinite_advice(config: dict[str, Any], device_type: str, capability: tuple[int, int] | None) -> list[Proposal]:
+    """What may keep the loss of a resolved ``config`` finite: a lower learning rate (above train.min_lr), then a
+    wider precision than the one in force (bf16 where the GPU has it, else fp32)."""
+    tcfg, proposals = config["train"], []
+    if tcfg["lr"] / 2 >= tcfg["min_lr"]:
+        proposals.append(Proposal("train.lr", tcfg["lr"] / 2, "half the learning rate"))
+    if tcfg["amp"] == "fp16" and device_type == "cuda" and capability is not None and capability >= (8, 0):
+        proposals.append(Proposal("train.amp", "bf16", "fp32's range, where fp16 overflows"))
+    elif tcfg["amp"] != "none":
+        proposals.append(Proposal("train.amp", "none", "fp32, no rounding or overflow of autocast"))
+    return proposals
+
+
+def advice_text(proposals: list[Proposal], where: str) -> str:
+    """``key=value (why); or ...`` (evaluate.py's flags in evaluation)."""
+    return "; or ".join(f"{spell(EVALUATE_FLAGS[p.key] if where == 'evaluation' else p.key, p.value)} ({p.why})"
+                        for p in proposals)
+
+
+def out_of_memory_message(where: str, config: dict[str, Any], amp: str, processes: int, device_type: str,
+                          available_gib: float, what: str) -> str:
+    """One paragraph for an out-of-memory ``where`` (``what``: at iteration N, evaluating X): what ran, on what
+    memory, and ``memory_advice``'s settings (then more GPUs, or more memory)."""
+    tcfg, ecfg = config["train"], config["eval"]
+    place = f"{'a GPU' if device_type == 'cuda' else 'the CPU'} with {available_gib:.1f} GiB"
+    if where == "training":
+        per_forward = tcfg["batch_size"] // (processes * tcfg["accum_steps"])
+        ran = (f"{per_forward} images per forward (train.batch_size={tcfg['batch_size']} over {processes} process(es) "
+               f"x train.accum_steps={tcfg['accum_steps']}), about {config_step_gib(config, per_forward):.1f} GiB by "
+               f"the README's memory table")
+    else:
+        ran = f"mode {ecfg['mode']}, scales {ecfg['scales']}"
+    advice = advice_text(memory_advice(where, config, amp, processes, device_type, available_gib), where)
+    last = ("a GPU, or a machine with more memory" if device_type != "cuda" else
+            "more GPUs under torchrun" if where == "training" else "a GPU with more memory")
+    again = "Run it again with" if where == "evaluation" else "Continue with --resume auto and"
+    return (f"out of memory in {where} {what} on {place}: {ran}, precision {amp}. {again} "
+            f"{advice + '; or ' if advice else ''}{last}.")

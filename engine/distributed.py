@@ -75,3 +75,12 @@ def shutdown() -> None:
     if is_initialized():
         dist.destroy_process_group()
     _control = None
+
+
+def largest(value: int) -> int:
+    """The largest ``value`` over the ranks, on every rank (every rank must call it at the same point)."""
+    if not is_initialized():
+        return value
+    tensor = torch.tensor([value])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control)
+    return int(tensor.item())

@@ -23,7 +23,7 @@ from configs import UserError, set_values, validate_config
 from data.dataset import build_val_loader, load_class_info
 from data.perturb import parse_perturbation
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
-from engine.device import memory_format
+from engine.device import is_out_of_memory, memory_format, memory_gib, out_of_memory_message
 from engine.distributed import is_initialized, is_rank0
 from engine.inference import predictions
 from engine.metric import ConfusionMatrix
@@ -86,8 +86,8 @@ def evaluate_checkpoint(
 
     The checkpoint's config decides the model; ``config`` (a user's ``--config``) must describe the same model and
     then gives the data and evaluation settings, ``changes`` (dotted keys) set more. ``max_images`` None means all
-    of validation or ``data.train_eval_images`` of training; ``amp`` is CUDA autocast (``none``: fp32, as
-    mmsegmentation evaluates); ``perturb`` (``KIND=VALUE``, data/perturb.py) warps every image and label first.
+    of validation or ``data.train_eval_images`` of training; ``amp`` is CUDA autocast, resolved (``resolve_amp``;
+    ``none``: fp32, as mmsegmentation evaluates); ``perturb`` (``KIND=VALUE``, data/perturb.py) warps every image and label first.
     ``save_dir`` receives every prediction as ``NAME.png`` (the ADE20K submission format, class + 1), ``per_image``
     every image's per-class and object-size counts (``PerImageCounts``, .npz). Metrics are in percent (None where
     undefined). Under torchrun every rank calls this and returns the same numbers (the matrix is summed).
@@ -96,9 +96,6 @@ def evaluate_checkpoint(
         warp = parse_perturbation(perturb) if perturb else None
     except ValueError as err:
         raise UserError(f"--perturb: {err}") from None
-    if device.type != "cuda" and amp != "none":
-        raise UserError(f"--amp {amp} is for CUDA: on the CPU torchvision's deformable convolution has no bf16/fp16 "
-                        f"kernel. Leave --amp out (fp32) with --device cpu.")
     digest, checkpoint = checkpoint_digest(path), load_checkpoint(path)
     model, config = build_model_from_checkpoint(checkpoint, path, config)
     del checkpoint
@@ -109,7 +106,13 @@ def evaluate_checkpoint(
         max_images = config["data"]["train_eval_images"] if split == "training" else 0
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_initialized() else (0, 1)
     loader = build_val_loader(config, split, rank, world, max_images=max_images, perturb=warp)
-    matrix, seconds = _score(model, loader, device, config, amp, digest, save_dir, per_image)
+    try:
+        matrix, seconds = _score(model, loader, device, config, amp, digest, save_dir, per_image)
+    except RuntimeError as err:  # out of memory (CUDA's, or the CPU allocator's): the paragraph, not a traceback
+        if not is_out_of_memory(err):
+            raise
+        raise UserError(out_of_memory_message("evaluation", config, amp, world, device.type, memory_gib(device),
+                                              f"of {path}")) from None
     m, names = matrix.metrics(), list(load_class_info()[0])
     names = names if len(names) == len(m["iou"]) else [f"class {i}" for i in range(len(m["iou"]))]
     return {

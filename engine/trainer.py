@@ -10,6 +10,8 @@ when the work since the last save is sound; under torchrun the ranks agree on st
 
 from __future__ import annotations
 
+import copy
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -24,14 +26,16 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from configs import UserError, error_message, flatten, resume_changes
+from configs import UserError, batch_split_error, error_message, flatten, resume_changes
 from data.dataset import build_train_loader, build_val_loader, load_class_info, prepare_dataset_root
 from data.transforms import normalize_batch
 from engine import loss as loss_module
 from engine import tensorboard as tb
 from engine.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
-from engine.device import DeviceFacts, autocast, describe_device, memory_format, resolve_config
-from engine.distributed import any_rank, first_message, init_distributed
+from engine.device import (DeviceFacts, advice_text, autocast, describe_device, is_out_of_memory, memory_format,
+                           memory_gib, nonfinite_advice, out_of_memory_message, resolve_config)
+from engine.distributed import any_rank, first_message, init_distributed, largest
+from engine.memory import accum_choices
 from engine.environment import describe
 from engine.inference import predictions
 from engine.metric import ConfusionMatrix
@@ -43,13 +47,14 @@ from models.segmentor import build_model, count_parameters
 class NonFiniteLoss(Exception):
     """The loss (or the weights) became NaN or infinite; nothing after the last good checkpoint is saved."""
 
-    def __init__(self, iteration: int, last_good: int, what: str = "the loss") -> None:
+    def __init__(self, iteration: int, last_good: int, advice: str, what: str = "the loss") -> None:
         kept = (f"The weights after it are not saved: the run's newest checkpoint holds iteration {last_good}, where "
-                f"--resume auto continues (a changed train.lr applies from there on)." if last_good else
+                f"--resume auto continues." if last_good else
                 "Nothing was saved yet (no checkpoint): --resume auto starts the run over.")
         super().__init__(
-            f"training stopped: {what} became non-finite (NaN or inf) at iteration {iteration}. {kept} Lower train.lr, "
-            f"check the data, or use train.amp=bf16, then run the same command line with --resume auto."
+            f"training stopped: {what} became non-finite (NaN or inf) at iteration {iteration}. {kept} Check the data, "
+            f"then run the same command line with --resume auto and {advice} (a changed setting applies from the "
+            f"resume iteration on)."
         )
 
 
@@ -96,6 +101,80 @@ def train_step(
     return losses
 
 
+# Where auto runs trial steps: where running out of memory is an error to catch. On the CPU an allocation past the
+# RAM is not refused but swapped or killed, so there auto is 1.
+TRIAL_DEVICES = ("cuda",)
+BATCHNORM_MOMENTUM = 0.1  # the recipe's (torch's and mmsegmentation's default), per optimizer step
+
+
+def scale_batchnorm_momentum(model: torch.nn.Module, accum_steps: int) -> None:
+    """Set every BatchNorm's momentum so that ``accum_steps`` micro-batches move the running statistics as one batch
+    would: (1 - m) ** accum_steps = 1 - BATCHNORM_MOMENTUM, the same time constant in steps on every card."""
+    momentum = 1 - (1 - BATCHNORM_MOMENTUM) ** (1 / accum_steps) if accum_steps > 1 else BATCHNORM_MOMENTUM
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
+def auto_accum_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     config: dict[str, Any], world_size: int, synced: bool) -> tuple[int, str]:
+    """train.accum_steps=auto: the fewest micro-batches whose training step fits this GPU, and why.
+
+    Two trial steps (``train_step``, so the momentum buffers are resident) of the plain model (neither compiled nor
+    wrapped: no collective that a rank out of memory would miss) at the recipe's shapes on a synthetic batch, for
+    each accepted value (``accum_choices``) from 1 up until one does not run out of memory; the weights, optimizer,
+    scaler and RNG are restored after. Under torchrun every rank takes the largest value any rank needed.
+    """
+    device, tcfg = next(model.parameters()).device, config["train"]
+    per_process, crop = tcfg["batch_size"] // world_size, config["data"]["crop_size"]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(per_process, 3, crop, crop, generator=gen).to(device)
+    images = images.contiguous(memory_format=memory_format(tcfg["channels_last"]))
+    labels = torch.randint(0, config["model"]["num_classes"], (per_process, crop, crop), generator=gen).to(device)
+    saved = ({k: v.to("cpu", copy=True) for k, v in model.state_dict().items()},
+             copy.deepcopy(optimizer.state_dict()), scaler.state_dict())
+    found, tried, choices = None, [], accum_choices(tcfg["batch_size"], world_size, synced)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for n in choices:
+            trial = dict(config, train=dict(tcfg, accum_steps=n))
+            fits = _trial_fits(model, optimizer, scaler, images, labels, trial)
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if fits:
+                found = n
+                break
+            tried.append(n)
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    scaler.load_state_dict(saved[2])
+    available = memory_gib(device)
+    if any_rank(found is None):
+        trial = dict(config, train=dict(tcfg, accum_steps=choices[-1]))
+        raise UserError(out_of_memory_message("training", trial, tcfg["amp"], world_size, device.type, available,
+                                              "(the trial steps of train.accum_steps=auto)"))
+    chosen = largest(found)
+    why = (f"the whole {per_process} fit in {available:.1f} GiB" if not tried else
+           f"{per_process // tried[-1]} did not fit in {available:.1f} GiB")
+    if chosen != found:
+        why = f"the most any of the {world_size} processes needed ({why} here)"
+    return chosen, f"auto: {per_process // chosen} images per forward x {chosen} micro-batch(es), {why}"
+
+
+def _trial_fits(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                images: torch.Tensor, labels: torch.Tensor, config: dict[str, Any]) -> bool:
+    """Whether two training steps of ``config`` run without running out of memory."""
+    try:
+        for _ in range(2):
+            train_step(model, optimizer, scaler, images, labels, config)
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        return False
+    return True
+
+
 @dataclass
 class Run:
     """What a training run holds: the config as it runs, the model (plain, and as trained), optimizer and place."""
@@ -105,6 +184,7 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
+    facts: DeviceFacts
     model: torch.nn.Module  # the plain model: what checkpoints hold
     train_model: torch.nn.Module  # the model as trained (compiled, DDP)
     optimizer: torch.optim.Optimizer
@@ -131,17 +211,21 @@ def start(config: dict[str, Any], work_dir: Path, resume_mode: str | None, devic
     rank, world_size, device = init_distributed(device_name)
     asked, config = config, resolve_config(config, device, facts)
     tcfg, cuda = config["train"], device.type == "cuda"
-    if tcfg["batch_size"] % (world_size * tcfg["accum_steps"]):
-        raise UserError(
-            f"train.batch_size={tcfg['batch_size']} (the global batch) must be divisible by the {world_size} "
-            f"process(es) of this launch times train.accum_steps={tcfg['accum_steps']}."
-        )
+    synced = world_size > 1 and tcfg["sync_bn"] and cuda  # SyncBatchNorm: statistics over every process's images
+    accum_note = ""
+    if tcfg["accum_steps"] == "auto" and device.type not in TRIAL_DEVICES:
+        tcfg["accum_steps"], accum_note = 1, f"auto is 1 on the {device.type.upper()}"
     torch.backends.cudnn.benchmark = cuda
     point = resume_point(work_dir, resume_mode)
     note = check_work_dir(work_dir, config) if rank == 0 and point is None else None
     if rank == 0:  # the dataset is checked (and the demo data made) before anything slow happens
         prepare_dataset_root(config)
     checkpoint = load_checkpoint(point) if point else None
+    if checkpoint and tcfg["accum_steps"] == "auto":  # a resume keeps the value the start chose
+        tcfg["accum_steps"], accum_note = checkpoint["config"]["train"]["accum_steps"], "auto, kept from the checkpoint"
+    split = 1 if tcfg["accum_steps"] == "auto" else tcfg["accum_steps"]
+    if (why := batch_split_error(tcfg["batch_size"], split, world_size, synced)) is not None:
+        raise UserError(why)
     changes = list(checkpoint["config_changes"]) if checkpoint else []
     if checkpoint and (diff := resume_changes(checkpoint["config"], config, str(point))):
         changes.append({"iteration": checkpoint["iteration"], "changes": diff})
@@ -151,18 +235,22 @@ def start(config: dict[str, Any], work_dir: Path, resume_mode: str | None, devic
     model, deform_names = build_model(config, load_pretrained=checkpoint is None)
     if rank == 0 and world_size > 1:
         dist.barrier()
-    if world_size > 1 and tcfg["sync_bn"] and cuda:  # SyncBatchNorm is CUDA-only
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(tcfg["channels_last"]))
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler("cuda", enabled=tcfg["amp"] == "fp16")
+    if tcfg["accum_steps"] == "auto":  # trial steps on the plain model, before SyncBatchNorm, compile and DDP
+        tcfg["accum_steps"], accum_note = auto_accum_steps(model, optimizer, scaler, config, world_size, synced)
+    scale_batchnorm_momentum(model, tcfg["accum_steps"])
+    if synced:  # SyncBatchNorm is CUDA-only; it keeps the parameters the optimizer holds
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_model = torch.compile(model) if tcfg["compile"] else model  # compiled inside DDP, as nanoGPT
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if cuda else None)
     how = note or (f"resuming {point} at iteration {checkpoint['iteration']}" if checkpoint
                    else f"starting a new run in {work_dir}")
-    run = Run(config, work_dir, rank, world_size, device, model, train_model, optimizer, scaler,
-              banner(config, asked, model, deform_names, world_size, device, facts, how), config_changes=changes,
+    run = Run(config, work_dir, rank, world_size, device, facts, model, train_model, optimizer, scaler,
+              banner(config, asked, model, deform_names, world_size, device, facts, how, accum_note),
+              config_changes=changes,
               environment={**describe(device), "device": describe_device(device, facts)})
     if checkpoint is not None:
         restore(run, checkpoint)
@@ -171,9 +259,9 @@ def start(config: dict[str, Any], work_dir: Path, resume_mode: str | None, devic
 
 
 def banner(config: dict[str, Any], asked: dict[str, Any], model: torch.nn.Module, deform_names: list[str],
-           world_size: int, device: torch.device, facts: DeviceFacts, how: str) -> str:
-    """The start lines: start or resume, model size, deformable layers, device, batch, and what runs where the
-    config said otherwise."""
+           world_size: int, device: torch.device, facts: DeviceFacts, how: str, accum_note: str) -> str:
+    """The start lines: start or resume, model size, deformable layers, device, batch (and how train.accum_steps=auto
+    chose), and what runs where the config said otherwise."""
     info, tcfg = count_parameters(model), config["train"]
     per_forward = tcfg["batch_size"] // (world_size * tcfg["accum_steps"])
     resolved = [f"{k}={v} runs as {flatten(config)[k]}" for k, v in flatten(asked).items() if flatten(config).get(k, v) != v]
@@ -181,7 +269,8 @@ def banner(config: dict[str, Any], asked: dict[str, Any], model: torch.nn.Module
         f"{how}\n{config['config_name']}: {info['params']:,} parameters (inference), {info['deform_params']:,} in offset/mask "
         f"predictors; deformable layers: {', '.join(deform_names) or 'none'}\n"
         f"  {world_size} process(es) on {describe_device(device, facts)}; global batch {tcfg['batch_size']} "
-        f"({per_forward} per forward x {tcfg['accum_steps']} micro-batch(es) per step in each)\n"
+        f"({per_forward} per forward x {tcfg['accum_steps']} micro-batch(es) per step in each"
+        f"{'; train.accum_steps=' + accum_note if accum_note else ''})\n"
         f"  precision {tcfg['amp']}, layout {'channels_last' if tcfg['channels_last'] else 'contiguous'}, deform op "
         f"{config['model']['deform_op']}, loss op {tcfg['loss_op']}{', compiled' if tcfg['compile'] else ''}"
         + (f" ({'; '.join(resolved)} on this device)" if resolved else "")
@@ -240,8 +329,10 @@ def loop(run: Run, stop: Stop) -> int:
             torch.manual_seed(iteration_seed(cfg["seed"], run.iteration, run.rank))  # dropout
             try:
                 window.losses.append(train_step(run.train_model, run.optimizer, run.scaler, images, labels, cfg))
-            except torch.cuda.OutOfMemoryError:
-                raise UserError(out_of_memory_message(run)) from None
+            except RuntimeError as err:  # out of memory (CUDA's, or the CPU allocator's): the paragraph
+                if not is_out_of_memory(err):
+                    raise
+                raise out_of_memory(run, "training") from None
             run.iteration += 1
             set_learning_rate(run.optimizer, run.iteration, tcfg)  # the next step's (a per-step scheduler)
             bar.update(1)
@@ -345,7 +436,7 @@ def log_window(run: Run, window: Window, bar: tqdm) -> None:
     stacked = stacked.float().cpu()
     bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
     if len(bad):
-        raise NonFiniteLoss(run.iteration - len(window.losses) + int(bad[0]) + 1, run.checkpointed)
+        raise NonFiniteLoss(run.iteration - len(window.losses) + int(bad[0]) + 1, run.checkpointed, nonfinite(run))
     if not run.master:
         return
     elapsed, mean, group = time.perf_counter() - window.start, stacked.mean(0), run.optimizer.param_groups[0]
@@ -366,7 +457,7 @@ def check_weights(run: Run) -> None:
     if run.world_size > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
-        raise NonFiniteLoss(run.iteration, run.checkpointed, "the weights")
+        raise NonFiniteLoss(run.iteration, run.checkpointed, nonfinite(run), "the weights")
 
 
 def validate(run: Run, loader: Any, stop: Stop, then_saved: bool) -> dict[str, Any] | None:
@@ -384,7 +475,9 @@ def validate(run: Run, loader: Any, stop: Stop, then_saved: bool) -> dict[str, A
         for _ in range(longest):
             try:
                 _, pred, label = next(images, (None, None, None))
-            except RuntimeError:  # loader workers ended by the stop signal too (a signal to the process group)
+            except RuntimeError as err:  # loader workers ended by the stop signal too (a signal to the process group)
+                if is_out_of_memory(err):
+                    raise out_of_memory(run, "validation") from None
                 if stop.reason is None:
                     raise
             else:
@@ -439,18 +532,12 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     }
 
 
-def out_of_memory_message(run: Run) -> str:
-    """What to do when a step does not fit: first split it (the recipe stays), then a cheaper precision."""
-    tcfg = run.config["train"]
-    per_forward = tcfg["batch_size"] // (run.world_size * tcfg["accum_steps"])
-    advice = [f"train.accum_steps={tcfg['accum_steps'] * 2} ({per_forward // 2} images per forward, the same global "
-              f"batch and recipe)"] if per_forward > 1 else []
-    if tcfg["amp"] == "none":
-        advice.append("train.amp=auto (bf16 or fp16 autocast, about half the activation memory)")
-    advice.append("more GPUs under torchrun")
-    return (
-        f"CUDA out of memory at iteration {run.iteration} with {per_forward} images per forward (train.batch_size="
-        f"{tcfg['batch_size']} over {run.world_size} process(es) x train.accum_steps={tcfg['accum_steps']}, precision "
-        f"{tcfg['amp']}). Continue with --resume auto and {'; or '.join(advice)}. The README's memory table gives "
-        f"the memory per image."
-    )
+def out_of_memory(run: Run, where: str) -> UserError:
+    """The out-of-memory paragraph of a training step or a validation (``engine.device``'s decision table)."""
+    return UserError(out_of_memory_message(where, run.config, run.config["train"]["amp"], run.world_size,
+                                           run.device.type, memory_gib(run.device), f"at iteration {run.iteration}"))
+
+
+def nonfinite(run: Run) -> str:
+    """What a non-finite loss message proposes for ``run`` (``engine.device``'s decision table)."""
+    return advice_text(nonfinite_advice(run.config, run.device.type, run.facts.capability), "training")

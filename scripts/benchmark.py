@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from configs import UserError, load_config
-from engine.benchmark import CARD_SHARE, CARDS_GIB, PATHS, VARIANTS, memory_rows, model_rows, op_rows, run_amp
+from engine.benchmark import PATHS, VARIANTS, memory_rows, model_rows, op_rows, run_amp
 from engine.device import choose_device, describe_device, device_facts
+from engine.memory import CARD_SHARE, CARDS_GIB
 from engine.workdir import write_json
 from models.triton_support import triton_available
 

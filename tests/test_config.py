@@ -58,6 +58,8 @@ def test_compared_configs_differ_only_in_model_deform(names: tuple[str, str, str
         ("model.deform.stages=[layer3,layer4]", "model.deform.stages", ["layer3", "layer4"], list),
         ("model.aux_head=false", "model.aux_head", False, bool),
         ("train.amp=none", "train.amp", "none", str),
+        ("train.accum_steps=4", "train.accum_steps", 4, int),  # a key of two types: auto, or N
+        ("train.accum_steps=auto", "train.accum_steps", "auto", str),
     ],
 )
 def test_override_keeps_the_type_of_the_value_it_replaces(
@@ -90,6 +92,11 @@ def test_override_keeps_the_type_of_the_value_it_replaces(
         ("data.resize_filter=lanczos", "data.resize_filter"),
         ("data.scale=[512]", "data.scale"),  # the transforms trust these: checked here, once
         ("data.crop_size=0", "data.crop_size"),
+        ("train.accum_steps=0", "train.accum_steps"),
+        ("train.accum_steps=many", "train.accum_steps"),
+        ("train.accum_steps=3", "train.accum_steps"),  # does not divide the batch of 16
+        ("train.accum_steps=16", "train.accum_steps"),  # 1 image per forward: BatchNorm needs 2
+        ("train.batch_size=1", "train.batch_size"),
     ],
 )
 def test_bad_override_raises_user_error_naming_the_key(override: str, key: str) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from configs import UserError, load_config
-from engine.device import DeviceFacts, arch_supported, choose_device, cuda_usable, resolve_amp, resolve_config
+from configs import UserError, batch_split_error, flatten, load_config, set_values, validate_config
+from engine.device import (WHERE, DeviceFacts, arch_supported, choose_device, cuda_usable, memory_advice,
+                           nonfinite_advice, out_of_memory_message, resolve_amp, resolve_config)
 
 CU13_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
 
@@ -114,5 +115,61 @@ def test_train_py_on_a_machine_without_a_usable_gpu(make_ade_tree, tmp_path, mon
     assert "CUDA is not usable here" in err and "NVIDIA GeForce RTX 3090" in err and "--device cpu" in err
     assert not work_dir.exists()
     assert train.main(["--config", "def-conv-v2.yaml", "--work-dir", str(work_dir), "--device", "cpu", *small]) == 0
-    assert "1 process(es) on CPU" in capsys.readouterr().out
-    assert load_checkpoint(work_dir / "last.pt")["config"]["train"]["amp"] == "none"  # auto, resolved for the CPU
+    out = capsys.readouterr().out
+    assert "1 process(es) on CPU" in out and "2 per forward x 1 micro-batch(es) per step in each; train.accum_steps=" \
+                                              "auto is 1 on the CPU)" in out  # no trial steps: the CPU swaps
+    train_config = load_checkpoint(work_dir / "last.pt")["config"]["train"]
+    assert train_config["amp"] == "none" and train_config["accum_steps"] == 1  # auto, resolved for the CPU
+
+
+# ------------------------------------------------------------------------------------------ the advice table
+CAPABILITIES = {"CPU": None, "T4": (7, 5), "A100": (8, 0), "H100": (9, 0)}
+IN_FORCE = [(amp, name) for name, capability in CAPABILITIES.items() for amp in ("bf16", "fp16", "none")
+            if amp == "none" or (capability is not None and (amp == "fp16" or capability >= (8, 0)))]
+
+
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("accum", [1, 2, 8])
+@pytest.mark.parametrize(("amp", "card"), IN_FORCE)
+def test_advice_proposes_only_settings_this_device_accepts_and_not_in_force(amp: str, card: str, accum: int,
+                                                                            where: str) -> None:
+    """Every out-of-memory and non-finite-loss proposal, for every precision a device runs, is accepted there (the
+    config check, resolve_amp, the batch split) and differs from what is in force."""
+    capability, device = CAPABILITIES[card], "cpu" if card == "CPU" else "cuda"
+    config = load_config("def-conv-v2.yaml", [f"train.accum_steps={accum}", "eval.scales=[1.0,1.5]"])
+    config["train"]["amp"] = amp  # resolved: what runs
+    proposals = memory_advice(where, config, amp, 1, device, 15.0 if device == "cuda" else 23.0)
+    proposals += nonfinite_advice(config, device, capability) if where == "training" else []
+    for p in proposals:
+        if p.key == "train.amp":
+            assert resolve_amp(p.value, device, capability) != amp  # raises UserError where the device refuses it
+            continue
+        changed = set_values(config, {p.key: p.value}, "a proposal")
+        validate_config(changed, "a proposal")
+        assert flatten(changed)[p.key] != flatten(config)[p.key]
+        if p.key == "train.accum_steps":
+            assert batch_split_error(16, p.value, 1) is None and p.value > accum
+    keys = [p.key for p in proposals]
+    assert ("train.accum_steps" in keys) is (where == "training" and accum < 8)  # 8: 2 images per forward, the least
+    assert ("eval.mode" in keys) is ("eval.scales" in keys) is (where != "training")
+    assert keys.count("train.amp") == (device == "cuda" and amp == "none") + (where == "training" and amp != "none")
+
+
+def test_the_paragraph_spells_settings_as_the_command_that_takes_them() -> None:
+    config = load_config("def-conv-v2.yaml", ["train.accum_steps=1", "eval.scales=[0.5,1.0,1.75]"])
+    config["train"]["amp"] = "none"
+    training = out_of_memory_message("training", config, "none", 1, "cuda", 23.6, "at iteration 3")
+    assert training.startswith("out of memory in training at iteration 3 on a GPU with 23.6 GiB: 16 images per forward")
+    assert "train.accum_steps=2 (8 images per forward, about 14.5 GiB by the memory table" in training  # 27.9 did not
+    assert "train.amp=auto" in training and training.endswith("or more GPUs under torchrun.")
+    evaluation = out_of_memory_message("evaluation", config, "none", 1, "cuda", 15.0, "of runs/x/last.pt")
+    assert "Run it again with --amp auto" in evaluation and "--mode slide" in evaluation
+    assert "--scales 0.5,1.0 (no view larger than the image)" in evaluation and "train." not in evaluation
+    on_cpu = out_of_memory_message("validation", config, "none", 1, "cpu", 23.0, "at iteration 8000")
+    assert "eval.mode=slide" in on_cpu and "eval.scales=[0.5, 1.0]" in on_cpu and "amp" not in on_cpu.split(". ")[1]
+
+
+def test_evaluate_amp_follows_the_training_rule() -> None:
+    with pytest.raises(UserError, match="--amp bf16 needs a GPU with native bfloat16.*Use --amp fp16 or --amp auto"):
+        resolve_amp("bf16", "cuda", (7, 5), "--amp")
+    assert resolve_amp("auto", "cuda", (7, 5), "--amp") == "fp16" and resolve_amp("auto", "cpu", None, "--amp") == "none"

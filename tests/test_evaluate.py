@@ -16,6 +16,7 @@ from torch import nn
 
 from configs import UserError, load_config
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from engine.device import DeviceFacts
 from engine.inference import predict_logits
 from engine.metric import metrics_from_counts
 from engine.statistics import PerImageCounts
@@ -422,3 +423,27 @@ def test_json_outputs_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatc
     assert json.loads(path.read_text()) == {"mIoU": 1.5} and [p.name for p in path.parent.iterdir()] == ["result.json"]
     with pytest.raises(UserError, match="could not write"):
         workdir.write_json(path / "under_a_file.json", {})
+
+
+def test_out_of_memory_in_evaluation_is_one_paragraph(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    """A test scale of 100000 asks the CPU allocator for hundreds of terabytes: one paragraph with the settings that
+    shrink the work (evaluate.py's flags), not the allocator's traceback."""
+    code = main(["--checkpoint", str(checkpoint), "--device", "cpu", "--scales", "1.0,100000", "--max-images", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "DefaultCPUAllocator" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]  # one paragraph, after the bar
+    assert line.startswith(f"error: out of memory in evaluation of {checkpoint} on the CPU with")
+    assert "--scales 1.0 (no view larger than the image)" in err and "--mode slide" in err and "--amp" not in err
+
+
+def test_amp_is_resolved_by_the_training_rule(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """--amp bf16 on a GPU without native bf16 (a T4's facts) and on the CPU is refused before any work."""
+    import evaluate
+
+    t4 = DeviceFacts("2.14.1", "13.0", ("sm_75", "sm_80"), True, "Tesla T4", (7, 5), "580.65.06")
+    monkeypatch.setattr(evaluate, "device_facts", lambda: t4)
+    assert main(["--checkpoint", str(checkpoint), "--amp", "bf16"]) == 2
+    assert "error: --amp bf16 needs a GPU with native bfloat16" in capsys.readouterr().err
+    assert main(["--checkpoint", str(checkpoint), "--amp", "fp16", "--device", "cpu"]) == 2
+    assert "error: --amp fp16 is a GPU setting" in capsys.readouterr().err

@@ -275,8 +275,8 @@ def test_cuda_out_of_memory_proposes_accumulation_not_a_smaller_batch(
     code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "oom"), *tiny_overrides(tree)])
     err = capsys.readouterr().err
     assert code == 2 and "out of memory" in err and "Traceback" not in err
-    assert "train.accum_steps=2 (1 images per forward, the same global batch" in err
-    assert "train.batch_size=1" not in err and "train.batch_size=2 over 1 process(es)" in err
+    assert "train.batch_size=2 over 1 process(es) x train.accum_steps=1" in err  # auto: 1 on the CPU
+    assert "train.batch_size=1" not in err and "train.accum_steps=2" not in err  # BatchNorm needs 2 per forward
 
 
 def signal_the_group_when(work_dir: Path, overrides: list[str], ready: Callable[[int], bool]) -> str:
