@@ -90,7 +90,7 @@ def test_auto_finds_the_fewest_micro_batches_that_fit_records_them_and_a_resume_
     args = ["--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree, "train.iters=4"), "--resume", "auto"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "train.accum_steps=auto, kept from last.pt" in out and [p for p, _ in seen] == [4, 4]  # no trial
+    assert "train.accum_steps=auto, kept from the checkpoint" in out and [p for p, _ in seen] == [4, 4]  # no trial
     last = load_checkpoint(work_dir / "last.pt")
     assert last["iteration"] == 4 and last["config"]["train"]["accum_steps"] == 2
     assert all("train.accum_steps" not in change["changes"] for change in last["config_changes"])
