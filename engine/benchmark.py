@@ -126,7 +126,7 @@ def seconds_per_call(calls: dict[str, Callable[[], Any]], rounds: int, min_run_t
 
 def _peak_in_child(fn: Callable[..., Any], args: tuple) -> int:
     fn(*args)
-    status = Path("/proc/self/status").read_text()
+    status = Path("/proc/self/status").read_text(encoding="utf-8")
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024  # kB
 
 
