@@ -29,6 +29,7 @@ from configs import load_config
 from data import IGNORE_INDEX
 from engine.benchmark import (GIB, PATHS, VARIANTS, TrainingCase, case_config, conv_op, deform_inputs, loss_inputs,
                               op_errors, seconds_per_call)
+from engine.console import command_line
 from engine.device import (DeviceFacts, autocast, cuda_unusable_message, cuda_usable, describe_device, device_facts,
                            memory_format, resolve_amp)
 from engine.inference import predict_logits
@@ -196,6 +197,7 @@ def exit_code(rows: list[dict[str, Any]]) -> int:
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: run the check on GPU 0; the exit status as the module docstring says."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
