@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,3 +41,15 @@ def test_a_character_the_terminal_cannot_show_is_escaped_and_a_user_error_is_one
 
     assert main(False) == 0 and raw.getvalue() == "\\u0394 val ± 0.5 \\u2020\n".encode("latin-1")
     assert main(True) == 2 and capsys.readouterr().err == "error: the file ü.yaml is missing\n"
+
+
+def test_help_and_cpu_timing_print_no_cuda_home_warning(tmp_path: Path) -> None:
+    """Issue 29, item 13: benchmark.py, gpu_check.py and loss_precision.py printed torch's "No CUDA runtime is found,
+    using CUDA_HOME=..." even for --help: importing torch.utils.benchmark loads torch's C++-extension builder, which
+    warns wherever a CUDA toolkit is found without a usable GPU (CUDA_HOME set here makes every machine such a one)."""
+    code = ("import scripts.benchmark, scripts.gpu_check, scripts.loss_precision\n"
+            "from engine.benchmark import seconds_per_call\n"
+            "seconds_per_call({'nothing': lambda: None}, 1, 0.0)\n")
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "CUDA_HOME" not in proc.stderr, proc.stderr
