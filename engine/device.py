@@ -49,10 +49,12 @@ class DeviceFacts:
     unread: bool = False  # nvidia-smi not asked yet: gpu, capability and driver hold only what torch said
 
 
+@functools.cache
 def _nvidia_smi() -> tuple[str | None, tuple[int, int] | None, str | None]:
-    """GPU 0's name, compute capability and driver version as nvidia-smi reports them; None for each one it does not
-    give. Whatever it prints (an error, a warning line, ``[N/A]``, several GPUs) or does (hang, fail), a row counts
-    only with the fields asked for and a driver version of digits and dots; the first such row is GPU 0."""
+    """GPU 0's name, compute capability and driver version as nvidia-smi reports them, asked once per process; None
+    for each one it does not give. Whatever it prints (an error, a warning line, ``[N/A]``, several GPUs) or does
+    (hang, fail), a row counts only with the fields asked for and a driver version of digits and dots; the first
+    such row is GPU 0."""
     for fields in ("name,driver_version,compute_cap", "name,driver_version"):  # compute_cap: drivers from R510 on
         try:
             out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,

@@ -31,7 +31,7 @@ from engine.benchmark import (GIB, PATHS, VARIANTS, TrainingCase, case_config, c
                               op_errors, seconds_per_call)
 from engine.console import command_line
 from engine.device import (DeviceFacts, autocast, cuda_unusable_message, cuda_usable, describe_device, device_facts,
-                           memory_format, resolve_amp)
+                           memory_format, resolve_amp, with_nvidia_smi)
 from engine.inference import predict_logits
 from engine.loss import LOSS_OPS
 from engine.workdir import write_json
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="folder of gpu_check.json "
                         "(default runs/gpu_check)")
     args = parser.parse_args(argv)
-    facts = device_facts()
+    facts = with_nvidia_smi(device_facts())  # the driver too, for the record
     if not cuda_usable(facts):
         instead = "This check has no CPU mode: run it on the machine with the GPU you will train on."
         print(f"error: {cuda_unusable_message(facts, 'gpu_check.py checks a GPU', instead)}", file=sys.stderr)

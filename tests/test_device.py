@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -128,6 +129,8 @@ SMI_ROW = "NVIDIA GeForce RTX 3090, 535.129.03, 8.6"
 
 def fake_nvidia_smi(folder: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> Path:
     """Put an ``nvidia-smi`` running the shell ``script`` first on PATH; return the file it touches when it runs."""
+    # nvidia-smi is asked once per process: this test gets its own answer, and later tests do not see it
+    monkeypatch.setattr(device, "_nvidia_smi", functools.cache(device._nvidia_smi.__wrapped__))
     ran = folder / "nvidia-smi-ran"
     (folder / "nvidia-smi").write_text(f"#!/bin/sh\ntouch {ran}\n{script}\n", encoding="utf-8")
     (folder / "nvidia-smi").chmod(0o755)
