@@ -18,9 +18,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from configs import UserError, error_message, load_config
+from configs import UserError, load_config
 from data.perturb import HELP as PERTURB_HELP
 from engine.checkpoint import load_checkpoint
+from engine.console import command_line
 from engine.device import AMP_DTYPES, device_facts, inference_device, resolve_amp
 from engine.distributed import env_rank, init_distributed, shutdown
 from engine.evaluation import evaluate_checkpoint
@@ -185,14 +186,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 with a one-paragraph message for user errors)."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {error_message(err)}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

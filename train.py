@@ -20,7 +20,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from configs import UserError, error_message, load_config
+from configs import load_config
+from engine.console import command_line
 from engine.device import choose_device, device_facts
 from engine.distributed import env_rank, shutdown
 from engine.trainer import NonFiniteLoss, Stop, log, loop, start
@@ -88,6 +89,7 @@ def leave_terminal() -> None:
     os.close(null)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for user errors, 1 for a non-finite loss)."""
     args = parse_args(argv)
@@ -109,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 return loop(run, stop)
             finally:
                 log(run, lambda writer: writer.close())
-    except (UserError, NonFiniteLoss) as err:
+    except NonFiniteLoss as err:
         prefix = f"[rank {env_rank()}] " if env_rank() else ""
-        print(f"{prefix}error: {error_message(err)}", file=sys.stderr)
-        return 2 if isinstance(err, UserError) else 1
+        print(f"{prefix}error: {err}", file=sys.stderr)
+        return 1
     finally:
         shutdown()
 

@@ -51,7 +51,7 @@ def resolve_config_path(name: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {err}. Fix the syntax and try again.") from None
     if not isinstance(data, dict):
@@ -173,8 +173,9 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _integer(low: int, text: str = "") -> Rule:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), text or f"an integer >= {low}"
+def _integer(low: int, text: str = "", high: float = math.inf) -> Rule:
+    return ((lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high),
+            text or (f"an integer >= {low}" if high == math.inf else f"an integer in {low}..{high}"))
 
 
 def _real(low: float) -> Rule:
@@ -207,8 +208,9 @@ _SCALES: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(_number(x)
 #   schedule      the optimisation and evaluation settings; may change on resume (recorded); the same in compared runs
 #   run           speed, logging and locations: change no number; free on resume; ignored by comparisons
 KEYS: dict[str, tuple[Rule, str]] = {
-    "seed": (_integer(0), "recipe"),
-    "model.num_classes": (_integer(1), "architecture"),
+    "seed": (_integer(0, "an integer in 0..2**64 - 1 (torch's seed range)", 2**64 - 1), "recipe"),
+    "model.num_classes": (_integer(1, "an integer in 1..255 (labels are 8-bit, 255 = ignore; ADE20K has 150)", 255),
+                          "architecture"),
     "model.pretrained_backbone": (_BOOL, "recipe"),
     "model.aux_head": (_BOOL, "architecture"),
     "model.aux_loss_weight": (_real(0), "recipe"),

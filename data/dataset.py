@@ -43,6 +43,7 @@ POOL_MIN_FILES = 256  # check_layout reads smaller splits in-process
 IMAGE_SUFFIXES = (".jpg", ".jpeg")  # compared in lower case: X.JPG and X.Jpeg are images too
 LABEL_SUFFIXES = (".png",)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's 16-bit greyscale
+NOT_PNG = "annotations must be PNGs (a JPEG's lossy compression changes the class ids along every region edge)"
 LAYOUT_HELP = (
     "ADEChallengeData2016/images/{training,validation}/*.jpg (or .jpeg, any case) and "
     "ADEChallengeData2016/annotations/{training,validation}/*.png"
@@ -51,7 +52,7 @@ LAYOUT_HELP = (
 
 def load_class_info() -> tuple[list[str], np.ndarray]:
     """Return the 150 ADE20K class names (training label order) and their (150, 3) uint8 RGB palette."""
-    with CLASSES_CSV.open(newline="") as f:
+    with CLASSES_CSV.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     names = [row["name"] for row in rows]
     palette = np.array([[int(row["r"]), int(row["g"]), int(row["b"])] for row in rows], dtype=np.uint8)
@@ -100,14 +101,21 @@ def read_rgb(path: Path, exif_orientation: bool = False) -> Image.Image:
         return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def _read_label(path: Path) -> np.ndarray:
+def _read_label(path: Path, num_classes: int = NUM_ADE_CLASSES) -> np.ndarray:
     """Read an ADE annotation PNG as uint8 ids (torchvision's decoder for single-channel 8-bit PNGs, all of ADE20K's;
-    PIL for the rest), raising UserError for anything outside 0..150."""
+    PIL for the rest), raising UserError for a file that is not a PNG, for anything outside 0..150 and for an id
+    above ``num_classes`` (the model's ``model.num_classes``: ids 1..N become classes 0..N-1)."""
     decoded = _decode(decode_png, path)
     if decoded is not None and decoded.shape[0] == 1 and decoded.dtype == torch.uint8:
         raw = decoded[0].numpy()
     else:
         with Image.open(path) as im:
+            if im.format != "PNG":
+                raise UserError(
+                    f"annotation {path} is a {im.format} file, not a PNG: {NOT_PNG}. Replace it with the PNG from "
+                    f"ADEChallengeData2016.zip, and run `python scripts/download_ade20k.py --check <root>` to find "
+                    f"every such file."
+                )
             raw = np.array(im)
     if raw.ndim != 2:
         raise UserError(
@@ -120,6 +128,12 @@ def _read_label(path: Path) -> np.ndarray:
             f"(0 = other). The file is corrupt or not an ADEChallengeData2016 annotation; run "
             f"`python scripts/download_ade20k.py --check <root>` to list every such file and replace them."
         )
+    if top > num_classes:
+        raise UserError(
+            f"annotation {path} holds the label value {top} (class {top - 1}), but model.num_classes={num_classes} "
+            f"allows the values 1..{num_classes} (classes 0..{num_classes - 1}; 0 = other, ignored). Set "
+            f"model.num_classes={NUM_ADE_CLASSES} for ADE20K (at least {top} for this file)."
+        )
     return raw.astype(np.uint8, copy=False)
 
 
@@ -129,14 +143,16 @@ class SegmentationFolder(Dataset):
     With a ``TrainTransform`` the dataset is indexed by ``(index, sample_seed)`` and returns ``TrainTransform``'s
     crops; with a ``ValTransform`` it is indexed by ``index`` and returns ``(resized image, label at the original
     size, file stem)``, after ``perturb`` (validation only) warped image and label together. ``max_images`` > 0
-    keeps the first N files sorted by name.
+    keeps the first N files sorted by name. A label value above ``num_classes`` (``model.num_classes``) is refused
+    when its file is read.
     """
 
     def __init__(
         self, root: str | Path, split: str, transform: TrainTransform | ValTransform, max_images: int = 0,
-        perturb: Perturbation | None = None,
+        perturb: Perturbation | None = None, num_classes: int = NUM_ADE_CLASSES,
     ) -> None:
         self.root = Path(root)
+        self.num_classes = num_classes
         self.transform = transform
         self.train = isinstance(transform, TrainTransform)
         self.perturb = perturb
@@ -181,7 +197,7 @@ class SegmentationFolder(Dataset):
         image. The stored pixels, without the EXIF orientation: ADE20K's annotations are aligned with them.
         """
         image = self._read(self.images[index], _read_image if pixels else read_rgb)
-        raw = self._read(self.labels[index], _read_label)
+        raw = self._read(self.labels[index], lambda path: _read_label(path, self.num_classes))
         height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
         if raw.shape != (height, width):
             raise UserError(
@@ -203,6 +219,15 @@ class SegmentationFolder(Dataset):
         return self.transform(image), torch.from_numpy(label.astype(np.int64)), name
 
 
+def list_folder(folder: Path) -> list[Path]:
+    """The entries of ``folder`` sorted by name; UserError naming it when it cannot be listed (its permissions)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise UserError(f"cannot list the folder {folder} ({err.strerror or err}). Check its permissions "
+                        f"(`ls -ld {folder}`): the user running this needs read and execute rights on it.") from None
+
+
 def list_split(root: Path, split: str) -> tuple[list[tuple[Path | None, Path | None]], list[str]]:
     """The (image, annotation) pairs of one split, matched by file stem, and every problem with the files.
 
@@ -217,7 +242,7 @@ def list_split(root: Path, split: str) -> tuple[list[tuple[Path | None, Path | N
     by_stem: list[dict[str, Path]] = []
     for folder, suffixes, kind in ((image_dir, IMAGE_SUFFIXES, "image"), (label_dir, LABEL_SUFFIXES, "annotation")):
         files: dict[str, Path] = {}
-        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        for path in list_folder(folder) if folder.is_dir() else []:
             if path.suffix.lower() not in suffixes or not path.is_file():
                 what = f"not an {kind} file ({' or '.join(suffixes)}, any case)"
                 problems.append(f"{path}: {what}; move it out of {folder}")
@@ -298,7 +323,7 @@ def build_train_loader(config: dict, rank: int, world_size: int, start_iter: int
     (the crop padded with 0 after normalisation); ``labels.long()`` the loss target (255 = ignore)."""
     root = prepare_dataset_root(config)
     data = config["data"]
-    dataset = SegmentationFolder(root, "training", TrainTransform(data))
+    dataset = SegmentationFolder(root, "training", TrainTransform(data), num_classes=config["model"]["num_classes"])
     batch = config["train"]["batch_size"]
     sampler = TrainSampler(len(dataset), batch, rank, world_size, config["seed"], start_iter)
     workers = data["num_workers"]
@@ -322,7 +347,7 @@ def build_val_loader(
     """
     root = prepare_dataset_root(config)
     data = config["data"]
-    dataset = SegmentationFolder(root, split, ValTransform(data), max_images, perturb)
+    dataset = SegmentationFolder(root, split, ValTransform(data), max_images, perturb, config["model"]["num_classes"])
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     return DataLoader(
         shard,
@@ -373,7 +398,9 @@ def _check_pair(pair: tuple[Path | None, Path | None]) -> list[str]:
                 sizes.append(im.size)
                 if kind == "image":
                     continue
-                if im.mode not in ("L", "P", "I", *SIXTEEN_BIT_MODES):  # single-channel, 8 or 16 bit: as read
+                if im.format != "PNG":
+                    problems.append(f"{path}: annotation is a {im.format} file, not a PNG: {NOT_PNG}")
+                elif im.mode not in ("L", "P", "I", *SIXTEEN_BIT_MODES):  # single-channel, 8 or 16 bit: as read
                     problems.append(f"{path}: annotation has mode {im.mode} ({len(im.getbands())} channels), "
                                     f"expected a single-channel PNG of class ids")
                 elif (top := int(np.asarray(im).max())) > NUM_ADE_CLASSES:

@@ -227,9 +227,10 @@ def generate_demo_dataset(root: Path, num_train: int = 400, num_val: int = 40, s
             f"cannot generate the demo dataset at {root}: it already exists and is not empty. Delete it "
             f"or set data.root to a new folder."
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = None
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         for split_id, (split, prefix, count) in enumerate(
             (("training", "ADE_train", num_train), ("validation", "ADE_val", num_val))
         ):
@@ -242,17 +243,21 @@ def generate_demo_dataset(root: Path, num_train: int = 400, num_val: int = 40, s
                 Image.fromarray(label, "L").save(tmp / "annotations" / split / f"{name}.png")
         classes = ", ".join(f"{k}: {v}" for k, v in sorted(DEMO_CLASSES.items()))
         (tmp / "README.txt").write_text(
-            README.format(num_train=num_train, num_val=num_val, size=size, seed=seed, classes=classes)
+            README.format(num_train=num_train, num_val=num_val, size=size, seed=seed, classes=classes), encoding="utf-8"
         )
         if root.is_dir():
             root.rmdir()  # empty, checked above
         os.rename(tmp, root)
-    except OSError:
+    except OSError as err:
         if (root / "images" / "training").is_dir():  # another process finished the same job first
             return
-        raise
+        raise UserError(
+            f"cannot generate the demo dataset at {root.absolute()} ({err.strerror or err}). Set data.root to a folder "
+            f"you can write to, with a few MB free (a relative data.root is relative to the working directory)."
+        ) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_demo_dataset(root: Path) -> Path:

@@ -44,9 +44,9 @@ def _as_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
 
 def rescale_size(height: int, width: int, bounds: tuple[float, float]) -> tuple[int, int]:
     """(height, width) rescaled keeping the aspect ratio so that the long and short sides fit ``bounds`` (mmcv's
-    ``imrescale``: ``bounds`` = (long, short) in either order)."""
+    ``imrescale``: ``bounds`` = (long, short) in either order), at least 1 pixel each (where mmcv's would be 0)."""
     factor = min(max(bounds) / max(height, width), min(bounds) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 # ---------------------------------------------------------------- photometric distortion

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import multiprocessing
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Measurement, Timer
 
 from data import IGNORE_INDEX
 from engine.device import AMP_DTYPES, DeviceFacts, autocast, memory_format, resolve_amp, resolve_config
@@ -132,6 +132,11 @@ class TrainingCase:
 
 def seconds_per_call(calls: dict[str, Callable[[], Any]], rounds: int, min_run_time: float) -> dict[str, float]:
     """Median seconds per call of each function, from ``rounds`` alternating rounds of ``blocked_autorange``."""
+    # Imported here, with torch's C++-extension logger quieted: importing torch.utils.benchmark loads that module,
+    # which warns "No CUDA runtime is found, using CUDA_HOME=..." on any machine without a GPU (no C++ is built here).
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.benchmark import Measurement, Timer
+
     threads = torch.get_num_threads()
     timers = {name: Timer("call()", globals={"call": call}, num_threads=threads) for name, call in calls.items()}
     found: dict[str, list[Measurement]] = {name: [] for name in calls}
@@ -143,7 +148,7 @@ def seconds_per_call(calls: dict[str, Callable[[], Any]], rounds: int, min_run_t
 
 def _peak_in_child(fn: Callable[..., Any], args: tuple) -> int:
     fn(*args)
-    status = Path("/proc/self/status").read_text()
+    status = Path("/proc/self/status").read_text(encoding="utf-8")
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024  # kB
 
 

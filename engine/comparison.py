@@ -29,7 +29,7 @@ from data.perturb import parse_perturbation
 from engine.checkpoint import load_checkpoint
 from engine.device import device_facts, inference_device
 from engine.evaluation import checkpoint_digest, evaluate_checkpoint
-from engine.workdir import lock_holder, write_json
+from engine.workdir import lock_holder, write_json, write_whole
 from engine.statistics import MIN_IMAGES, MIN_SEEDS, SIZE_BUCKETS, STUDY_DIFFERENCE, PerImageCounts, compare_sides
 from engine.statistics import seed_spread, seeds_needed
 from models.segmentor import build_model, count_parameters
@@ -152,7 +152,7 @@ def _stale(run: Run, json_path: Path, counts_path: Path | None, wanted: dict[str
     if not json_path.is_file() or (counts_path is not None and not counts_path.is_file()):
         return "no saved evaluation"
     try:
-        record = json.loads(json_path.read_text())
+        record = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return f"{json_path} is unreadable ({err})"
     if not isinstance(record, dict) or record.get("checkpoint_sha256") != run.digest:
@@ -188,7 +188,7 @@ def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, opt
             raise UserError(f"evaluating {run.path / 'last.pt'} ({key}) failed: {err} (Often data.root: pass "
                             f"--data-root DIR; or use --no-eval to compare what was evaluated before.)") from None
         write_json(json_path, record)
-    run.evals[key] = json.loads(json_path.read_text())
+    run.evals[key] = json.loads(json_path.read_text(encoding="utf-8"))
     if counts_path is not None:
         run.counts[key] = PerImageCounts.load(counts_path)
 
@@ -490,7 +490,7 @@ def compare(options: argparse.Namespace) -> str:
     if options.out is not None:
         try:
             options.out.mkdir(parents=True, exist_ok=True)
-            (options.out / "comparison.md").write_text(markdown)
+            write_whole(options.out / "comparison.md", markdown)
             write_json(options.out / "comparison.json", summary)
             plot_curves(groups, options.out / "curves.png")
             for pair in summary["pairs"]:

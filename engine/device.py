@@ -1,7 +1,8 @@
 """The device and the numeric precision of a run: decided once, from what torch and the machine say, said out loud.
 
-``device_facts()`` reads what torch was built for and what the machine has. Every decision below takes those
-facts as an argument, so the rules are tested on any machine with another machine's facts (a V100, an old driver).
+``device_facts()`` reads what torch was built for and what the machine has (nvidia-smi only when a message or a
+CUDA run needs the GPU's name or the driver). Every decision below takes those facts as an argument, so the rules
+are tested on any machine with another machine's facts (a V100, an old driver, an nvidia-smi that fails).
 A config meant for a GPU never falls back to the CPU without a word: ``choose_device`` stops with the reason.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -25,48 +28,68 @@ from engine.memory import CARD_SHARE, accum_choices, config_step_gib
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # The oldest NVIDIA driver branch that runs each CUDA major version (CUDA's minor-version compatibility).
 MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+NVIDIA_SMI_TIMEOUT_S = 10  # a driver in a bad state can make nvidia-smi hang
 
 
 @dataclass(frozen=True)
 class DeviceFacts:
-    """What torch was built for and what the machine has: the inputs of every device decision."""
+    """What torch was built for and what the machine has: the inputs of every device decision.
+
+    ``device_facts()`` leaves the GPU name and the driver, which only nvidia-smi knows when torch cannot use the GPU,
+    to be read when a message needs them (``unread=True``; ``with_nvidia_smi``): a run on the CPU never starts it.
+    """
 
     torch: str  # torch.__version__
     cuda: str | None  # the CUDA torch was built against (torch.version.cuda); None for a CPU-only build
     arch_list: tuple[str, ...]  # GPU architectures torch has kernels for (torch.cuda.get_arch_list())
     available: bool  # torch.cuda.is_available()
-    gpu: str | None  # name of GPU 0, from torch or nvidia-smi
-    capability: tuple[int, int] | None  # its compute capability
-    driver: str | None  # the NVIDIA driver version (nvidia-smi)
+    gpu: str | None  # name of GPU 0, from torch or nvidia-smi (None: unknown)
+    capability: tuple[int, int] | None  # its compute capability (None: unknown)
+    driver: str | None  # the NVIDIA driver version, from nvidia-smi (None: unknown)
     init_warning: str | None = None  # what torch warned while looking for a GPU (an old driver, say)
+    unread: bool = False  # nvidia-smi not asked yet: gpu, capability and driver hold only what torch said
 
 
+@functools.cache
 def _nvidia_smi() -> tuple[str | None, tuple[int, int] | None, str | None]:
-    """GPU 0's name, compute capability and driver version as nvidia-smi reports them (None where it cannot)."""
-    for fields in ("name,driver_version,compute_cap", "name,driver_version"):
+    """GPU 0's name, compute capability and driver version as nvidia-smi reports them, asked once per process; None
+    for each one it does not give. Whatever it prints (an error, a warning line, ``[N/A]``, several GPUs) or does
+    (hang, fail), a row counts only with the fields asked for and a driver version of digits and dots; the first
+    such row is GPU 0."""
+    for fields in ("name,driver_version,compute_cap", "name,driver_version"):  # compute_cap: drivers from R510 on
         try:
             out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=20)
+                                 encoding="utf-8", errors="replace", timeout=NVIDIA_SMI_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired):
             return None, None, None
-        if out.returncode == 0 and out.stdout.strip():
-            parts = [p.strip() for p in out.stdout.splitlines()[0].split(",")]
-            capability = tuple(int(x) for x in parts[2].split(".")) if len(parts) > 2 else None
-            return parts[0], capability, parts[1]
+        rows = [[part.strip() for part in line.split(",")] for line in out.stdout.splitlines()]
+        rows = [row for row in rows if len(row) == fields.count(",") + 1 and re.fullmatch(r"\d+(\.\d+)*", row[1])]
+        if out.returncode == 0 and rows:
+            name, driver, *cap = rows[0]
+            found = re.fullmatch(r"(\d+)\.(\d+)", cap[0]) if cap else None
+            gpu = name if name and not name.startswith("[") else None  # [N/A], [Unknown Error]
+            return gpu, (int(found.group(1)), int(found.group(2))) if found else None, driver
     return None, None, None
 
 
 def device_facts() -> DeviceFacts:
-    """The facts of this machine and this torch build."""
+    """The facts of this machine and this torch build, as torch gives them (nvidia-smi's: ``with_nvidia_smi``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         available = torch.cuda.is_available()
-    gpu, capability, driver = _nvidia_smi() if torch.version.cuda else (None, None, None)
-    if available:
-        gpu, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
-    init_warning = " ".join(str(w.message).split()) if caught else None
+    gpu, capability = (torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)) if available else (None, None)
+    init_warning = " ".join(" ".join(str(w.message).split()) for w in caught) or None
     return DeviceFacts(torch.__version__, torch.version.cuda, tuple(torch.cuda.get_arch_list()), available, gpu,
-                       capability, driver, init_warning)
+                       capability, None, init_warning, unread=True)
+
+
+def with_nvidia_smi(facts: DeviceFacts) -> DeviceFacts:
+    """``facts`` completed by nvidia-smi where it was not asked yet (torch's GPU name and capability kept)."""
+    if not facts.unread:
+        return facts
+    gpu, capability, driver = _nvidia_smi()
+    return dataclasses.replace(facts, gpu=facts.gpu or gpu, capability=facts.capability or capability, driver=driver,
+                               unread=False)
 
 
 def arch_supported(capability: tuple[int, int], arch_list: tuple[str, ...]) -> bool:
@@ -91,12 +114,15 @@ def cuda_usable(facts: DeviceFacts) -> bool:
 
 
 def _likely_cause(facts: DeviceFacts) -> str:
+    """Why CUDA cannot run here, in a few words, from ``facts`` completed by nvidia-smi."""
     if facts.cuda is None:
-        return "this torch is a CPU-only build"
+        return "this torch is a CPU-only build" + (f", on a machine with {facts.gpu}" if facts.gpu else "")
     if facts.gpu is None and facts.driver is None:
-        return "no NVIDIA GPU or driver was found (nvidia-smi did not answer)"
+        if facts.init_warning:  # torch found a driver: nvidia-smi failed, not the machine
+            return f"torch could not initialise CUDA ({facts.init_warning}), and nvidia-smi gave no answer"
+        return "no NVIDIA GPU or driver was found (torch saw none, nvidia-smi gave no answer)"
     need = MIN_DRIVER.get(int(facts.cuda.split(".")[0]))
-    driver_major = int(facts.driver.split(".")[0]) if facts.driver and facts.driver.split(".")[0].isdigit() else None
+    driver_major = int(facts.driver.split(".")[0]) if facts.driver else None
     if need and driver_major is not None and driver_major < need:
         return f"the driver {facts.driver} is older than CUDA {facts.cuda} needs (the R{need} series or newer)"
     if facts.capability and facts.arch_list and not arch_supported(facts.capability, facts.arch_list):
@@ -109,6 +135,7 @@ def cuda_unusable_message(facts: DeviceFacts, why: str,
                           instead: str = "To run on the CPU deliberately (slow), add --device cpu.") -> str:
     """One paragraph: why CUDA cannot run here, what torch was built for, what the machine has, and what to do
     (``instead``: the way around it, where there is one)."""
+    facts = with_nvidia_smi(facts)
     build = f"torch {facts.torch} was built for CUDA {facts.cuda}" if facts.cuda else f"torch {facts.torch} is a CPU-only build"
     if facts.arch_list:
         build += f" (kernels for {', '.join(facts.arch_list)})"
@@ -116,6 +143,8 @@ def cuda_unusable_message(facts: DeviceFacts, why: str,
     if facts.gpu or facts.driver:
         capability = f", capability {facts.capability[0]}.{facts.capability[1]}" if facts.capability else ""
         machine = f"this machine has {facts.gpu or 'an NVIDIA GPU'}{capability}, driver {facts.driver or 'unknown'}"
+    elif facts.init_warning:
+        machine = "nvidia-smi gave no answer, so the GPU and the driver are unknown"
     return (
         f"{why}, but CUDA is not usable here: {build}; {machine}. Likely cause: {_likely_cause(facts)}. To use the "
         f"GPU, install a torch/torchvision pair built for a CUDA version the driver supports (the selector on "
@@ -159,13 +188,21 @@ def inference_device(requested: str, facts: DeviceFacts) -> str:
     """``cuda`` or ``cpu`` for evaluation and prediction (``--device auto|cuda|cpu``).
 
     As ``choose_device``, except that ``auto`` without a usable GPU runs on the CPU (an evaluation is slow there,
-    not hopeless) and says why on stderr.
+    not hopeless) and says why on stderr, once per process, when torch is a CUDA build or the machine has a GPU.
     """
     device = choose_device(requested, None, facts)
-    if requested == "auto" and device == "cpu" and facts.cuda is not None:
-        print(f"note: running on the CPU, CUDA is not usable here ({_likely_cause(facts)}); --device cpu makes this "
-              f"choice explicit, and `python scripts/gpu_check.py` tells more.", file=sys.stderr)
+    if requested == "auto" and device == "cpu":
+        facts = with_nvidia_smi(facts)
+        if facts.cuda is not None or facts.gpu is not None:
+            _note(f"note: running on the CPU, CUDA is not usable here ({_likely_cause(facts)}); --device cpu makes "
+                  f"this choice explicit, and `python scripts/gpu_check.py` tells more.")
     return device
+
+
+@functools.cache
+def _note(text: str) -> None:
+    """Print ``text`` on stderr the first time it comes (compare.py evaluates a dozen checkpoints in one process)."""
+    print(text, file=sys.stderr)
 
 
 def spell(setting: str, value: Any) -> str:
@@ -219,6 +256,7 @@ def describe_device(device: torch.device, facts: DeviceFacts) -> str:
     """The device in words for the start banner: GPU, capability, torch, CUDA and driver versions."""
     if device.type != "cuda":
         return f"CPU, torch {facts.torch}"
+    facts = with_nvidia_smi(facts)
     capability = f"capability {facts.capability[0]}.{facts.capability[1]}" if facts.capability else "capability unknown"
     return f"{facts.gpu} ({capability}), torch {facts.torch}, CUDA {facts.cuda}, driver {facts.driver or 'unknown'}"
 

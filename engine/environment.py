@@ -18,7 +18,7 @@ PACKAGES = ("torch", "torchvision", "triton", "numpy", "scipy", "pillow", "pyyam
 
 def _cpu_model() -> str:
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()

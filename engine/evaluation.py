@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -28,6 +27,7 @@ from engine.distributed import is_initialized, is_rank0
 from engine.inference import predictions
 from engine.metric import ConfusionMatrix
 from engine.statistics import PerImageCounts, count_image
+from engine.workdir import write_image
 
 
 def checkpoint_digest(path: Path) -> str:
@@ -59,8 +59,6 @@ def _score(model: torch.nn.Module, loader: Any, device: torch.device, config: di
     predictions and per-image counts saved where asked."""
     num_classes, rows = config["model"]["num_classes"], []
     matrix = ConfusionMatrix(num_classes, device)
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for name, pred, label in tqdm(predictions(model, loader, device, config, amp), total=len(loader), desc="eval",
                                   disable=not is_rank0()):
@@ -69,7 +67,7 @@ def _score(model: torch.nn.Module, loader: Any, device: torch.device, config: di
         if per_image is not None:
             rows.append((name, *count_image(pred, label, num_classes)))
         if save_dir is not None:
-            Image.fromarray((pred + 1).to(torch.uint8).cpu().numpy()).save(save_dir / f"{name}.png")
+            write_image(save_dir / f"{name}.png", Image.fromarray((pred + 1).to(torch.uint8).cpu().numpy()))
     matrix.all_reduce()
     seconds = time.perf_counter() - start  # all_reduce waits for the slowest rank
     if per_image is not None:

@@ -27,6 +27,7 @@ that differ, and nothing is written.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from configs import RESUME_FIXED, UserError, flatten
 from engine.checkpoint import newest_checkpoint
@@ -110,7 +112,7 @@ def remove_temporaries(work_dir: Path) -> list[str]:
 def _read_record(path: Path) -> dict[str, Any] | None:
     """The config a run recorded in its work dir, or None when there is none this code can read."""
     try:
-        saved = yaml.safe_load(path.read_text())
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
     return saved if isinstance(saved, dict) else None
@@ -169,7 +171,7 @@ class Lock:
             except FileExistsError:
                 self._take_over_when_stale()
                 continue
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.owner, f)
             Lock.held.add(self.path.resolve())
             threading.Thread(target=self._refresh, daemon=True).start()
@@ -233,7 +235,7 @@ def _on_this_host(path: Path) -> bool:
 def lock_holder(path: Path) -> str | None:
     """Who holds the lock file ``path`` ("process P on HOST, refreshed N s ago"), or None: no lock, or a stale one."""
     try:
-        owner, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+        owner, age = json.loads(path.read_text(encoding="utf-8")), time.time() - path.stat().st_mtime
     except (OSError, ValueError):
         if not path.exists():
             return None
@@ -254,12 +256,12 @@ def output_lock(path: Path) -> Lock:
 
 def write_whole(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, then a rename), making the folder:
-    a reader never sees half a file, and a failed or interrupted write leaves the old one. UserError naming the file
-    when it cannot be written."""
+    a reader never sees half a file, and a failed or interrupted write leaves the old one. Text is written as UTF-8,
+    whatever the locale. UserError naming the file when it cannot be written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException as err:
         if tmp.exists():  # exists() is False, not an error, under a parent that is a file
@@ -273,6 +275,13 @@ def write_whole(path: Path, data: str | bytes) -> None:
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON in ``path``, written whole (``write_whole``): every JSON output goes through here."""
     write_whole(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_image(path: Path, image: Image.Image, **options: Any) -> None:
+    """``image`` in the format its suffix names (PIL's ``options``, like ``quality``), written whole (``write_whole``)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()], **options)
+    write_whole(path, buffer.getvalue())
 
 
 def write_record(work_dir: Path, config: dict[str, Any]) -> None:

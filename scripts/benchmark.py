@@ -17,6 +17,7 @@ import torch
 
 from configs import UserError, load_config
 from engine.benchmark import PATHS, VARIANTS, memory_rows, model_rows, op_rows, run_amp
+from engine.console import command_line
 from engine.device import choose_device, describe_device, device_facts
 from engine.memory import CARD_SHARE, CARDS_GIB
 from engine.workdir import write_json
@@ -132,6 +133,7 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with a message for user errors)."""
     args = parse_args(argv)
@@ -143,9 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     except torch.cuda.OutOfMemoryError:
         print(f"error: CUDA out of memory at --batch-size {args.batch_size} with every case resident at once. Use a "
               f"smaller --batch-size, or fewer --variants, --paths or --amp per run.", file=sys.stderr)
-        return 2
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

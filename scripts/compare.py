@@ -15,6 +15,7 @@ from configs import UserError
 from data.perturb import HELP as PERTURB_HELP
 from data.perturb import parse_perturbation
 from engine.comparison import compare
+from engine.console import command_line
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with a message for user errors)."""
     args = parse_args(argv)
@@ -66,18 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             parse_perturbation(text)
         except ValueError as err:
-            print(f"error: --perturb: {err}", file=sys.stderr)
-            return 2
-    try:
-        for name in ("train_images", "val_images"):
-            value = getattr(args, name)
-            if value is not None and value < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be 0 (all images of the split) or positive, got "
-                                f"{value}.")
-        markdown = compare(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            raise UserError(f"--perturb: {err}") from None
+    for name in ("train_images", "val_images"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 (all images of the split) or positive, got "
+                            f"{value}.")
+    markdown = compare(args)
     print(markdown, end="")
     if args.out is not None:
         print(f"\nwrote {args.out}/comparison.md, comparison.json, curves.png and per-class figures", file=sys.stderr)

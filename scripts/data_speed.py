@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs import UserError, load_config
+from configs import load_config
 from data.dataset import SegmentationFolder
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, normalize_batch
+from engine.console import command_line
 
 Sampler = Callable[[int, int], object]
 
@@ -125,16 +126,13 @@ def time_rounds(samplers: dict[str, Sampler], files: int, samples: int, rounds: 
     return rates
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Run the script; return the exit status (2 for a configuration or data error)."""
     args = parse_args(argv)
     torch.set_num_threads(1)  # as a loader worker (data.dataset._worker_init)
-    try:
-        config = load_config(args.config, args.overrides)
-        dataset = SegmentationFolder(args.root, args.split, TrainTransform(config["data"]), args.max_images)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
+    dataset = SegmentationFolder(args.root, args.split, TrainTransform(config["data"]), args.max_images)
     samplers = {"this repository": project_sampler(dataset)}
     peer = mmseg_sampler(dataset)
     if isinstance(peer, str):

@@ -16,14 +16,15 @@ from pathlib import Path
 from configs import UserError
 from data.dataset import check_layout
 from data.download import FOLDER, URL, ZIP_NAME, download, extract, zip_complete
+from engine.console import command_line
 
 
 def report(folder: Path) -> int:
     """Run ``check_layout`` on ``folder``, print its report and every problem; 0 if fine, else 1."""
     try:
         problems, lines = check_layout(folder)
-    except OSError as err:  # e.g. a folder that cannot be listed
-        problems, lines = [f"{folder}: cannot be read ({err})"], []
+    except UserError as err:  # a folder that cannot be listed
+        problems, lines = [str(err)], []
     for line in lines:
         print(line)
     for problem in problems:
@@ -35,6 +36,7 @@ def report(folder: Path) -> int:
     return 0
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; exit status 0 (complete), 1 (problems found) or 2 (errors)."""
     parser = argparse.ArgumentParser(
@@ -53,31 +55,27 @@ def main(argv: list[str] | None = None) -> int:
                         "folder: print the report and every problem, exit 0 if none, else 1")
     parser.add_argument("--url", default=URL, help="download address (default: the official MIT server)")
     args = parser.parse_args(argv)
-    try:
-        if args.check is not None:
-            return report(args.check)
-        root: Path = args.root
-        folder, zip_path = root / FOLDER, root / ZIP_NAME
-        if not (folder / "images").is_dir() and (root / "images" / "training").is_dir():
-            print(f"{root} itself looks like an ADEChallengeData2016 folder; checking it")
-            return report(root)
-        if (folder / "images").is_dir():
-            print(f"{folder} already exists; skipping download and extraction")
+    if args.check is not None:
+        return report(args.check)
+    root: Path = args.root
+    folder, zip_path = root / FOLDER, root / ZIP_NAME
+    if not (folder / "images").is_dir() and (root / "images" / "training").is_dir():
+        print(f"{root} itself looks like an ADEChallengeData2016 folder; checking it")
+        return report(root)
+    if (folder / "images").is_dir():
+        print(f"{folder} already exists; skipping download and extraction")
+    else:
+        if zip_path.is_file() and zip_complete(zip_path):
+            print(f"using the existing {zip_path}")
         else:
-            if zip_path.is_file() and zip_complete(zip_path):
-                print(f"using the existing {zip_path}")
-            else:
-                if zip_path.is_file():
-                    print(f"{zip_path} is incomplete or damaged; downloading it again")
-                    zip_path.unlink()
-                print(f"downloading {args.url} to {zip_path}")
-                download(args.url, zip_path)
-            print(f"extracting {zip_path} to {folder}")
-            extract(zip_path, root)
-        return report(folder)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            if zip_path.is_file():
+                print(f"{zip_path} is incomplete or damaged; downloading it again")
+                zip_path.unlink()
+            print(f"downloading {args.url} to {zip_path}")
+            download(args.url, zip_path)
+        print(f"extracting {zip_path} to {folder}")
+        extract(zip_path, root)
+    return report(folder)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from configs import UserError
 from data.dataset import build_val_loader, load_class_info
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from engine.console import command_line
 from engine.device import device_facts, inference_device
 from engine.inference import predictions
 from engine.offsets import capture_offsets, effective_dilation
@@ -140,22 +141,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with a message for user errors)."""
     args = parse_args(argv)
-    try:
-        result = measure(args)
-        if args.out is not None:
-            try:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                plot(result, args.out)
-            except (OSError, ValueError) as err:
-                raise UserError(f"could not write {args.out} ({err}). Give a writable path ending in .png.") from None
-        if args.json is not None:
-            write_json(args.json, result)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = measure(args)
+    if args.out is not None:
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            plot(result, args.out)
+        except (OSError, ValueError) as err:
+            raise UserError(f"could not write {args.out} ({err}). Give a writable path ending in .png.") from None
+    if args.json is not None:
+        write_json(args.json, result)
     print(markdown(result, args.classes), end="")
     return 0
 

@@ -38,8 +38,9 @@ from configs import MIN_PER_FORWARD, UserError, load_config
 from data import IGNORE_INDEX
 from engine.benchmark import (GIB, PATHS, VARIANTS, TrainingCase, case_config, conv_op, deform_inputs, loss_inputs,
                               op_errors, seconds_per_call)
+from engine.console import command_line
 from engine.device import (DeviceFacts, autocast, cuda_unusable_message, cuda_usable, describe_device, device_facts,
-                           is_out_of_memory, memory_format, memory_gib, resolve_amp)
+                           is_out_of_memory, memory_format, memory_gib, resolve_amp, with_nvidia_smi)
 from engine.inference import predict_logits
 from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
 from engine.memory import CARD_SHARE, accum_choices, fewest_that_fit, step_gib
@@ -351,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--capability plans for another GPU: give it with --plan (a check runs on this GPU's).")
     if memories and len(memories) > 1 and not args.plan:
         raise UserError("several --memory-gib values are for --plan; a check runs on one card.")
-    facts = device_facts()
+    facts = with_nvidia_smi(device_facts())  # the driver too, for the record and the messages
     usable = cuda_usable(facts)
     if args.plan:
         if not memories and not usable:
@@ -374,14 +375,10 @@ def run(args: argparse.Namespace) -> int:
     return exit_code(rows)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: the exit status as the module docstring says."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from configs import UserError
 from data import IGNORE_INDEX
 from engine.benchmark import GIB, process_peak
+from engine.console import command_line
 from engine.loss import reference_upsample_cross_entropy
 from engine.workdir import write_json
 
@@ -150,32 +151,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Print both variants' gradient errors and loss peak memory; returns the exit status."""
     args = parse_args(argv)
-    try:
-        if min(args.batch_size, args.classes, args.side, args.scale) < 1:
-            raise UserError("--batch-size, --classes, --side and --scale must be at least 1.")
-        shape = (args.batch_size, args.classes, args.side, args.scale)
-        result = {"shape": dict(zip(("batch", "classes", "side", "scale"), shape))}
-        result["errors"] = {kind: errors(kind, *shape) for kind in LOGITS}
-        inputs_peak = process_peak(make_inputs, "random", *shape)
-        result["peak_gib"] = {v: (process_peak(loss_step, v, *shape) - inputs_peak) / GIB for v in ("bf16", "fp32")}
-        n, c, side, scale = shape
-        print(f"bf16 logits {n} x {c} x {side} x {side} -> {side * scale} x {side * scale}; relative L2 error of the "
-              f"logit gradient (loss value) against float64:")
-        for kind, e in result["errors"].items():
-            print(f"  {kind} logits: bf16 upsampling, CUDA's bf16 accumulation emulated "
-                  f"{e['bf16_upsampling_grad_rel_l2']:.2e} ({e['bf16_upsampling_loss_rel_err']:.1e}); fp32 upsampling "
-                  f"{e['fp32_upsampling_grad_rel_l2']:.2e} ({e['fp32_upsampling_loss_rel_err']:.1e})")
-        print(f"loss forward + backward, CPU process peak above the inputs: bf16 upsampling "
-              f"{result['peak_gib']['bf16']:.2f} GiB, fp32 upsampling {result['peak_gib']['fp32']:.2f} GiB "
-              f"({n} images)")
-        if args.json is not None:
-            write_json(args.json, result)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if min(args.batch_size, args.classes, args.side, args.scale) < 1:
+        raise UserError("--batch-size, --classes, --side and --scale must be at least 1.")
+    shape = (args.batch_size, args.classes, args.side, args.scale)
+    result = {"shape": dict(zip(("batch", "classes", "side", "scale"), shape))}
+    result["errors"] = {kind: errors(kind, *shape) for kind in LOGITS}
+    inputs_peak = process_peak(make_inputs, "random", *shape)
+    result["peak_gib"] = {v: (process_peak(loss_step, v, *shape) - inputs_peak) / GIB for v in ("bf16", "fp32")}
+    n, c, side, scale = shape
+    print(f"bf16 logits {n} x {c} x {side} x {side} -> {side * scale} x {side * scale}; relative L2 error of the "
+          f"logit gradient (loss value) against float64:")
+    for kind, e in result["errors"].items():
+        print(f"  {kind} logits: bf16 upsampling, CUDA's bf16 accumulation emulated "
+              f"{e['bf16_upsampling_grad_rel_l2']:.2e} ({e['bf16_upsampling_loss_rel_err']:.1e}); fp32 upsampling "
+              f"{e['fp32_upsampling_grad_rel_l2']:.2e} ({e['fp32_upsampling_loss_rel_err']:.1e})")
+    print(f"loss forward + backward, CPU process peak above the inputs: bf16 upsampling "
+          f"{result['peak_gib']['bf16']:.2f} GiB, fp32 upsampling {result['peak_gib']['fp32']:.2f} GiB "
+          f"({n} images)")
+    if args.json is not None:
+        write_json(args.json, result)
     return 0
 
 

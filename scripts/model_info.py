@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from configs import UserError, load_config
+from configs import load_config
+from engine.console import command_line
 from engine.workdir import write_json
 from models.segmentor import build_model, count_parameters, deformable_layers
 
@@ -51,24 +52,21 @@ def model_info(config_name: str, overrides: list[str]) -> dict[str, object]:
     }
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Run the script; return the exit status (2 for a configuration error)."""
     args = parse_args(argv)
-    try:
-        info = model_info(args.config, args.overrides)
-        print(f"config: {info['config']}")
-        print(f"parameters (inference model, aux head excluded): {info['params']:,}")
-        print(f"parameters added by deformable layers: {info['deform_params']:,}")
-        print(f"deformable layers: {len(info['deform_layers'])}")
-        for line in info["details"]:
-            print(f"  {line}")
-        if args.json is not None:
-            record = {k: info[k] for k in ("config", "params", "deform_params", "deform_layers")}
-            write_json(args.json, record)
-            print(f"wrote {args.json}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    info = model_info(args.config, args.overrides)
+    print(f"config: {info['config']}")
+    print(f"parameters (inference model, aux head excluded): {info['params']:,}")
+    print(f"parameters added by deformable layers: {info['deform_params']:,}")
+    print(f"deformable layers: {len(info['deform_layers'])}")
+    for line in info["details"]:
+        print(f"  {line}")
+    if args.json is not None:
+        record = {k: info[k] for k in ("config", "params", "deform_params", "deform_layers")}
+        write_json(args.json, record)
+        print(f"wrote {args.json}")
     return 0
 
 

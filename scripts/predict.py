@@ -15,6 +15,7 @@ image that cannot be read, is named with the reason in the summary; the rest go 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,12 +25,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from configs import UserError
-from data.dataset import load_class_info, read_rgb
+from data.dataset import list_folder, load_class_info, read_rgb
 from data.transforms import ValTransform
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from engine.console import command_line
 from engine.device import device_facts, inference_device
 from engine.inference import predict_logits
 from engine.overlay import overlay
+from engine.workdir import make_writable_folder, write_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -61,8 +64,10 @@ def find_images(path: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
         return [path], []
     if path.is_dir():
         images, skipped = [], []
-        for entry in sorted(path.iterdir()):
-            if entry.is_dir():
+        for entry in list_folder(path):
+            if not entry.exists():
+                skipped.append((entry, f"a broken symbolic link (to {os.readlink(entry)}, which does not exist)"))
+            elif entry.is_dir():
                 skipped.append((entry, "a folder (only the images directly in --input are read)"))
             elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 images.append(entry)
@@ -105,23 +110,17 @@ def output_paths(images: list[Path], out: Path, overwrite: bool) -> list[tuple[P
     return outputs
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 if every file was used, 1 if some were skipped (listed), 2 on errors."""
     args = parse_args(argv)
-    try:
-        images, skipped = find_images(args.input)
-        outputs = output_paths(images, args.out, args.overwrite)
-        device = torch.device(inference_device(args.device, device_facts()))
-        checkpoint = load_checkpoint(args.checkpoint)
-        model, config = build_model_from_checkpoint(checkpoint, args.checkpoint)
-        model.to(device).eval()
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create {args.out} ({err.strerror or err}). Give a folder you can write to.") from None
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    images, skipped = find_images(args.input)
+    outputs = output_paths(images, args.out, args.overwrite)
+    make_writable_folder(args.out, "Give --out a folder you can write to; nothing was predicted.")
+    device = torch.device(inference_device(args.device, device_facts()))
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, config = build_model_from_checkpoint(checkpoint, args.checkpoint)
+    model.to(device).eval()
     transform, (names, palette) = ValTransform(config["data"]), load_class_info()
     written = 0
     for path, (class_map, overlay_path) in tqdm(list(zip(images, outputs)), desc="predict", disable=len(images) < 2):
@@ -138,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             x = transform(image)[None].to(device)
             scores = predict_logits(model, x, rgb.shape[:2], num_classes=config["model"]["num_classes"])
         pred = scores.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        Image.fromarray(pred + 1).save(class_map)
-        Image.fromarray(overlay(rgb, pred, palette, names)).save(overlay_path, quality=92)
+        write_image(class_map, Image.fromarray(pred + 1))
+        write_image(overlay_path, Image.fromarray(overlay(rgb, pred, palette, names)), quality=92)
         written += 1
     if skipped:
         print(f"skipped {len(skipped)} file(s):", file=sys.stderr)

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from configs import UserError
 from data.transforms import ValTransform
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from engine.console import command_line
 from engine.offset_figure import offset_figure
 from engine.offsets import DEFAULT_LAYERS, MAX_LAYERS, check_num_layers
 from models.segmentor import deformable_layers
@@ -95,34 +96,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Run the script; return the exit status (2 for a usage or input error)."""
     args = parse_args(argv)
+    points = parse_points(args.points) if args.points else None
+    rgb = load_image(args.image)
+    if points is not None:
+        check_points(points, rgb.shape[1], rgb.shape[0])
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, config = build_model_from_checkpoint(checkpoint, args.checkpoint)
+    if not deformable_layers(model):
+        raise UserError(
+            f"this checkpoint has no deformable layers: {args.checkpoint} holds a plain model "
+            f"(model.deform.version is 0), so there are no offsets to draw. Give a checkpoint of a "
+            f"def-conv-v1 or def-conv-v2 run."
+        )
+    check_num_layers(args.layers, list(deformable_layers(model)))
+    image_tensor = ValTransform(config["data"])(Image.fromarray(rgb))
+    figure = offset_figure(model, image_tensor, rgb, points, num_layers=args.layers,
+                           iteration=checkpoint.get("iteration"), image_name=args.image.name)
     try:
-        points = parse_points(args.points) if args.points else None
-        rgb = load_image(args.image)
-        if points is not None:
-            check_points(points, rgb.shape[1], rgb.shape[0])
-        checkpoint = load_checkpoint(args.checkpoint)
-        model, config = build_model_from_checkpoint(checkpoint, args.checkpoint)
-        if not deformable_layers(model):
-            raise UserError(
-                f"this checkpoint has no deformable layers: {args.checkpoint} holds a plain model "
-                f"(model.deform.version is 0), so there are no offsets to draw. Give a checkpoint of a "
-                f"def-conv-v1 or def-conv-v2 run."
-            )
-        check_num_layers(args.layers, list(deformable_layers(model)))
-        image_tensor = ValTransform(config["data"])(Image.fromarray(rgb))
-        figure = offset_figure(model, image_tensor, rgb, points, num_layers=args.layers,
-                               iteration=checkpoint.get("iteration"), image_name=args.image.name)
-        try:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(figure).save(args.out, format="PNG")
-        except (OSError, ValueError) as err:
-            raise UserError(f"could not write {args.out} ({err}). Give a writable path ending in .png.") from None
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(figure).save(args.out, format="PNG")
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not write {args.out} ({err}). Give a writable path ending in .png.") from None
     print(f"wrote {args.out}")
     return 0
 

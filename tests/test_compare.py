@@ -157,6 +157,35 @@ def test_figures_and_markdown_are_written(compared: tuple[str, str, Path]) -> No
     assert (out / "comparison.md").read_text() == stdout
 
 
+def test_comparison_md_is_written_whole_in_utf8_under_any_locale(compared: tuple[str, str, Path],
+                                                                  runs: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29, item 4: under a Latin-1 terminal (PYTHONIOENCODING) and an ASCII locale for files (LC_ALL=C without
+    UTF-8 mode), compare.py truncated comparison.md to 0 bytes and then crashed on its Δ. Now the file is written
+    whole in UTF-8, the terminal gets the characters it cannot show escaped, and a write that fails leaves the
+    previous comparison.md as it was."""
+    stdout, _, _ = compared
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "comparison.md").write_text("the previous comparison\n", encoding="utf-8")
+    args = [*map(str, runs.values()), "--no-eval", *FAST, "--perturb", "rotate=15", "--out", str(out)]
+
+    def full_disk(*paths: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    code, _, err = run_compare(args)
+    assert code == 2 and f"could not write {out / 'comparison.md'} (No space left on device)" in err
+    assert (out / "comparison.md").read_text(encoding="utf-8") == "the previous comparison\n"
+    monkeypatch.undo()
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "latin-1"}
+    proc = subprocess.run([sys.executable, "scripts/compare.py", *args], cwd=REPO, env=env, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode("latin-1")
+    assert (out / "comparison.md").read_text(encoding="utf-8") == stdout and "Δ" in stdout
+    assert proc.stdout.decode("latin-1") == stdout.encode("latin-1", "backslashreplace").decode("latin-1")
+
+
 def test_saved_evaluations_of_the_same_checkpoint_are_reused(compared: tuple[str, str, Path],
                                                              runs: dict[str, Path]) -> None:
     stamps = {p: p.stat().st_mtime_ns for r in runs.values() for p in r.glob("eval_*.json")}

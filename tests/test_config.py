@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from configs import (
     CONFIG_DIR,
@@ -17,6 +19,7 @@ from configs import (
     load_config,
     resolve_config_path,
 )
+from data.dataset import sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +105,26 @@ def test_override_keeps_the_type_of_the_value_it_replaces(
 def test_bad_override_raises_user_error_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config("def-conv-v2", [override])
+
+
+@pytest.mark.parametrize(("override", "allowed"), [
+    ("seed=18446744073709551616", "an integer in 0..2**64 - 1"),  # torch.manual_seed: "Overflow when unpacking long"
+    ("model.num_classes=256", "an integer in 1..255"),  # class 255 would be the ignore index
+    ("model.num_classes=1000000000", "an integer in 1..255"),  # a head of 512 x 10^9 weights
+])
+def test_edges_that_crashed_after_the_start_are_refused_at_load_with_the_range(override: str, allowed: str) -> None:
+    """Issue 29, item 6: every key's edges were tried (smallest, largest, zero, huge, wrong types inside lists); these
+    passed the check and then crashed with a traceback naming no key. Those that now train instead (a data.scale or
+    data.ratio_range below one pixel, a num_classes below the labels' values) are in test_data.py."""
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"config key '{key}' in .* must be {re.escape(allowed)}"):
+        load_config("demo", [override])
+
+
+def test_the_largest_seed_seeds_torch_and_the_data() -> None:
+    seed = load_config("demo", [f"seed={2**64 - 1}"])["seed"]
+    torch.manual_seed(seed)
+    assert 0 <= sample_seed(seed, 3) < 2**63
 
 
 def test_unknown_key_in_a_yaml_file_names_file_and_key(tmp_path: Path) -> None:

@@ -648,3 +648,59 @@ def test_demo_generation_is_deterministic(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not empty"):
         generate_demo_dataset(first, num_train=1, num_val=1, size=32)
     assert ensure_demo_dataset(first) == first  # already there: nothing to do
+
+
+def test_demo_generation_in_a_read_only_working_directory_is_one_paragraph(monkeypatch) -> None:
+    """Issue 29, item 8: data.root=data/demo (relative) under a working directory nobody may write, root included:
+    /sys (before: a PermissionError traceback from mkdir)."""
+    monkeypatch.chdir("/sys")
+    with pytest.raises(UserError, match=r"cannot generate the demo dataset at /sys/data/demo \(.+\)\. Set data\.root"):
+        ensure_demo_dataset(Path("data/demo"))
+
+
+# ---------------------------------------------------------------- labels the data and the model must agree on
+
+
+def test_an_annotation_that_is_not_a_png_is_named_in_training_evaluation_and_check(make_ade_tree) -> None:
+    """Issue 29, item 5: a JPEG saved under the .png name (its compression changes ids along every region edge) was
+    read as labels by training and evaluation and passed --check; now each names the file."""
+    root = make_ade_tree()
+    for split, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+        path = root / "annotations" / split / f"{stem}.png"
+        Image.open(path).save(path, format="JPEG", quality=95)
+    with pytest.raises(UserError, match="ADE_train_00000001.png is a JPEG file, not a PNG"):
+        SegmentationFolder(root, "training", TrainTransform(_data_cfg()))[(0, 0)]
+    with pytest.raises(UserError, match="ADE_val_00000001.png is a JPEG file, not a PNG"):
+        SegmentationFolder(root, "validation", ValTransform(_val_cfg([40, 30])))[0]
+    problems, _ = check_layout(root)
+    assert sorted(p.split(": ")[0] for p in problems) == [str(root / "annotations" / split / f"{stem}.png") for split, stem
+                                                          in (("training", "ADE_train_00000001"),
+                                                              ("validation", "ADE_val_00000001"))]
+    assert all("annotation is a JPEG file, not a PNG" in p for p in problems)
+
+
+def test_a_label_the_model_has_no_class_for_names_the_file_the_value_and_the_key(make_ade_tree) -> None:
+    """Issue 29, item 6: model.num_classes smaller than the labels in the data ended in the loss's or the metric's
+    traceback; the label check names the file, the value and model.num_classes (ids 1..N are classes 0..N-1)."""
+    root = make_ade_tree()  # ids up to 150
+    config = _config(root)
+    config["model"]["num_classes"] = 20
+    loader = build_val_loader(config, "validation", 0, 1)
+    with pytest.raises(UserError, match=r"ADE_val_00000001.png holds the label value 150 \(class 149\), but "
+                                        r"model.num_classes=20 allows the values 1..20"):
+        next(iter(loader))
+    config["model"]["num_classes"] = 150
+    labels = next(iter(build_val_loader(config, "validation", 0, 1)))[1]
+    assert labels[labels != IGNORE_INDEX].max() == 149
+
+
+@pytest.mark.parametrize(("data", "val_size"), [({"scale": [1, 1]}, (1, 1)), ({"scale": [0.001, 0.001]}, (1, 1)),
+                                               ({"ratio_range": [1e-6, 1e-6]}, (120, 160))])
+def test_a_scale_or_ratio_too_small_for_a_pixel_gives_a_one_pixel_image(data: dict, val_size: tuple, make_ade_tree) -> None:
+    """Issue 29, item 6: the config accepts any positive data.scale and data.ratio_range; where they rescale an image
+    below one pixel (before: a ZeroDivisionError in the crop), training and evaluation take one pixel."""
+    root = make_ade_tree()
+    image, label, valid = SegmentationFolder(root, "training", TrainTransform(_data_cfg(**data)))[(0, 3)]
+    assert image.shape == (3, 64, 64) and valid.tolist() == [1, 1] and (label[1:] == IGNORE_INDEX).all()
+    resized, full_label, _ = SegmentationFolder(root, "validation", ValTransform(_val_cfg(_data_cfg(**data)["scale"])))[0]
+    assert resized.shape[1:] == val_size and full_label.shape == (30, 40)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from configs import UserError, batch_split_error, flatten, load_config, set_values, validate_config
+from engine import device
 from engine.device import (WHERE, DeviceFacts, arch_supported, choose_device, cuda_usable, memory_advice,
                            nonfinite_advice, out_of_memory_message, resolve_amp, resolve_config)
 
@@ -173,3 +178,108 @@ def test_evaluate_amp_follows_the_training_rule() -> None:
     with pytest.raises(UserError, match="--amp bf16 needs a GPU with native bfloat16.*Use --amp fp16 or --amp auto"):
         resolve_amp("bf16", "cuda", (7, 5), "--amp")
     assert resolve_amp("auto", "cuda", (7, 5), "--amp") == "fp16" and resolve_amp("auto", "cpu", None, "--amp") == "none"
+
+
+# ---------------------------------------------------------------- nvidia-smi, read only when needed and never trusted
+SMI_ROW = "NVIDIA GeForce RTX 3090, 535.129.03, 8.6"
+
+
+def fake_nvidia_smi(folder: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> Path:
+    """Put an ``nvidia-smi`` running the shell ``script`` first on PATH; return the file it touches when it runs."""
+    # nvidia-smi is asked once per process: this test gets its own answer, and later tests do not see it
+    monkeypatch.setattr(device, "_nvidia_smi", functools.cache(device._nvidia_smi.__wrapped__))
+    ran = folder / "nvidia-smi-ran"
+    (folder / "nvidia-smi").write_text(f"#!/bin/sh\ntouch {ran}\n{script}\n", encoding="utf-8")
+    (folder / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return ran
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    (f"echo '{SMI_ROW}'", ("NVIDIA GeForce RTX 3090", (8, 6), "535.129.03")),
+    ("echo 'NVIDIA GeForce RTX 3090, 535.129.03, [N/A]'", ("NVIDIA GeForce RTX 3090", None, "535.129.03")),
+    ("echo '[N/A], 535.129.03, [N/A]'", (None, None, "535.129.03")),
+    (f"echo 'WARNING: infoROM is corrupted at gpu 0000:01:00.0'; echo '{SMI_ROW}'",
+     ("NVIDIA GeForce RTX 3090", (8, 6), "535.129.03")),
+    (f"echo '{SMI_ROW}'; echo 'Tesla V100-SXM2-32GB, 535.129.03, 7.0'", ("NVIDIA GeForce RTX 3090", (8, 6), "535.129.03")),
+    ("echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9", (None, None, None)),
+    (f"echo '{SMI_ROW}'; exit 3", (None, None, None)),  # a non-zero exit is no answer, whatever it printed
+    ("case \"$1\" in *compute_cap*) echo 'Field \"compute_cap\" is not a valid field to query.'; exit 2;; esac; "
+     "echo 'Tesla T4, 470.82.01'", ("Tesla T4", None, "470.82.01")),  # an old nvidia-smi: asked again without it
+    ("printf 'GPU \\377\\376, 550.54.15, 9.0\\n'", ("GPU \ufffd\ufffd", (9, 0), "550.54.15")),  # not UTF-8
+    ("exec sleep 30", (None, None, None)),  # a hang: given up after the timeout
+    ("echo ''", (None, None, None)),
+])
+def test_nvidia_smi_output_degrades_to_unknown(script: str, expected: tuple, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29, item 7: whatever nvidia-smi prints or does, each fact is read or unknown (before: a traceback)."""
+    fake_nvidia_smi(tmp_path, monkeypatch, script)
+    monkeypatch.setattr(device, "NVIDIA_SMI_TIMEOUT_S", 1)
+    assert device._nvidia_smi() == expected
+    message = device.cuda_unusable_message(device.device_facts(), "--device cuda was asked for")
+    assert "CUDA is not usable here" in message and "\n" not in message
+
+
+def test_cpu_runs_never_start_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Issue 29, item 7: --device cpu and the demo on a machine without a usable GPU go on without asking nvidia-smi
+    (before: train.py --config demo.yaml --device cpu ended in a traceback with a fake one printing [N/A]); the note
+    of an evaluation on the CPU asks it and goes on with what it says."""
+    import train
+
+    ran = fake_nvidia_smi(tmp_path, monkeypatch, "echo 'NVIDIA H100 80GB HBM3, 580.65.06, [N/A]'")
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device.torch.version, "cuda", "13.0")  # a CUDA build of torch, whatever is installed here
+    blocker = tmp_path / "file"
+    blocker.write_text("", encoding="utf-8")
+    for requested in ("cpu", "auto"):  # stops at the work dir (under a file), after the device was chosen
+        assert train.main(["--config", "demo.yaml", "--device", requested, "--work-dir", str(blocker / "run")]) == 2
+        assert f"cannot write to {blocker / 'run'}" in capsys.readouterr().err and not ran.exists()
+    device._note.cache_clear()
+    assert device.inference_device("auto", device.device_facts()) == "cpu" and ran.exists()
+    assert "note: running on the CPU, CUDA is not usable here (torch could not initialise CUDA)" in capsys.readouterr().err
+
+
+def test_an_old_driver_without_an_nvidia_smi_answer_is_not_called_no_gpu() -> None:
+    """Issue 29, item 7: torch's "driver too old" warning says a GPU and a driver exist even when nvidia-smi gives no
+    answer: the paragraph says what is unknown instead of claiming there is no GPU."""
+    silent = facts(available=False, gpu=None, capability=None, driver=None,
+                   init_warning="The NVIDIA driver on your system is too old (found version 12020).")
+    text = device.cuda_unusable_message(silent, "--device cuda was asked for")
+    assert "no NVIDIA GPU" not in text and "shows no" not in text
+    assert "nvidia-smi gave no answer, so the GPU and the driver are unknown" in text and "too old" in text
+
+
+def test_a_cpu_only_torch_on_a_machine_with_a_gpu_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys) -> None:
+    """Issue 29, item 7: a CPU-only build of torch where nvidia-smi shows a GPU: the paragraph and the evaluation
+    note name the GPU and the build (before: "shows no NVIDIA GPU", and no note at all)."""
+    fake_nvidia_smi(tmp_path, monkeypatch, f"echo '{SMI_ROW}'")
+    cpu_build = facts(cuda=None, available=False, arch_list=(), gpu=None, capability=None, driver=None, unread=True)
+    text = device.cuda_unusable_message(cpu_build, "--device cuda was asked for")
+    assert "is a CPU-only build" in text and "this machine has NVIDIA GeForce RTX 3090, capability 8.6" in text
+    assert "Likely cause: this torch is a CPU-only build, on a machine with NVIDIA GeForce RTX 3090" in text
+    device._note.cache_clear()
+    assert device.inference_device("auto", cpu_build) == "cpu"
+    assert "CPU-only build, on a machine with NVIDIA GeForce RTX 3090" in capsys.readouterr().err
+
+
+def test_the_cpu_note_is_printed_once_per_process(capsys) -> None:
+    """Issue 29, item 13: compare.py evaluates a dozen checkpoints in one process; the note came once per evaluation."""
+    device._note.cache_clear()
+    for _ in range(3):
+        assert device.inference_device("auto", NO_GPU) == "cpu"
+    assert capsys.readouterr().err.count("note: running on the CPU") == 1
+
+
+def test_what_torch_warns_while_looking_for_a_gpu_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch warns (an old driver) instead of raising: the warning's text is one of the facts (before: a NameError)."""
+    import warnings
+
+    def warns() -> bool:
+        warnings.warn("The NVIDIA driver on your system is too old (found version 12020).\nPlease update it.")
+        return False
+
+    monkeypatch.setattr(device.torch.cuda, "is_available", warns)
+    found = device.device_facts()
+    assert not found.available and found.init_warning == ("The NVIDIA driver on your system is too old (found "
+                                                          "version 12020). Please update it.")

@@ -407,6 +407,42 @@ def test_predict_reads_photos_as_shown_and_lists_what_it_skips(tree: Path, check
     assert np.array_equal(grey16, grey8)
 
 
+def test_predict_lists_a_broken_link_and_refuses_an_unwritable_out(tree: Path, checkpoint: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    """Issue 29, item 8: a dangling symbolic link in --input is listed and skipped while the rest is predicted (before:
+    a traceback, nothing predicted); an --out nobody may write, root included (/sys), is one paragraph before any work
+    (before: the traceback of the first class map's write)."""
+    photos, out = tmp_path / "photos", tmp_path / "pred"
+    photos.mkdir()
+    source = sorted((tree / "images" / "validation").glob("*.jpg"))[0]
+    (photos / "photo.jpg").write_bytes(source.read_bytes())
+    (photos / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    assert _predict("--checkpoint", checkpoint, "--input", photos, "--out", out, "--device", "cpu") == 1
+    captured = capsys.readouterr()
+    assert f"{photos / 'gone.jpg'}: a broken symbolic link (to {tmp_path / 'deleted.jpg'}" in captured.err
+    assert "wrote 1 class maps and 1 overlays" in captured.out and (out / "photo.png").is_file()
+    assert _predict("--checkpoint", checkpoint, "--input", photos / "photo.jpg", "--out", "/sys", "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to /sys (") and "nothing was predicted" in err and "Traceback" not in err
+
+
+def test_an_image_folder_that_cannot_be_listed_is_one_paragraph(tree: Path, checkpoint: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Issue 29, item 8: a folder without read permission (chmod 000 does not stop root, so the listing fails by
+    injection) ended the evaluation in a PermissionError traceback."""
+    folder, listing = tree / "images" / "validation", Path.iterdir
+
+    def iterdir(self: Path):
+        if self == folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert main(["--checkpoint", str(checkpoint), "--data-root", str(tree), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot list the folder {folder} (Permission denied)") and "Traceback" not in err
+
+
 def test_json_outputs_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one JSON writer (evaluate.py, compare.py, the scripts): a failed write names the file and leaves the old
     one as it was, with no temporary file beside it."""

@@ -1,0 +1,34 @@
+"""What every command line shares: output that any terminal can show, and a user error as one paragraph.
+
+``@command_line`` wraps a script's ``main``. Its stdout and stderr write a character their encoding cannot show (a
+Latin-1 or ASCII locale) as an escape (``\\xb1``) instead of ending the command in a ``UnicodeEncodeError``, and a
+``UserError`` prints ``error: <paragraph>`` on stderr (``[rank N] error: ...`` under torchrun) and returns 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import sys
+from collections.abc import Callable
+
+from configs import UserError, error_message
+from engine.distributed import env_rank
+
+
+def command_line(main: Callable[..., int]) -> Callable[..., int]:
+    """``main`` with output safe in any locale and a ``UserError`` printed as ``error: <paragraph>``, exit code 2."""
+
+    @functools.wraps(main)
+    def run(*args: object, **kwargs: object) -> int:
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, io.TextIOWrapper):  # not an io.StringIO a caller redirected the output to
+                stream.reconfigure(errors="backslashreplace")
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            prefix = f"[rank {env_rank()}] " if env_rank() else ""
+            print(f"{prefix}error: {error_message(err)}", file=sys.stderr)
+            return 2
+
+    return run
