@@ -22,10 +22,12 @@ from configs import UserError, load_config
 from data.perturb import HELP as PERTURB_HELP
 from engine.checkpoint import load_checkpoint
 from engine.console import command_line
-from engine.device import AMP_DTYPES, device_facts, inference_device, resolve_amp
+from engine.device import AMP_DTYPES, inference_device, resolve_amp
+from engine.diagnosis import read_device_info
 from engine.distributed import env_rank, init_distributed, shutdown
 from engine.evaluation import evaluate_checkpoint
-from engine.workdir import make_writable_folder, output_lock, write_json
+from engine.lock import output_lock
+from engine.workdir import make_writable_folder, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,9 +137,9 @@ def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, evaluate every checkpoint, print and write the results."""
-    facts = device_facts()
-    device_name = inference_device(args.device, facts)
-    amp = resolve_amp(args.amp, device_name, facts.capability, "--amp")
+    device_info = read_device_info()
+    device_name = inference_device(args.device, device_info)
+    amp = resolve_amp(args.amp, device_name, device_info.capability, "--amp")
     if args.max_images is not None and args.max_images < 0:
         raise UserError(f"--max-images must be 0 (all) or a positive number, got {args.max_images}.")
     changes = {"eval.scales": parse_scales(args.scales), "eval.flip": args.tta == "flip"}  # checked before any work

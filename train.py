@@ -1,36 +1,53 @@
-"""Train a (deformable) ResNet-50 FCN for semantic segmentation.
+"""Train a (deformable) ResNet-50 FCN for semantic segmentation: the recipe, in nanoGPT's shape.
 
     python train.py --config def-conv-v2.yaml                          # one GPU (or the demo on the CPU)
-    torchrun --nproc_per_node=8 train.py --config def-conv-v2.yaml     # DDP, global batch split over GPUs
+    torchrun --nproc_per_node=8 train.py --config def-conv-v2.yaml     # DDP, the global batch split over GPUs
     python train.py --config def-conv-v2.yaml --resume auto            # start, or continue from the newest checkpoint
 
-The command line around ``engine.trainer``: it loads the config, chooses the device, holds the work dir's lock
-(removing what interrupted writes left there), installs the stop-signal handlers and runs the loop. Every signal
-that asks a job to stop (``STOP_SIGNALS``) saves last.pt and exits 0.
+Read it top to bottom: ``set_up`` (config, device, model, optimizer, data, a resumed state), then ``train``, one loop
+counted in iterations (a batch, a step, the next step's learning rate; the losses, a validation and last.pt at their
+intervals). One iteration runs the recipe's code in six files: data/dataset.py and data/transforms.py (the data),
+models/segmentor.py and models/deform_conv.py (the model), engine/loss.py (the loss) and engine/optim.py (the step
+with gradient accumulation, and the schedule). The operations around it run at the start and at the stop:
+engine/signals.py (stop signals), engine/workdir.py (the work dir, its lock, start or resume), engine/checkpoint.py
+(writing and reading checkpoints), engine/device.py and engine/diagnosis.py (the device), engine/memory.py (what fits
+the card). Everything random derives from the config's seed and the iteration, so a run stopped anywhere and resumed
+ends where the uninterrupted run ends (bitwise on the CPU; on CUDA, cuDNN's benchmark mode and the deformable
+backward's atomic adds are not bitwise reproducible). Under torchrun rank 0 alone logs and writes files, and the
+ranks agree once per iteration whether to stop.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import stat
 import sys
-from contextlib import nullcontext
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs import load_config
-from engine.console import command_line
-from engine.device import choose_device, device_facts
-from engine.distributed import env_rank, shutdown
-from engine.trainer import NonFiniteLoss, Stop, log, loop, start
-from engine.workdir import Lock, make_writable_folder, remove_temporaries
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-# The signals that ask a job to stop: torchrun's default --signals-to-handle (SIGTERM, SIGINT, SIGHUP, SIGQUIT, which
-# it forwards to its workers), a closed terminal (SIGHUP), Ctrl-C and Ctrl-\ (SIGINT, SIGQUIT), SLURM's stop and time
-# limit (SIGTERM) and the warning signals schedulers are asked to send before it (SIGUSR1, SIGUSR2: sbatch --signal).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+from configs import UserError, batch_split_error, error_message, flatten, load_config
+from data.dataset import build_train_loader, build_val_loader, load_class_info, prepare_dataset_root
+from data.transforms import normalize_batch
+from engine.checkpoint import link_checkpoint, restore, save_checkpoint
+from engine.console import command_line
+from engine.device import advice_text, choose_device, describe_device, memory_format, nonfinite_advice, resolve_config
+from engine.diagnosis import DeviceInfo, read_device_info
+from engine.distributed import any_rank, env_rank, first_message, init_distributed, shutdown
+from engine.environment import describe
+from engine.evaluation import score
+from engine.memory import choose_accum_steps, is_out_of_memory, memory_gib, out_of_memory_message
+from engine.optim import build_optimizer, scale_batchnorm_momentum, set_learning_rate, train_step
+from engine.signals import Stop, catch_stop_signals
+from engine.tensorboard import TensorBoard, log_samples, log_train, log_validation
+from engine.workdir import hold_work_dir, start_or_resume, write_record
+from models.segmentor import build_model, count_parameters
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,63 +77,338 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def install_stop_handlers(stop: Stop) -> None:
-    """Every signal of ``STOP_SIGNALS`` asks the loop to save and stop.
-
-    A second Ctrl-C stops at once. Any other repeated signal (a scheduler signalling every process while a launcher
-    forwards it too) is ignored: the scheduler's SIGKILL after its grace time is the hard stop. After SIGHUP the
-    terminal is gone: output to it is dropped (``leave_terminal``), so writing there cannot fail the final save.
-    """
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.reason = stop.reason or signal.Signals(signum).name
-        if signum == signal.SIGHUP:
-            leave_terminal()
-        if signum == signal.SIGINT:
-            signal.signal(signum, signal.SIG_DFL)
-
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, on_signal)
-
-
-def leave_terminal() -> None:
-    """Send stdout and stderr to /dev/null where they are a terminal (a character device): after a hangup, writing
-    to it fails (EIO). Pipes and files (a log, torchrun's) stay."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
-        if stat.S_ISCHR(os.fstat(fd).st_mode):
-            os.dup2(null, fd)
-    os.close(null)
-
-
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 for user errors, 1 for a non-finite loss)."""
+    """Command-line entry point: 0 when the run ends, or stops and saves; 2 for a user error; 1 for a non-finite loss."""
     args = parse_args(argv)
-    stop = Stop()
-    install_stop_handlers(stop)
+    stop = catch_stop_signals()
     try:
         config = load_config(args.config, args.overrides)
-        facts = device_facts()
-        device = choose_device(args.device, config, facts)
+        device_info = read_device_info()
+        device = choose_device(args.device, config, device_info)
         work_dir = Path(args.work_dir or Path("runs") / config["config_name"])
-        master = env_rank() == 0
-        if master:
-            make_writable_folder(work_dir, "Give --work-dir a folder you can write to (the work dir), with free space.")
-        with Lock(work_dir / ".lock", f"the work dir {work_dir}") if master else nullcontext():
-            if master and (removed := remove_temporaries(work_dir)):
-                print(f"removed what interrupted writes left in {work_dir}: {', '.join(removed)}")
-            run = start(config, work_dir, args.resume, device, facts)
+        with hold_work_dir(work_dir, env_rank()):
+            training = set_up(config, work_dir, args.resume, device, device_info)
             try:
-                return loop(run, stop)
+                return train(training, stop)
+            except RuntimeError as err:  # out of memory in a step: the paragraph, after last.pt was saved
+                if not is_out_of_memory(err):
+                    raise
+                raise UserError(out_of_memory_message(
+                    "training", training.config, training.config["train"]["amp"], training.world_size,
+                    training.device.type, memory_gib(training.device), f"at iteration {training.iteration}")) from None
             finally:
-                log(run, lambda writer: writer.close())
-    except NonFiniteLoss as err:
-        prefix = f"[rank {env_rank()}] " if env_rank() else ""
-        print(f"{prefix}error: {err}", file=sys.stderr)
-        return 1
+                if training.log is not None:
+                    training.log.close()
     finally:
         shutdown()
+
+
+class NonFiniteLoss(UserError):
+    """The loss (or the weights) became NaN or infinite; nothing after the last good checkpoint is saved. Exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, iteration: int, last_good: int, advice: str, what: str = "the loss") -> None:
+        kept = (f"The weights after it are not saved: the run's newest checkpoint holds iteration {last_good}, where "
+                f"--resume auto continues." if last_good else
+                "Nothing was saved yet (no checkpoint): --resume auto starts the run over.")
+        super().__init__(
+            f"training stopped: {what} became non-finite (NaN or inf) at iteration {iteration}. {kept} Check the data, "
+            f"then run the same command line with --resume auto and {advice} (a changed setting applies from the "
+            f"resume iteration on)."
+        )
+
+
+@dataclass
+class Training:
+    """A training run as it goes: the resolved config, the model (plain, as checkpoints hold it, and as trained:
+    compiled, DDP), optimizer, data, and where it stands (what a checkpoint records)."""
+
+    config: dict[str, Any]
+    work_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    device_info: DeviceInfo
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: Any  # the training batches, from the iteration the run starts at on
+    val_loader: DataLoader
+    iteration: int = 0
+    validated: int = 0  # the iteration of the last complete validation
+    best_miou: float = -1.0
+    best_at: int = -1  # the iteration of the best validation in this process's lifetime
+    saved: int = 0  # the iteration last.pt holds (where this process started, until it saves)
+    checkpointed: int = 0  # the iteration of the work dir's newest checkpoint, where --resume auto continues (0: none)
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    log: TensorBoard | None = None  # rank 0's
+    samples: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the validation images shown in TensorBoard
+
+
+def set_up(config: dict[str, Any], work_dir: Path, resume: str | None, device_name: str,
+           device_info: DeviceInfo) -> Training:
+    """Join the process group; resolve the config for the device; start or resume (``engine.workdir``'s rules);
+    build the model, optimizer and data; restore a checkpoint's state; then (rank 0) record the run and say what runs."""
+    rank, world_size, device = init_distributed(device_name)
+    asked, config = config, resolve_config(config, device, device_info)
+    tcfg, cuda = config["train"], device.type == "cuda"
+    checkpoint, changes, how = start_or_resume(work_dir, resume, config, rank)
+    synced = world_size > 1 and tcfg["sync_bn"] and cuda  # SyncBatchNorm: statistics over every process's images
+    if why := batch_split_error(tcfg["batch_size"], 1 if tcfg["accum_steps"] == "auto" else tcfg["accum_steps"],
+                                world_size, synced):
+        raise UserError(why)
+    torch.backends.cudnn.benchmark = cuda
+    if rank == 0:
+        prepare_dataset_root(config)  # the data checked (the demo data made) before anything slow
+    if rank != 0 and world_size > 1:
+        dist.barrier()  # rank 0 fetches the ImageNet weights first; the others then read them from the cache
+    torch.manual_seed(config["seed"])  # the initial weights, the same on every rank
+    model, deform_names = build_model(config, load_pretrained=checkpoint is None)
+    if rank == 0 and world_size > 1:
+        dist.barrier()
+    model = model.to(device, memory_format=memory_format(tcfg["channels_last"]))
+    optimizer = build_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cuda", enabled=tcfg["amp"] == "fp16")
+    accum_note = "auto, kept from the checkpoint" if asked["train"]["accum_steps"] == "auto" else ""
+    if tcfg["accum_steps"] == "auto":  # trial steps on the plain model, before SyncBatchNorm, compile and DDP
+        tcfg["accum_steps"], accum_note = choose_accum_steps(model, optimizer, scaler, config, world_size, synced)
+    scale_batchnorm_momentum(model, tcfg["accum_steps"])
+    if synced:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = torch.compile(model) if tcfg["compile"] else model  # compiled inside DDP, as nanoGPT
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if cuda else None)
+    start = checkpoint["iteration"] if checkpoint else 0
+    training = Training(
+        config, work_dir, rank, world_size, device, device_info, model, train_model, optimizer, scaler,
+        iter(build_train_loader(config, rank, world_size, start_iter=start)),
+        build_val_loader(config, "validation", rank, world_size, max_images=tcfg["val_max_images"]),
+        config_changes=changes, environment={**describe(device), "device": describe_device(device, device_info)},
+    )
+    if checkpoint is not None:
+        restore(checkpoint, model, optimizer, scaler, config)
+        training.iteration = training.saved = training.checkpointed = start
+        training.validated, training.best_miou = checkpoint["validated"], checkpoint["best_miou"]
+    set_learning_rate(optimizer, training.iteration, tcfg)  # from the config, also after a resume
+    if rank == 0:  # the start succeeded: the work dir is this run's now
+        write_record(work_dir, config)
+        training.log = TensorBoard(work_dir, training.iteration)
+        print(banner(training, asked, deform_names, how, accum_note))
+    return training
+
+
+def train(t: Training, stop: Stop) -> int:
+    """Train to ``train.iters``: a step per iteration; the losses, a validation and last.pt at their intervals.
+
+    Every way out of the loop (the end, a stop signal, a file that cannot be read, a non-finite loss, any error) passes
+    one ``finally``, which saves last.pt when the work since the last save is sound.
+    """
+    config, tcfg = t.config, t.config["train"]
+    layout = memory_format(tcfg["channels_last"])
+
+    def every(interval: int) -> bool:
+        return t.iteration % interval == 0 or t.iteration == tcfg["iters"]
+
+    bar = tqdm(total=tcfg["iters"], initial=t.iteration, disable=t.rank != 0, dynamic_ncols=True)
+    losses, waited, window_start = [], 0.0, time.perf_counter()  # since the last logged iteration
+    unreadable, stopped, together, metrics = None, False, False, None
+    try:
+        if t.validated < t.iteration and every(tcfg["val_interval"]):  # a validation that a stop cut short
+            stopped = (metrics := validate(t, stop, last_follows=True)) is None
+            if not stopped:
+                save_last(t)
+        while not stopped and t.iteration < tcfg["iters"]:
+            asked = time.perf_counter()
+            try:
+                images, labels, valid = next(t.batches)
+            except UserError as err:  # a file that cannot be read: the run saves, then names it
+                unreadable = error_message(err)
+            except RuntimeError:  # loader workers ended by the stop signal too (a signal to the process group)
+                if stop.reason is None:
+                    raise
+            if stopped := stop_agreed(t, stop.reason is not None or unreadable is not None):
+                break
+            waited += time.perf_counter() - asked
+            images = normalize_batch(images.to(t.device, non_blocking=True).contiguous(memory_format=layout), valid)
+            labels = labels.to(t.device, non_blocking=True).long()
+            torch.manual_seed(iteration_seed(config["seed"], t.iteration, t.rank))  # dropout
+            losses.append(train_step(t.train_model, t.optimizer, t.scaler, images, labels, config))
+            t.iteration += 1
+            set_learning_rate(t.optimizer, t.iteration, tcfg)  # the next step's: the schedule is per iteration
+            bar.update(1)
+            if every(tcfg["log_interval"]) or every(tcfg["val_interval"]) or every(tcfg["ckpt_interval"]):
+                log_losses(t, losses, waited, time.perf_counter() - window_start, bar)  # NonFiniteLoss if one is
+                losses, waited, window_start = [], 0.0, time.perf_counter()
+            if every(tcfg["val_interval"]):
+                check_weights(t)  # a bad last update must reach neither best.pt nor last.pt
+                if stopped := (metrics := validate(t, stop, every(tcfg["ckpt_interval"]))) is None:
+                    break
+            if every(tcfg["ckpt_interval"]):
+                save_last(t)
+        together = True  # every rank leaves the loop here together: at the end, or at a stop they agreed on
+    finally:
+        bar.close()
+        if t.iteration > t.saved and (together or t.world_size == 1):  # one process may always save its own work
+            log_losses(t, losses, waited, time.perf_counter() - window_start, bar)
+            save_last(t)
+    return finish(t, (stop.reason or "a stop signal on another rank") if stopped else None,
+                  first_message(unreadable) if stopped else None, metrics)
+
+
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    """The torch RNG seed of one iteration on one rank (dropout): a function of the run's seed and position."""
+    return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
+
+
+def stop_agreed(t: Training, here: bool) -> bool:
+    """Whether to stop now: ``here`` (a stop signal, an unreadable file) in this process or, under torchrun, in any."""
+    return any_rank(here) if t.world_size > 1 else here
+
+
+def log_losses(t: Training, losses: list[dict[str, torch.Tensor]], waited: float, elapsed: float, bar: tqdm) -> None:
+    """Check the losses since the last log (averaged over ranks: one sync) and log them with the speed on rank 0.
+
+    Raises NonFiniteLoss naming the first bad iteration, so nothing after it is saved.
+    """
+    if not losses:
+        return
+    stacked = torch.stack([torch.stack([w["total"], w["main"], w.get("aux", w["main"])]) for w in losses])
+    if t.world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= t.world_size
+    stacked = stacked.float().cpu()
+    bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
+    if len(bad):
+        raise NonFiniteLoss(t.iteration - len(losses) + int(bad[0]) + 1, t.checkpointed, nonfinite_help(t))
+    if t.rank != 0:
+        return
+    mean, group = stacked.mean(0), t.optimizer.param_groups[0]
+    values = {"loss": mean[0].item(), "loss_main": mean[1].item(), "lr": group["lr"] / group["lr_mult"],
+              "images_per_s": len(losses) * t.config["train"]["batch_size"] / elapsed, "data_wait_share": waited / elapsed}
+    if "aux" in losses[0]:
+        values["loss_aux"] = mean[2].item()
+    if t.device.type == "cuda":
+        values["gpu_mem_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
+    t.log.write(log_train, t.iteration, values)
+    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
+
+
+def check_weights(t: Training) -> None:
+    """NonFiniteLoss if an update made a weight NaN or infinite (the losses before it were still finite)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in t.model.parameters()]).all().to(torch.int32)
+    if t.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise NonFiniteLoss(t.iteration, t.checkpointed, nonfinite_help(t), "the weights")
+
+
+def nonfinite_help(t: Training) -> str:
+    """What a non-finite loss message proposes: settings this device accepts that are not in force."""
+    return advice_text(nonfinite_advice(t.config, t.device.type, t.device_info.capability), "training")
+
+
+def validate(t: Training, stop: Stop, last_follows: bool) -> dict[str, Any] | None:
+    """Validation metrics (logged on rank 0, best.pt kept), or None when a stop signal cut the validation short.
+
+    A new best is written to best.pt now, or, when last.pt follows at this iteration (``last_follows``), becomes
+    best.pt as a second name of that file (``save_last``): a run whose best is its end holds one file, not two.
+    """
+    scored = score(t.model, t.val_loader, t.device, t.config, t.config["train"]["amp"], "validation",
+                   f"at iteration {t.iteration}", stop)
+    if scored is None:
+        return None
+    metrics, seconds = scored[0].metrics(), scored[1]
+    t.validated, is_best, t.best_miou = t.iteration, metrics["mIoU"] > t.best_miou, max(t.best_miou, metrics["mIoU"])
+    if is_best:
+        t.best_at = t.iteration
+    if t.rank == 0:
+        names, palette = load_class_info()
+        if t.samples is None:  # the fixed panel images, read once per run
+            t.samples = [t.val_loader.dataset[i][:2]
+                         for i in range(min(t.config["train"]["tb_images"], len(t.val_loader.dataset)))]
+        t.log.write(log_validation, t.iteration, metrics, names)
+        t.log.write(log_samples, t.iteration, t.model, t.samples, palette, t.device)
+        tqdm.write(f"iter {t.iteration}: val mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc "
+                   f"{metrics['mAcc']:.2f}  ({seconds:.0f}s){'  new best' if is_best else ''}")
+        if is_best and not last_follows:
+            save_checkpoint(checkpoint_state(t), t.work_dir / "best.pt")
+    if is_best and not last_follows:
+        t.checkpointed = t.iteration
+    return metrics
+
+
+def save_last(t: Training) -> None:
+    """last.pt at the current iteration, once the weights are checked finite (best.pt too, when these are the best)."""
+    check_weights(t)
+    if t.rank == 0:
+        save_checkpoint(checkpoint_state(t), t.work_dir / "last.pt")
+        if t.best_at == t.iteration:  # the best weights are these: best.pt names the same file
+            link_checkpoint(t.work_dir / "last.pt", t.work_dir / "best.pt")
+    t.saved = t.checkpointed = t.iteration
+
+
+def checkpoint_state(t: Training) -> dict[str, Any]:
+    """The checkpoint: one plain dict (nanoGPT) of tensors and plain values. No RNG state: every iteration seeds
+    torch from the config seed and its number (``iteration_seed``), the data from the sample's position."""
+    return {
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
+        "iteration": t.iteration,
+        "validated": t.validated,
+        "best_miou": t.best_miou,
+        "config": t.config,
+        "config_changes": t.config_changes,
+        "environment": t.environment,
+    }
+
+
+def banner(t: Training, asked: dict[str, Any], deform_names: list[str], how: str, accum_note: str) -> str:
+    """The start lines: start or resume, model size, deformable layers, device, batch (and how train.accum_steps=auto
+    chose), what runs where the config said otherwise, and the settings a resume changed."""
+    info, tcfg, flat = count_parameters(t.model), t.config["train"], flatten(t.config)
+    per_forward = tcfg["batch_size"] // (t.world_size * tcfg["accum_steps"])
+    resolved = [f"{k}={v} runs as {flat[k]}" for k, v in flatten(asked).items() if flat.get(k, v) != v]
+    lines = [
+        how,
+        f"{t.config['config_name']}: {info['params']:,} parameters (inference), {info['deform_params']:,} in "
+        f"offset/mask predictors; deformable layers: {', '.join(deform_names) or 'none'}",
+        f"  {t.world_size} process(es) on {describe_device(t.device, t.device_info)}; global batch {tcfg['batch_size']} "
+        f"({per_forward} per forward x {tcfg['accum_steps']} micro-batch(es) per step in each"
+        f"{'; train.accum_steps=' + accum_note if accum_note else ''})",
+        f"  precision {tcfg['amp']}, layout {'channels_last' if tcfg['channels_last'] else 'contiguous'}, deform op "
+        f"{t.config['model']['deform_op']}, loss op {tcfg['loss_op']}{', compiled' if tcfg['compile'] else ''}"
+        + (f" ({'; '.join(resolved)} on this device)" if resolved else ""),
+    ]
+    for change in t.config_changes[-1:]:
+        if change["iteration"] == t.iteration:
+            lines.append(f"resumed at iteration {t.iteration} with changed settings: "
+                         + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in change["changes"].items()))
+    return "\n".join(lines)
+
+
+def finish(t: Training, stopped_by: str | None, unreadable: str | None, metrics: dict[str, Any] | None) -> int:
+    """Say how the run ended; raise the error of a file that could not be read, after last.pt was saved."""
+    saved = "saved" if t.iteration else "nothing trained yet"  # the loop's end saved the work since the last save
+    if unreadable is not None:
+        raise UserError(f"{unreadable} Training stopped at iteration {t.iteration} ({saved}); after fixing the file, "
+                        f"run the same command line with --resume auto to continue.")
+    if t.rank != 0:
+        return 0
+    if stopped_by:
+        print(f"stopped by {stopped_by} at iteration {t.iteration} ({saved}). To continue, run the same command line "
+              f"with --resume auto.")
+    elif metrics is None:
+        print(f"nothing to do: the run in {t.work_dir} is already at iteration {t.config['train']['iters']}.")
+    else:
+        print(f"done: {t.iteration} iterations, final val mIoU {metrics['mIoU']:.2f} (best {t.best_miou:.2f}).\n"
+              f"  curves:    tensorboard --logdir {t.work_dir.parent}\n"
+              f"  evaluate:  python evaluate.py --checkpoint {t.work_dir / 'last.pt'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ STAGE_WIDTHS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 
 
 class UserError(Exception):
-    """An error the user can fix (bad config, missing file); scripts print it without a traceback."""
+    """An error the user can fix (bad config, missing file); command lines print it without a traceback and exit
+    with ``exit_code``."""
+
+    exit_code = 2
 
 
 def error_message(err: Exception) -> str:

@@ -16,7 +16,8 @@ import os
 import signal
 import warnings
 from collections.abc import Iterator
-from multiprocessing import Pool
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -414,11 +415,15 @@ def _check_pair(pair: tuple[Path | None, Path | None]) -> list[str]:
 
 
 def _map_files(pairs: list[tuple[Path | None, Path | None]], desc: str, workers: int) -> list[list[str]]:
-    """``_check_pair`` over all pairs, in a process pool for big lists, with a progress bar."""
+    """``_check_pair`` over all pairs, in a process pool for big lists, with a progress bar.
+
+    The pool's processes start from a fresh server process (``forkserver``), not as forks of this one, whose other
+    threads may hold a lock at the fork; a process that dies ends the check with an error instead of a hang.
+    """
     if workers <= 1 or len(pairs) < POOL_MIN_FILES:
         return [_check_pair(p) for p in tqdm(pairs, desc=desc, disable=len(pairs) < 256)]
-    with Pool(workers) as pool:
-        return list(tqdm(pool.imap(_check_pair, pairs, chunksize=32), total=len(pairs), desc=desc))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        return list(tqdm(pool.map(_check_pair, pairs, chunksize=32), total=len(pairs), desc=desc))
 
 
 def check_layout(root: Path, workers: int = min(8, os.cpu_count() or 1)) -> tuple[list[str], list[str]]:

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE_INDEX
-from engine.device import AMP_DTYPES, DeviceFacts, autocast, memory_format, resolve_amp, resolve_config
+from engine.device import AMP_DTYPES, autocast, memory_format, resolve_amp, resolve_config
+from engine.diagnosis import DeviceInfo
 from engine.inference import predict_logits
 from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
 from engine.memory import CARDS_GIB, fewest_that_fit
 from engine.offsets import capture_offsets
-from engine.optim import build_optimizer
-from engine.trainer import train_step
+from engine.optim import build_optimizer, train_step
 from models.deform_conv import DEFORM_OPS
 from models.segmentor import build_model
 
@@ -44,12 +44,12 @@ GIB = 2**30
 RECIPE_BATCH = 16
 
 
-def run_amp(name: str, device: torch.device, facts: DeviceFacts) -> str:
+def run_amp(name: str, device: torch.device, device_info: DeviceInfo) -> str:
     """``train.amp`` as a benchmark runs it: ``resolve_amp``'s rule, except that on the CPU an explicit bf16 or fp16
     is kept. That is CPU autocast, which train.py never uses: the memory table's CPU stand-in for bf16."""
     if device.type == "cpu" and name in ("bf16", "fp16"):
         return name
-    return resolve_amp(name, device.type, facts.capability)
+    return resolve_amp(name, device.type, device_info.capability)
 
 
 @functools.cache
@@ -70,7 +70,7 @@ def deform_in_fp32_under_cpu_autocast() -> torch.library.Library:
 
 
 def case_config(config: dict[str, Any], version: int, path: str, amp: str, device: torch.device,
-                facts: DeviceFacts) -> dict[str, Any]:
+                device_info: DeviceInfo) -> dict[str, Any]:
     """``config`` resolved for ``device`` with ``model.deform.version``, both ops and ``train.amp`` (as ``run_amp``
     gives it) set, one micro-batch per step, and no ImageNet download (random weights)."""
     config = copy.deepcopy(config)
@@ -79,7 +79,7 @@ def case_config(config: dict[str, Any], version: int, path: str, amp: str, devic
     config["model"]["deform_op"] = config["train"]["loss_op"] = path
     config["train"]["amp"] = "none"  # replaced by amp below; resolve_config settles the layout and the ops
     config["train"]["accum_steps"] = 1  # a case's batch is one forward
-    config = resolve_config(config, device, facts)
+    config = resolve_config(config, device, device_info)
     config["train"]["amp"] = amp
     return config
 
@@ -311,7 +311,7 @@ def _op_row(op: str, impl: str, shape: str, call: Callable, exact: Callable, inp
 
 
 def model_rows(config: dict[str, Any], variants: list[str], paths: list[str], amps: list[str], device: torch.device,
-               facts: DeviceFacts, batch: int, crop: int, rounds: int, min_run_time: float) -> list[dict[str, Any]]:
+               device_info: DeviceInfo, batch: int, crop: int, rounds: int, min_run_time: float) -> list[dict[str, Any]]:
     """Training and inference images/s and the training step's peak CUDA memory of every case, all cases resident
     and timed in alternating rounds; ``× norm-conv`` within a path and precision, ``× reference`` within a model."""
     rows, calls = [], {}
@@ -319,7 +319,7 @@ def model_rows(config: dict[str, Any], variants: list[str], paths: list[str], am
         for path in paths:
             for variant in variants:
                 name, version = VARIANTS[variant]
-                case = TrainingCase(case_config(config, version, path, amp, device, facts), device, batch, crop)
+                case = TrainingCase(case_config(config, version, path, amp, device, device_info), device, batch, crop)
                 peak = case.peak_bytes()
                 rows.append({"name": name, "version": version, "path": path, "amp": case.config["train"]["amp"],
                              "peak_gib": None if peak is None else peak / GIB})
@@ -339,7 +339,7 @@ def model_rows(config: dict[str, Any], variants: list[str], paths: list[str], am
 
 
 def memory_rows(config: dict[str, Any], variants: list[str], amps: list[str], batches: tuple[int, int],
-                device: torch.device, facts: DeviceFacts, crop: int) -> list[dict[str, Any]]:
+                device: torch.device, device_info: DeviceInfo, crop: int) -> list[dict[str, Any]]:
     """Peak of one training step (reference path) per variant and precision at two batch sizes, one case at a
     time, with ``memory_fit``'s per-image cost and the accumulation each card needs; ``error`` where a case fails."""
     rows = []
@@ -348,7 +348,7 @@ def memory_rows(config: dict[str, Any], variants: list[str], amps: list[str], ba
             name, version = VARIANTS[variant]
             row: dict[str, Any] = {"name": name, "amp": amp, "crop": crop}
             try:
-                cfg = case_config(config, version, "reference", amp, device, facts)
+                cfg = case_config(config, version, "reference", amp, device, device_info)
                 peaks = {b: training_peak(cfg, device, b, crop) for b in batches}
             except RuntimeError as err:  # torch's errors: no bf16 CPU kernel, CUDA out of memory
                 rows.append(row | {"error": " ".join(str(err).split())[:200]})

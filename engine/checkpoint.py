@@ -119,6 +119,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def restore(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, config: dict[str, Any]) -> None:
+    """Load a training checkpoint's weights, optimizer and scaler state; the settings of ``config`` (the resumed run's
+    momentum, weight decay, offset learning-rate multiplier) win over the checkpoint's."""
+    model.load_state_dict(checkpoint["model"])
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError:  # another offset_lr_mult merged or split the parameter groups
+        raise UserError(
+            f"--resume: model.deform.offset_lr_mult={config['model']['deform']['offset_lr_mult']} groups the "
+            f"parameters differently from the checkpoint's value, so its optimizer state does not fit. Resume with the "
+            f"checkpoint's offset_lr_mult, or start a new run."
+        ) from None
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+    if checkpoint["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint["scaler"])
+
+
 def newest_checkpoint(paths: list[Path]) -> Path | None:
     """Of the checkpoints among ``paths`` that exist, the one at the highest iteration (the first of a tie), or None.
 

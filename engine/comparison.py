@@ -27,9 +27,11 @@ from configs import UserError, flatten, keys_of
 from data.dataset import load_class_info
 from data.perturb import parse_perturbation
 from engine.checkpoint import load_checkpoint
-from engine.device import device_facts, inference_device
+from engine.device import inference_device
+from engine.diagnosis import read_device_info
 from engine.evaluation import checkpoint_digest, evaluate_checkpoint
-from engine.workdir import lock_holder, write_json, write_whole
+from engine.lock import lock_holder
+from engine.workdir import write_json, write_whole
 from engine.statistics import MIN_IMAGES, MIN_SEEDS, SIZE_BUCKETS, STUDY_DIFFERENCE, PerImageCounts, compare_sides
 from engine.statistics import seed_spread, seeds_needed
 from models.segmentor import build_model, count_parameters
@@ -179,7 +181,7 @@ def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, opt
             print(f"note: {run.path}: {key} not evaluated ({reason}; --no-eval)", file=sys.stderr)
             return
         print(f"evaluating {run.path / 'last.pt'} on {key} ({reason}) ...", file=sys.stderr)
-        device = torch.device(inference_device(options.device, device_facts()))
+        device = torch.device(inference_device(options.device, read_device_info()))
         changes = {"data.root": options.data_root} if options.data_root else {}
         try:
             record = evaluate_checkpoint(run.path / "last.pt", device, split, max_images, changes=changes,

@@ -2,7 +2,8 @@
 
 ``@command_line`` wraps a script's ``main``. Its stdout and stderr write a character their encoding cannot show (a
 Latin-1 or ASCII locale) as an escape (``\\xb1``) instead of ending the command in a ``UnicodeEncodeError``, and a
-``UserError`` prints ``error: <paragraph>`` on stderr (``[rank N] error: ...`` under torchrun) and returns 2.
+``UserError`` prints ``error: <paragraph>`` on stderr (``[rank N] error: ...`` under torchrun) and returns its
+``exit_code`` (2; a non-finite training loss, 1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from engine.distributed import env_rank
 
 
 def command_line(main: Callable[..., int]) -> Callable[..., int]:
-    """``main`` with output safe in any locale and a ``UserError`` printed as ``error: <paragraph>``, exit code 2."""
+    """``main`` with output safe in any locale and a ``UserError`` printed as ``error: <paragraph>``."""
 
     @functools.wraps(main)
     def run(*args: object, **kwargs: object) -> int:
@@ -29,6 +30,6 @@ def command_line(main: Callable[..., int]) -> Callable[..., int]:
         except UserError as err:
             prefix = f"[rank {env_rank()}] " if env_rank() else ""
             print(f"{prefix}error: {error_message(err)}", file=sys.stderr)
-            return 2
+            return err.exit_code
 
     return run

@@ -1,8 +1,9 @@
-"""Evaluating a checkpoint: the function behind evaluate.py, compare.py and any other caller.
+"""Evaluation: the one loop that scores a model on a split, and evaluating a checkpoint with it.
 
-``evaluate_checkpoint`` reads a checkpoint, builds its model, predicts every image of a split with
-``engine.inference.predictions`` and returns one JSON-ready record (metrics, per-class table, settings, speed,
-and the sha256 of the checkpoint, so that a result names the weights it came from).
+``score`` serves training's validation (train.py) and ``evaluate_checkpoint`` (evaluate.py, compare.py) alike: every
+image of a split predicted with ``engine.inference.predictions`` and counted in one confusion matrix (``engine.metric``).
+``evaluate_checkpoint`` reads a checkpoint, builds its model, scores it and returns one JSON-ready record (metrics,
+per-class table, settings, speed, and the sha256 of the checkpoint, so that a result names the weights it came from).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +25,12 @@ from configs import UserError, set_values, validate_config
 from data.dataset import build_val_loader, load_class_info
 from data.perturb import parse_perturbation
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
-from engine.device import is_out_of_memory, memory_format, memory_gib, out_of_memory_message
-from engine.distributed import is_initialized, is_rank0
+from engine.device import memory_format
+from engine.distributed import any_rank, is_initialized, is_rank0
 from engine.inference import predictions
+from engine.memory import is_out_of_memory, memory_gib, out_of_memory_message
 from engine.metric import ConfusionMatrix
+from engine.signals import Stop
 from engine.statistics import PerImageCounts, count_image
 from engine.workdir import write_image
 
@@ -53,26 +58,42 @@ def _json_number(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def _score(model: torch.nn.Module, loader: Any, device: torch.device, config: dict[str, Any], amp: str,
-           digest: str, save_dir: Path | None, per_image: Path | None) -> tuple[ConfusionMatrix, float]:
-    """Predict every image of ``loader``: the confusion matrix summed over ranks and the seconds it took; the
-    predictions and per-image counts saved where asked."""
-    num_classes, rows = config["model"]["num_classes"], []
-    matrix = ConfusionMatrix(num_classes, device)
-    start = time.perf_counter()
-    for name, pred, label in tqdm(predictions(model, loader, device, config, amp), total=len(loader), desc="eval",
-                                  disable=not is_rank0()):
-        matrix.update(pred, label)
-        matrix.num_images += 1
-        if per_image is not None:
-            rows.append((name, *count_image(pred, label, num_classes)))
-        if save_dir is not None:
-            write_image(save_dir / f"{name}.png", Image.fromarray((pred + 1).to(torch.uint8).cpu().numpy()))
+def score(model: torch.nn.Module, loader: Any, device: torch.device, config: dict[str, Any], amp: str, where: str,
+          context: str, stop: Stop | None = None, on_image: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+          ) -> tuple[ConfusionMatrix, float] | None:
+    """Predict every image of this rank's shard of ``loader`` (``data.dataset.build_val_loader``): the confusion
+    matrix summed over the ranks and the seconds it took.
+
+    With ``stop`` (training's validation) the ranks agree after every image whether a stop signal came, as many
+    times as the longest shard has images (a rank whose shard is shorter, or whose loader workers the signal ended,
+    still takes part); None when they stop. ``on_image(name, prediction, label)`` sees every image. Out of memory
+    is the one paragraph of ``engine.memory`` (``where``: validation or evaluation; ``context``: at iteration N, of
+    checkpoint X), not a traceback.
+    """
+    world = dist.get_world_size() if is_initialized() else 1
+    matrix, start = ConfusionMatrix(config["model"]["num_classes"], device), time.perf_counter()
+    images = predictions(model, loader, device, config, amp)
+    with closing(images), tqdm(total=len(loader), desc="eval", disable=stop is not None or not is_rank0()) as bar:
+        for _ in range(-(-len(loader.dataset.dataset) // world)):
+            try:
+                name, pred, label = next(images, (None, None, None))
+            except RuntimeError as err:
+                if is_out_of_memory(err):
+                    raise UserError(out_of_memory_message(where, config, amp, world, device.type, memory_gib(device),
+                                                          context)) from None
+                if stop is None or stop.reason is None:  # not the loader workers that the stop signal ended too
+                    raise
+            else:
+                if pred is not None:
+                    matrix.update(pred, label)
+                    matrix.num_images += 1
+                    bar.update()
+                    if on_image is not None:
+                        on_image(name, pred, label)
+            if stop is not None and any_rank(stop.reason is not None):
+                return None
     matrix.all_reduce()
-    seconds = time.perf_counter() - start  # all_reduce waits for the slowest rank
-    if per_image is not None:
-        _save_per_image(PerImageCounts.from_rows(rows, num_classes, digest), per_image)
-    return matrix, seconds
+    return matrix, time.perf_counter() - start  # all_reduce waited for the slowest rank
 
 
 def evaluate_checkpoint(
@@ -104,13 +125,17 @@ def evaluate_checkpoint(
         max_images = config["data"]["train_eval_images"] if split == "training" else 0
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_initialized() else (0, 1)
     loader = build_val_loader(config, split, rank, world, max_images=max_images, perturb=warp)
-    try:
-        matrix, seconds = _score(model, loader, device, config, amp, digest, save_dir, per_image)
-    except RuntimeError as err:  # out of memory (CUDA's, or the CPU allocator's): the paragraph, not a traceback
-        if not is_out_of_memory(err):
-            raise
-        raise UserError(out_of_memory_message("evaluation", config, amp, world, device.type, memory_gib(device),
-                                              f"of {path}")) from None
+    num_classes, rows = config["model"]["num_classes"], []
+
+    def keep(name: str, pred: torch.Tensor, label: torch.Tensor) -> None:
+        if per_image is not None:
+            rows.append((name, *count_image(pred, label, num_classes)))
+        if save_dir is not None:
+            write_image(save_dir / f"{name}.png", Image.fromarray((pred + 1).to(torch.uint8).cpu().numpy()))
+
+    matrix, seconds = score(model, loader, device, config, amp, "evaluation", f"of {path}", on_image=keep)
+    if per_image is not None:
+        _save_per_image(PerImageCounts.from_rows(rows, num_classes, digest), per_image)
     m, names = matrix.metrics(), list(load_class_info()[0])
     names = names if len(names) == len(m["iou"]) else [f"class {i}" for i in range(len(m["iou"]))]
     return {

@@ -1,18 +1,26 @@
-"""The optimizer and the learning-rate schedule: SGD with mmsegmentation's poly decay, stepped per iteration.
+"""The optimization: SGD with mmsegmentation's poly decay, and one optimizer step over micro-batches.
 
 The learning rate of iteration ``it`` is a pure function of the iteration and the config
 (``lr_mult * (lr - min_lr) * (1 - it / iters) ** power + lr_mult * min_lr``), set before every step,
 so a run resumed with another ``train.lr`` or schedule applies it from the resume iteration on.
+A step over ``train.accum_steps`` micro-batches (gradient accumulation) is the whole batch's step: each
+micro-batch's loss is weighted by its share of the batch's pixels, and BatchNorm's running statistics move
+once per step as one batch would move them (``scale_batchnorm_momentum``).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
+from engine.device import AMP_DTYPES
+from engine.loss import compute_loss, counted_pixels
 from models.segmentor import offset_parameters
+
+BATCHNORM_MOMENTUM = 0.1  # the recipe's (torch's and mmsegmentation's default), per optimizer step
 
 
 def poly_factor(iteration: int, train_cfg: dict[str, Any]) -> float:
@@ -58,3 +66,41 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, iteration: int, train_cf
     for group in optimizer.param_groups:
         group["lr"] = train_cfg["lr"] * group["lr_mult"] * factor
     return train_cfg["lr"] * factor
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
+    labels: torch.Tensor, config: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch, run as ``train.accum_steps`` micro-batches; the batch's detached losses.
+
+    Each micro-batch's loss is weighted by its share of the pixels the loss normalises by (``counted_pixels``),
+    so the summed gradients are the whole batch's. Under DDP the gradients are averaged over the processes on
+    the last micro-batch only (``no_sync`` before it). ``train.amp`` must be resolved (``engine.device``).
+    """
+    tcfg, accum = config["train"], config["train"]["accum_steps"]
+    total_pixels = counted_pixels(labels, tcfg["loss_norm"]).clamp(min=1)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    losses: dict[str, torch.Tensor] = {}
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
+        with model.no_sync() if ddp and i < accum - 1 else nullcontext():
+            with torch.autocast(x.device.type, AMP_DTYPES[tcfg["amp"]] or torch.float32, tcfg["amp"] != "none"):
+                outputs = model(x)
+            micro = compute_loss(outputs, y, config["model"]["aux_loss_weight"], tcfg["loss_op"], tcfg["loss_norm"])
+            share = counted_pixels(y, tcfg["loss_norm"]) / total_pixels
+            scaler.scale(micro["total"] * share).backward()
+        for key, value in micro.items():
+            losses[key] = losses.get(key, 0) + value.detach() * share
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
+def scale_batchnorm_momentum(model: nn.Module, accum_steps: int) -> None:
+    """Set every BatchNorm's momentum so that ``accum_steps`` micro-batches move the running statistics as one batch
+    would: (1 - m) ** accum_steps = 1 - BATCHNORM_MOMENTUM, the same time constant in steps on every card."""
+    momentum = 1 - (1 - BATCHNORM_MOMENTUM) ** (1 / accum_steps) if accum_steps > 1 else BATCHNORM_MOMENTUM
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum

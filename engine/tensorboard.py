@@ -1,13 +1,16 @@
 """What a training run writes to TensorBoard: losses and speed, validation metrics, panels and offsets.
 
-Rank 0 alone writes. Validation panels (input | ground truth | prediction) and the offset statistics come
+Rank 0 alone writes, through ``TensorBoard``: a write that fails (tb/ deleted, a read-only or full disk) is reported
+once and ends the logging, never the training. Validation panels (input | ground truth | prediction) and the offset statistics come
 from one forward pass per fixed validation image, with ``engine.offsets.capture_offsets`` recording the
 deformable layers' offsets and masks on the way.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from data import IGNORE_INDEX
 from data.transforms import denormalize
@@ -22,14 +26,30 @@ from engine.inference import upsample_logits
 from engine.offsets import capture_offsets, fields_from_captures
 
 
-def open_writer(work_dir: Path, iteration: int) -> SummaryWriter:
-    """The run's writer; when resuming at ``iteration``, events after it (left by a run that died) are hidden.
+class TensorBoard:
+    """The run's log in ``work_dir/tb``; when resuming at ``iteration``, events after it (left by a run that died)
+    are hidden. Every write goes through ``write``: the first that fails is reported in one line and ends the
+    logging (checkpoints are saved as usual; a restart logs again)."""
 
-    A write that fails in the writer's thread (tb/ deleted, a read-only disk) prints no traceback there: the next
-    call on the writer raises it, where the caller reports it (``engine.trainer.log``).
-    """
-    threading.excepthook = quiet_writer_thread
-    return SummaryWriter(str(work_dir / "tb"), purge_step=iteration + 1 if iteration > 0 else None)
+    def __init__(self, work_dir: Path, iteration: int) -> None:
+        threading.excepthook = quiet_writer_thread  # a failed write in the writer's thread raises at the next call
+        self.folder = work_dir / "tb"
+        self.writer: SummaryWriter | None = SummaryWriter(str(self.folder), purge_step=iteration + 1 if iteration else None)
+
+    def write(self, log: Callable[..., None], *args: Any) -> None:
+        """``log(writer, *args)`` (``log_train``, ``log_validation``, ``log_samples``), unless logging has ended."""
+        if self.writer is None:
+            return
+        try:
+            log(self.writer, *args)
+        except OSError as err:
+            self.writer = None
+            tqdm.write(f"warning: TensorBoard logging stopped: cannot write {self.folder} ({err.strerror or err}). The "
+                       f"training goes on without it and saves its checkpoints as usual; a restart (--resume auto) "
+                       f"logs there again.", file=sys.stderr)
+
+    def close(self) -> None:
+        self.write(SummaryWriter.close)
 
 
 def quiet_writer_thread(args: threading.ExceptHookArgs) -> None:

@@ -1,5 +1,8 @@
 """The work dir of a run: whether a start may use it, where a restart resumes, its lock, and its record.
 
+train.py calls two functions here, at its start: ``hold_work_dir`` (rank 0 holds the folder: writable, locked, the
+leftovers of interrupted writes removed) and ``start_or_resume`` (the checkpoint a run continues from, or a refusal).
+
 A work dir holding a checkpoint (last.pt, best.pt) or the record of a run belongs to that run: a new run is
 refused there, and ``--resume`` continues it from its newest checkpoint (the one at the highest iteration: last.pt,
 or best.pt when a validation wrote it after the last last.pt). ``--resume auto`` does the same and starts when
@@ -30,24 +33,60 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
-import sys
-import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 from PIL import Image
 
-from configs import RESUME_FIXED, UserError, flatten
-from engine.checkpoint import newest_checkpoint
+from configs import RESUME_FIXED, UserError, flatten, resume_changes
+from engine.checkpoint import load_checkpoint, newest_checkpoint
+from engine.lock import Lock
 
 ARTEFACTS = ("config.yaml", "last.pt", "best.pt", "tb")
 CHECKPOINTS = ("last.pt", "best.pt")
 # What the writes of a training leave when a kill cuts them short: checkpoints and the record are written to a
 # temporary file and renamed (engine.checkpoint, write_whole); the folder is probed with a file (make_writable_folder).
 TEMPORARIES = (".last.pt.*.tmp", ".best.pt.*.tmp", ".config.yaml.*.tmp", ".write_test.*")
+
+
+@contextmanager
+def hold_work_dir(work_dir: Path, rank: int) -> Iterator[None]:
+    """On rank 0 (the process that writes files): make ``work_dir`` and check it is writable, hold its lock while the
+    block runs, and remove what interrupted writes left there (saying so). Other ranks hold nothing."""
+    if rank != 0:
+        yield
+        return
+    make_writable_folder(work_dir, "Give --work-dir a folder you can write to (the work dir), with free space.")
+    with Lock(work_dir / ".lock", f"the work dir {work_dir}"):
+        if removed := remove_temporaries(work_dir):
+            print(f"removed what interrupted writes left in {work_dir}: {', '.join(removed)}")
+        yield
+
+
+def start_or_resume(work_dir: Path, mode: str | None, config: dict[str, Any],
+                    rank: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str]:
+    """The checkpoint a run continues from (None: it starts), its ``config_changes`` with this resume's changes
+    added, and the line that says which.
+
+    ``mode`` is ``--resume``'s (None, ``last`` or ``auto``). A start that would overwrite another run (checked on
+    rank 0), a resume without a checkpoint and a resume that changes the model or the recipe (``resume_changes``)
+    are UserErrors naming the file or the keys. A resume keeps the number of micro-batches that
+    ``train.accum_steps: auto`` chose at the start (``config`` is set to it).
+    """
+    point = resume_point(work_dir, mode)
+    if point is None:
+        note = check_work_dir(work_dir, config) if rank == 0 else None
+        return None, [], note or f"starting a new run in {work_dir}"
+    checkpoint = load_checkpoint(point)
+    if config["train"]["accum_steps"] == "auto":
+        config["train"]["accum_steps"] = checkpoint["config"]["train"]["accum_steps"]
+    changes = list(checkpoint["config_changes"])
+    if diff := resume_changes(checkpoint["config"], config, str(point)):
+        changes.append({"iteration": checkpoint["iteration"], "changes": diff})
+    return checkpoint, changes, f"resuming {point} at iteration {checkpoint['iteration']}"
 
 
 def resume_point(work_dir: Path, mode: str | None) -> Path | None:
@@ -77,8 +116,8 @@ def check_work_dir(work_dir: Path, config: dict[str, Any]) -> str | None:
     saved = _read_record(work_dir / "config.yaml")
     if any(name in found for name in CHECKPOINTS):  # a start: --resume auto would have resumed them
         record = work_dir / "config.yaml"
-        what = ("a run of this config" if saved == config else f"a run of a different config ({record})" if saved
-                else f"another run ({', '.join(found)})")
+        what = (f"another run ({', '.join(found)})" if saved is None else "a run of this config"
+                if _same_config(saved, config) else f"a run of a different config ({record})")
         raise UserError(
             f"the work dir {work_dir} already holds {what}. To continue it, add --resume auto (the same command line "
             f"starts and restarts); to start another run, give --work-dir DIR (or delete {work_dir}). Nothing was "
@@ -109,6 +148,14 @@ def remove_temporaries(work_dir: Path) -> list[str]:
     return [path.name for path in found]
 
 
+def _same_config(saved: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether the record ``saved`` is of ``config`` (``train.accum_steps: auto`` matches the number it chose)."""
+    recorded, wanted = flatten(saved), flatten(config)
+    if wanted["train.accum_steps"] == "auto":
+        recorded["train.accum_steps"] = "auto"
+    return recorded == wanted
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     """The config a run recorded in its work dir, or None when there is none this code can read."""
     try:
@@ -132,126 +179,6 @@ def make_writable_folder(folder: Path, advice: str) -> None:
         probe.unlink(missing_ok=True)  # a training that starts there removes the probes of killed processes
     except OSError as err:
         raise UserError(f"cannot write to {folder} ({err.strerror or err}). {advice}") from None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-class Lock:
-    """``with Lock(path, what):`` holds the lock file ``path`` for one writer of ``what``; UserError if it is taken.
-
-    A thread refreshes the file's modification time every ``refresh_s`` seconds while it is held (the heartbeat). A
-    lock is stale, and taken over, when its process is gone (same host), when it names this process but this process
-    does not hold it (a restart that got the old pid), or when nobody refreshed it for ``stale_s`` seconds (any host:
-    a node that crashed). A lock held on this host by a live process is refused at once. A lock from another host (or
-    one that names no owner) is watched instead, saying so: if its heartbeat goes on, the holder is alive and the lock
-    is refused; if it has stopped, the lock is taken over once stale, at most ``stale_s`` after its last refresh (a
-    job requeued onto another node after a node crash waits instead of failing).
-    """
-
-    refresh_s, stale_s = 60.0, 300.0
-    held: set[Path] = set()  # the lock files this process holds
-
-    def __init__(self, path: Path, what: str) -> None:
-        self.path, self.what = Path(path), what
-        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
-        self._done = threading.Event()
-
-    def __enter__(self) -> Lock:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_when_stale()
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.owner, f)
-            Lock.held.add(self.path.resolve())
-            threading.Thread(target=self._refresh, daemon=True).start()
-            return self
-        raise UserError(f"could not take the lock {self.path}; another process is starting on {self.what} right now.")
-
-    def _refresh(self) -> None:
-        while not self._done.wait(self.refresh_s):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # gone or unreachable for a moment: the next refresh tries again
-
-    def _take_over_when_stale(self) -> None:
-        """Remove the lock file once it is stale; UserError while a live process holds it (see the class)."""
-        first, told = _modified(self.path), False
-        while (holder := lock_holder(self.path)) is not None:
-            modified = _modified(self.path)
-            if _on_this_host(self.path) or (modified or 0) > (first or 0):  # a live process, or a heartbeat
-                raise UserError(
-                    f"{self.what} is in use by {holder} (lock file {self.path}). Two processes must not write it at "
-                    f"once: wait for that one, or choose another output. A lock that nobody refreshes for "
-                    f"{self.stale_s / 60:.0f} minutes (a crashed node) is taken over."
-                )
-            left = self.stale_s - (time.time() - (modified or 0))
-            if not told:
-                print(f"waiting for the lock {self.path}, held by {holder}: a live holder refreshes it every "
-                      f"{self.refresh_s:.0f} s (then this start stops); if its node crashed, it is taken over when "
-                      f"nobody refreshed it for {self.stale_s:.0f} s, in at most {max(left, 0):.0f} s.", flush=True)
-                told = True
-            time.sleep(min(self.refresh_s / 4, max(left, 0) + 0.01))
-        self.path.unlink(missing_ok=True)
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        Lock.held.discard(self.path.resolve())
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError as err:  # a filesystem remounted read-only: the lock names a process that is ending
-            print(f"could not remove the lock file {self.path} ({err.strerror or err}); the next start on this host "
-                  f"takes it over, since its process is gone.", file=sys.stderr)
-
-
-def _modified(path: Path) -> float | None:
-    """The modification time of ``path`` (the lock's last heartbeat), or None when it is gone."""
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-def _on_this_host(path: Path) -> bool:
-    """Whether the lock file ``path`` names a process of this host (whose liveness can be checked directly)."""
-    try:
-        owner = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(owner, dict) and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
-
-
-def lock_holder(path: Path) -> str | None:
-    """Who holds the lock file ``path`` ("process P on HOST, refreshed N s ago"), or None: no lock, or a stale one."""
-    try:
-        owner, age = json.loads(path.read_text(encoding="utf-8")), time.time() - path.stat().st_mtime
-    except (OSError, ValueError):
-        if not path.exists():
-            return None
-        age = time.time() - (_modified(path) or 0)
-        return None if age > Lock.stale_s else f"an unknown process (the lock file names none), made {age:.0f} s ago"
-    pid, host = owner.get("pid"), owner.get("host")
-    same_host = host == socket.gethostname() and isinstance(pid, int)
-    ours_before = pid == os.getpid() and path.resolve() not in Lock.held  # a restart that was given the old pid
-    if age > Lock.stale_s or (same_host and (ours_before or not _process_alive(pid))):
-        return None
-    return f"process {pid} on {host}, refreshed {age:.0f} s ago"
-
-
-def output_lock(path: Path) -> Lock:
-    """The lock of one output file (an evaluation's --json or --per-image): ``.NAME.lock`` beside it."""
-    return Lock(path.with_name(f".{path.name}.lock"), f"the output {path}")
 
 
 def write_whole(path: Path, data: str | bytes) -> None:

@@ -18,7 +18,8 @@ import torch
 from configs import UserError, load_config
 from engine.benchmark import PATHS, VARIANTS, memory_rows, model_rows, op_rows, run_amp
 from engine.console import command_line
-from engine.device import choose_device, describe_device, device_facts
+from engine.device import choose_device, describe_device
+from engine.diagnosis import read_device_info
 from engine.memory import CARD_SHARE, CARDS_GIB
 from engine.workdir import write_json
 from models.triton_support import triton_available
@@ -74,27 +75,27 @@ def run(args: argparse.Namespace) -> dict:
     if args.crop % 8:
         raise UserError(f"--crop must be a multiple of 8 (the model's output stride), got {args.crop}.")
     config = load_config(args.config, args.overrides)
-    facts = device_facts()
-    device = torch.device(choose_device(args.device, None, facts))
+    device_info = read_device_info()
+    device = torch.device(choose_device(args.device, None, device_info))
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py
     variants = choices(args.variants, list(VARIANTS), "--variants")
     amps = choices(args.amp or config["train"]["amp"], ("auto", "bf16", "fp16", "none"), "--amp")
-    amps = list(dict.fromkeys(run_amp(amp, device, facts) for amp in amps))
+    amps = list(dict.fromkeys(run_amp(amp, device, device_info) for amp in amps))
     fast = triton_available(device)
     paths = choices(args.paths or ("reference,triton" if fast else "reference"), PATHS, "--paths")
     if "triton" in paths and not fast:
         raise UserError(f"--paths triton needs the Triton kernels, which run on CUDA with Triton installed, not on "
                         f"{device.type} here. Use --paths reference, or run on a GPU.")
     settings = f"config {config['config_name']}, crop {args.crop}"
-    result = {"device": describe_device(device, facts), "models": [], "ops": [], "memory": []}
+    result = {"device": describe_device(device, device_info), "models": [], "ops": [], "memory": []}
     if args.memory:
         batches = tuple(sorted({int(b) for b in args.memory_batches.split(",") if b.strip().isdigit()}))
         if len(batches) != 2 or batches[0] < 1 or len(args.memory_batches.split(",")) != 2:
             raise UserError(f"--memory-batches must name two different batch sizes, e.g. 1,2; got "
                             f"'{args.memory_batches}'.")
-        result["memory"] = memory_rows(config, variants, amps, batches, device, facts, args.crop)
+        result["memory"] = memory_rows(config, variants, amps, batches, device, device_info, args.crop)
         return result | {"settings": f"{settings}, batches {batches[0]} and {batches[1]}"}
-    result["models"] = model_rows(config, variants, paths, amps, device, facts, args.batch_size, args.crop, args.rounds,
+    result["models"] = model_rows(config, variants, paths, amps, device, device_info, args.batch_size, args.crop, args.rounds,
                                   args.min_time)
     if args.ops:
         result["ops"] = op_rows(config, paths, args.batch_size, args.crop, device, amps[0], args.rounds, args.min_time)
@@ -139,13 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-        print(report(result), end="")
-        if args.json is not None:
-            write_json(args.json, result)
     except torch.cuda.OutOfMemoryError:
-        print(f"error: CUDA out of memory at --batch-size {args.batch_size} with every case resident at once. Use a "
-              f"smaller --batch-size, or fewer --variants, --paths or --amp per run.", file=sys.stderr)
-        return 2
+        raise UserError(f"CUDA out of memory at --batch-size {args.batch_size} with every case resident at once. Use a "
+                        f"smaller --batch-size, or fewer --variants, --paths or --amp per run.") from None
+    print(report(result), end="")
+    if args.json is not None:
+        write_json(args.json, result)
     return 0
 
 

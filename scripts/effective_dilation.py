@@ -25,7 +25,8 @@ from configs import UserError
 from data.dataset import build_val_loader, load_class_info
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from engine.console import command_line
-from engine.device import device_facts, inference_device
+from engine.device import inference_device
+from engine.diagnosis import read_device_info
 from engine.inference import predictions
 from engine.offsets import capture_offsets, effective_dilation
 from engine.statistics import DILATION_BUCKETS, dilation_table, region_sums
@@ -75,7 +76,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--max-images must be 0 (all) or positive, got {args.max_images}.")
     if args.data_root:
         config["data"]["root"] = args.data_root
-    device = torch.device(inference_device(args.device, device_facts()))
+    device = torch.device(inference_device(args.device, read_device_info()))
     loader = build_val_loader(config, "validation", 0, 1, max_images=args.max_images)
     parts = []
     with capture_offsets(model) as captured:

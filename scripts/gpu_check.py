@@ -39,11 +39,11 @@ from data import IGNORE_INDEX
 from engine.benchmark import (GIB, PATHS, VARIANTS, TrainingCase, case_config, conv_op, deform_inputs, loss_inputs,
                               op_errors, seconds_per_call)
 from engine.console import command_line
-from engine.device import (DeviceFacts, autocast, cuda_unusable_message, cuda_usable, describe_device, device_facts,
-                           is_out_of_memory, memory_format, memory_gib, resolve_amp, with_nvidia_smi)
+from engine.device import autocast, describe_device, memory_format, resolve_amp
+from engine.diagnosis import DeviceInfo, cuda_unusable_message, cuda_usable, read_device_info, with_nvidia_smi
 from engine.inference import predict_logits
 from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
-from engine.memory import CARD_SHARE, accum_choices, fewest_that_fit, step_gib
+from engine.memory import CARD_SHARE, accum_choices, fewest_that_fit, is_out_of_memory, memory_gib, step_gib
 from engine.workdir import write_json
 from models.deform_conv import DEFORM_OPS
 from models.segmentor import build_model
@@ -157,20 +157,20 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
-def _config(case: dict[str, Any], device: torch.device, facts: DeviceFacts) -> dict[str, Any]:
+def _config(case: dict[str, Any], device: torch.device, device_info: DeviceInfo) -> dict[str, Any]:
     """The recipe's config for ``case``, resolved for ``device``; an error where the Triton path cannot run."""
     if case.get("path") == "triton" and not triton_available(device):
         raise RuntimeError("the Triton kernels cannot run here (Triton 3.2 or newer on CUDA): the path would fall back")
     config = load_config(CONFIG)
     config["train"]["channels_last"] = case.get("channels_last", True)
     config["train"]["compile"] = case.get("compile", False)
-    return case_config(config, VARIANTS[case["variant"]][1], case.get("path", "reference"), case["amp"], device, facts)
+    return case_config(config, VARIANTS[case["variant"]][1], case.get("path", "reference"), case["amp"], device, device_info)
 
 
-def train_case(case: dict[str, Any], device: torch.device, facts: DeviceFacts, shapes: dict[str, Any]) -> dict:
+def train_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo, shapes: dict[str, Any]) -> dict:
     """A warm-up step and a measured one (finite losses, the peak), then the time per step, with the planned
     micro-batches or, where that runs out of memory, the next accepted number (as train.accum_steps=auto)."""
-    config, batch = _config(case, device, facts), shapes["batch"]
+    config, batch = _config(case, device, device_info), shapes["batch"]
     for accum in [n for n in accum_choices(batch, 1) if n >= case["accum"]]:
         config["train"]["accum_steps"] = accum
         try:
@@ -200,7 +200,7 @@ def _train_row(config: dict[str, Any], device: torch.device, shapes: dict[str, A
             "detail": f"{split}: loss {float(losses['total']):.3f}"}
 
 
-def op_case(case: dict[str, Any], device: torch.device, facts: DeviceFacts, shapes: dict[str, Any]) -> dict:
+def op_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo, shapes: dict[str, Any]) -> dict:
     """The op's output and gradients against float64 on the same inputs, at layer4's conv2 / the heads' logits."""
     impl, amp, batch, crop = case["impl"], case["amp"], shapes["op_batch"], shapes["crop"]
     if impl == "triton" and not triton_available(device):
@@ -227,9 +227,9 @@ def op_case(case: dict[str, Any], device: torch.device, facts: DeviceFacts, shap
                       + ", ".join(f"{name} {value:.1e}" for name, value in errors.items())}
 
 
-def eval_case(case: dict[str, Any], device: torch.device, facts: DeviceFacts, shapes: dict[str, Any]) -> dict:
+def eval_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo, shapes: dict[str, Any]) -> dict:
     """``predict_logits`` of one image (whole or slide windows of the crop), as evaluation runs it."""
-    config, size = _config(case, device, facts), shapes["eval_size"]
+    config, size = _config(case, device, device_info), shapes["eval_size"]
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     layout = memory_format(config["train"]["channels_last"])
     model = build_model(config, load_pretrained=False)[0].to(device, memory_format=layout).eval()
@@ -254,7 +254,7 @@ def eval_case(case: dict[str, Any], device: torch.device, facts: DeviceFacts, sh
 RUNNERS = {"train": train_case, "op": op_case, "eval": eval_case}
 
 
-def run_case(case: dict[str, Any], device: torch.device, facts: DeviceFacts, shapes: dict[str, Any]) -> dict:
+def run_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo, shapes: dict[str, Any]) -> dict:
     """One case's row of the table; a failure becomes the row (FAIL and the error), never an exception; a training
     case the plan says cannot fit is not run ("no fit")."""
     start = time.perf_counter()
@@ -263,7 +263,7 @@ def run_case(case: dict[str, Any], device: torch.device, facts: DeviceFacts, sha
             row = {"status": "no fit", "detail": f"needs {case['need_gib']:.1f} GiB at {MIN_PER_FORWARD} images per "
                                                  f"forward (the README's memory table)"}
         else:
-            row = RUNNERS[case["kind"]](case, device, facts, shapes)
+            row = RUNNERS[case["kind"]](case, device, device_info, shapes)
     except Exception as err:  # noqa: BLE001 - every failure is a finding of the check, reported in its row
         row = {"status": "FAIL", "detail": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
     gc.collect()
@@ -280,21 +280,21 @@ def format_row(row: dict[str, Any]) -> str:
     return f"{row['case']:<52} {row['status']:<8} {speed:>8} {peak:>8} {row['seconds']:>6.1f}  {row['detail']}"
 
 
-def run_checks(cases: list[dict[str, Any]], device: torch.device, facts: DeviceFacts, shapes: dict[str, Any],
+def run_checks(cases: list[dict[str, Any]], device: torch.device, device_info: DeviceInfo, shapes: dict[str, Any],
                memory: float, out: Path) -> list[dict[str, Any]]:
     """Plan every case for a card of ``memory`` GiB, run it, print the table line by line and rewrite
     ``out``/gpu_check.json after each case."""
     out.mkdir(parents=True, exist_ok=True)
     cases = [case | plan_case(case, memory, shapes) for case in cases]
     estimate = sum(estimate_s(case) for case in cases if case["kind"] != "train" or case["accum"])
-    print(f"{describe_device(device, facts)}, planned for {memory:.3g} GiB; shapes {shapes}; {len(cases)} cases, "
+    print(f"{describe_device(device, device_info)}, planned for {memory:.3g} GiB; shapes {shapes}; {len(cases)} cases, "
           f"estimated {_minutes(estimate)} on an H100")
     print(f"{'case':<52} {'status':<8} {'img/s':>8} {'peak GiB':>8} {'s':>6}  detail", flush=True)
     rows: list[dict[str, Any]] = []
     for case in cases:
-        rows.append(run_case(case, device, facts, shapes))
+        rows.append(run_case(case, device, device_info, shapes))
         print(format_row(rows[-1]), flush=True)
-        record = {"device": describe_device(device, facts), "facts": dataclasses.asdict(facts), "shapes": shapes,
+        record = {"device": describe_device(device, device_info), "device_info": dataclasses.asdict(device_info), "shapes": shapes,
                   "memory_gib": memory, "tolerances": TOLERANCES, "rows": rows, "cases_left": len(cases) - len(rows)}
         write_json(out / "gpu_check.json", record)  # whole: an interrupted check leaves the cases done
     bad = [row["case"] for row in rows if row["status"] not in ("ok", "no fit")]
@@ -352,13 +352,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--capability plans for another GPU: give it with --plan (a check runs on this GPU's).")
     if memories and len(memories) > 1 and not args.plan:
         raise UserError("several --memory-gib values are for --plan; a check runs on one card.")
-    facts = with_nvidia_smi(device_facts())  # the driver too, for the record and the messages
-    usable = cuda_usable(facts)
+    device_info = with_nvidia_smi(read_device_info())  # the driver too, for the record and the messages
+    usable = cuda_usable(device_info)
     if args.plan:
         if not memories and not usable:
             raise UserError("--plan without a usable GPU needs --memory-gib: the memory of the card to plan for, in "
                             "GiB (for example 24, or 16,24,40,80).")
-        capability = _capability(args.capability) if args.capability else facts.capability if usable else (8, 0)
+        capability = _capability(args.capability) if args.capability else device_info.capability if usable else (8, 0)
         cases = check_cases(capability, args.full)
         print(f"plan: {'every combination' if args.full else 'the default set (--full: every combination)'}, "
               f"{len(cases)} cases, for compute capability {capability[0]}.{capability[1]} (precisions "
@@ -367,10 +367,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not usable:
         instead = "This check has no CPU mode: run it on the machine with the GPU you will train on."
-        raise UserError(cuda_unusable_message(facts, "gpu_check.py checks a GPU", instead))
+        raise UserError(cuda_unusable_message(device_info, "gpu_check.py checks a GPU", instead))
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True  # as train.py
-    rows = run_checks(check_cases(facts.capability, args.full), device, facts, RECIPE,
+    rows = run_checks(check_cases(device_info.capability, args.full), device, device_info, RECIPE,
                       memories[0] if memories else memory_gib(device), args.out)
     return exit_code(rows)
 

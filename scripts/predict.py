@@ -29,7 +29,8 @@ from data.dataset import list_folder, load_class_info, read_rgb
 from data.transforms import ValTransform
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from engine.console import command_line
-from engine.device import device_facts, inference_device
+from engine.device import inference_device
+from engine.diagnosis import read_device_info
 from engine.inference import predict_logits
 from engine.overlay import overlay
 from engine.workdir import make_writable_folder, write_image
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     images, skipped = find_images(args.input)
     outputs = output_paths(images, args.out, args.overwrite)
     make_writable_folder(args.out, "Give --out a folder you can write to; nothing was predicted.")
-    device = torch.device(inference_device(args.device, device_facts()))
+    device = torch.device(inference_device(args.device, read_device_info()))
     checkpoint = load_checkpoint(args.checkpoint)
     model, config = build_model_from_checkpoint(checkpoint, args.checkpoint)
     model.to(device).eval()

@@ -19,7 +19,7 @@ from torch import nn
 
 import train
 from configs import UserError, batch_split_error, load_config
-from engine import trainer as trainer_module
+from engine import evaluation, memory, optim
 from engine.checkpoint import load_checkpoint
 from engine.distributed import init_distributed, shutdown
 from engine.optim import build_optimizer
@@ -43,7 +43,7 @@ class Tiny(nn.Module):
 def oom_above(limit: int, seen: list[tuple[int, float]]) -> Callable[..., dict[str, torch.Tensor]]:
     """``train_step`` that runs out of CUDA memory for more than ``limit`` images per forward (an injected fault),
     noting each call's images per forward and BatchNorm momentum."""
-    real = trainer_module.train_step
+    real = optim.train_step
 
     def step(model, optimizer, scaler, images, labels, config):  # type: ignore[no-untyped-def]
         per_forward = images.shape[0] // config["train"]["accum_steps"]
@@ -73,8 +73,10 @@ def test_auto_finds_the_fewest_micro_batches_that_fit_records_them_and_a_resume_
     """8 images per forward run out of memory, 4 fit: auto takes 2 micro-batches, says why, and config.yaml and the
     checkpoint hold 2; BatchNorm's momentum is scaled for 2; the resume runs no trial and keeps 2."""
     seen: list[tuple[int, float]] = []
-    monkeypatch.setattr(trainer_module, "TRIAL_DEVICES", ("cuda", "cpu"))  # the trials, on the CPU
-    monkeypatch.setattr(trainer_module, "train_step", oom_above(4, seen))
+    monkeypatch.setattr(memory, "TRIAL_DEVICES", ("cuda", "cpu"))  # the trials, on the CPU
+    step = oom_above(4, seen)
+    monkeypatch.setattr(memory, "train_step", step)  # the trial steps
+    monkeypatch.setattr(train, "train_step", step)  # the run's
     work_dir = tmp_path / "run"
     assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree)]) == 0
     out = capsys.readouterr().out
@@ -97,13 +99,13 @@ def test_auto_finds_the_fewest_micro_batches_that_fit_records_them_and_a_resume_
 
 
 def test_auto_that_fits_nothing_is_the_out_of_memory_paragraph(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer_module, "TRIAL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(trainer_module, "train_step", oom_above(1, []))
+    monkeypatch.setattr(memory, "TRIAL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(memory, "train_step", oom_above(1, []))
     config = load_config("demo.yaml", ["train.batch_size=8", "data.crop_size=16", "model.num_classes=5"])
     model = Tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UserError) as err:
-        trainer_module.auto_accum_steps(model, build_optimizer(model, config), NO_SCALER, config, 1, False)
+        memory.choose_accum_steps(model, build_optimizer(model, config), NO_SCALER, config, 1, False)
     text = str(err.value)
     assert text.startswith("out of memory in training (the trial steps of train.accum_steps=auto) on the CPU")
     assert "2 images per forward (train.batch_size=8 over 1 process(es) x train.accum_steps=4)" in text
@@ -117,13 +119,12 @@ def _rank(rank: int, port: int, limits: tuple[int, int], folder: Path) -> None:
     torch.set_num_threads(1)
     init_distributed("cpu")
     try:
-        trainer_module.TRIAL_DEVICES = ("cuda", "cpu")
+        memory.TRIAL_DEVICES = ("cuda", "cpu")
         seen: list[tuple[int, float]] = []
-        trainer_module.train_step = oom_above(limits[rank], seen)
+        memory.train_step = oom_above(limits[rank], seen)
         config = load_config("demo.yaml", ["train.batch_size=16", "data.crop_size=16", "model.num_classes=5"])
         model = Tiny()
-        chosen, why = trainer_module.auto_accum_steps(model, build_optimizer(model, config), NO_SCALER, config, 2,
-                                                      False)
+        chosen, why = memory.choose_accum_steps(model, build_optimizer(model, config), NO_SCALER, config, 2, False)
         (folder / f"{rank}.json").write_text(json.dumps([chosen, why, [p for p, _ in seen]]), encoding="utf-8")
     finally:
         shutdown()
@@ -153,8 +154,8 @@ def test_batchnorm_running_statistics_move_once_per_step() -> None:
     for accum in (1, 2):
         config = load_config("demo.yaml", ["model.num_classes=5", f"train.accum_steps={accum}", "train.batch_size=4"])
         model = Tiny()
-        trainer_module.scale_batchnorm_momentum(model, accum)
-        trainer_module.train_step(model, build_optimizer(model, config), NO_SCALER, images, labels, config)
+        optim.scale_batchnorm_momentum(model, accum)
+        optim.train_step(model, build_optimizer(model, config), NO_SCALER, images, labels, config)
         moved[accum] = model.bn.running_mean.clone(), model.bn.running_var.clone()
     torch.testing.assert_close(moved[2][0], moved[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(moved[2][1], moved[1][1], rtol=1e-2, atol=0)  # unbiased variance over 512 vs 1024 values
@@ -197,7 +198,7 @@ def test_out_of_memory_on_the_cpu_is_the_paragraph(tree: Path, tmp_path: Path, m
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(trainer_module, "train_step", refused)
+    monkeypatch.setattr(train, "train_step", refused)
     args = ["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *overrides(tree, "train.accum_steps=1")]
     assert train.main(args) == 2
     err = capsys.readouterr().err
@@ -216,7 +217,7 @@ def test_out_of_memory_in_validation_is_the_paragraph_and_the_training_is_saved(
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (injected)")
         yield
 
-    monkeypatch.setattr(trainer_module, "predictions", out_of_memory)
+    monkeypatch.setattr(evaluation, "predictions", out_of_memory)
     work_dir = tmp_path / "run"
     assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree)]) == 2
     err = capsys.readouterr().err

@@ -13,12 +13,12 @@ import torch
 
 from configs import load_config
 from engine import benchmark as benchmark_lib
-from engine.device import DeviceFacts, device_facts
+from engine.diagnosis import DeviceInfo, read_device_info
 from engine.memory import CARDS_GIB, STEP_GIB, fewest_that_fit, step_gib
 from scripts import benchmark
 
 GIB = 2**30
-NO_GPU = DeviceFacts("2.14.1", "13.0", ("sm_75",), False, None, None, None)
+NO_GPU = DeviceInfo("2.14.1", "13.0", ("sm_75",), False, None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +84,12 @@ def test_cpu_memory_rows_measure_a_process_peak_that_grows_with_the_batch() -> N
     (engine/memory.py, at 512x512) scaled to the crop's area, within a factor of 2. At 128x128 the 3 images between
     the batches add ~0.3 GiB, several times a process peak's run-to-run noise (~0.07 GiB; at 64x64 it drowned the
     slope). v2 in bf16 runs too: CPU autocast with the deformable op in fp32 (torchvision's CUDA rule)."""
-    config, cpu, facts = load_config("demo.yaml"), torch.device("cpu"), device_facts()
-    (norm,) = benchmark_lib.memory_rows(config, ["norm"], ["none"], (1, 4), cpu, facts, 128)
+    config, cpu, device_info = load_config("demo.yaml"), torch.device("cpu"), read_device_info()
+    (norm,) = benchmark_lib.memory_rows(config, ["norm"], ["none"], (1, 4), cpu, device_info, 128)
     assert norm["peak_gib"][4] > norm["peak_gib"][1] > 0.2  # the interpreter and torch alone are more than that
     table = STEP_GIB[(0, "none")][0] * (128 / 512) ** 2
     assert table / 2 < norm["per_image_gib"] < table * 2 and norm["fixed_gib"] > 0.2, (norm, table)
-    v2 = benchmark_lib.case_config(config, 2, "reference", "bf16", cpu, facts)
+    v2 = benchmark_lib.case_config(config, 2, "reference", "bf16", cpu, device_info)
     assert benchmark_lib.training_peak(v2, cpu, 2, 32) > 0.2 * 2**30  # torchvision itself has no bf16 CPU kernel
     table = benchmark.report({"device": "CPU, torch x", "settings": "s", "memory": [norm]})
     assert "| norm-conv | none | " in table and "CPU process peak of one training step at 128x128" in table
@@ -122,7 +122,7 @@ def test_triton_path_without_triton_is_a_user_error(monkeypatch: pytest.MonkeyPa
 
 def test_cuda_without_a_usable_gpu_is_a_user_error(monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(benchmark, "device_facts", lambda: NO_GPU)
+    monkeypatch.setattr(benchmark, "read_device_info", lambda: NO_GPU)
     assert benchmark.main(["--config", "demo.yaml", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not usable here" in err and "--device cpu" in err

@@ -25,7 +25,7 @@ from engine.checkpoint import load_checkpoint
 from engine.evaluation import checkpoint_digest
 from engine.metric import metrics_from_counts
 from engine.statistics import PerImageCounts
-from engine.workdir import lock_holder
+from engine.lock import lock_holder
 from scripts import compare as compare_cli
 
 REPO = Path(__file__).resolve().parents[1]

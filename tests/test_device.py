@@ -1,4 +1,4 @@
-"""The device and precision decisions, with the facts of other machines passed in (no GPU needed)."""
+"""The device and precision decisions, with other machines' DeviceInfo passed in (no GPU needed)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,25 @@ import pytest
 import torch
 
 from configs import UserError, batch_split_error, flatten, load_config, set_values, validate_config
-from engine import device
-from engine.device import (WHERE, DeviceFacts, arch_supported, choose_device, cuda_usable, memory_advice,
-                           nonfinite_advice, out_of_memory_message, resolve_amp, resolve_config)
+from engine import device, diagnosis
+from engine.device import choose_device, nonfinite_advice, resolve_amp, resolve_config
+from engine.diagnosis import DeviceInfo, arch_supported, cuda_usable
+from engine.memory import WHERE, memory_advice, out_of_memory_message
 
 CU13_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
 
 
-def facts(**changes: object) -> DeviceFacts:
+def device_info(**changes: object) -> DeviceInfo:
     """An H100 with a CUDA 13 build of torch and a recent driver, changed where a test says."""
     base = dict(torch="2.14.1", cuda="13.0", arch_list=CU13_ARCHS, available=True, gpu="NVIDIA H100 80GB HBM3",
                 capability=(9, 0), driver="580.65.06")
-    return DeviceFacts(**{**base, **changes})  # type: ignore[arg-type]
+    return DeviceInfo(**{**base, **changes})  # type: ignore[arg-type]
 
 
-NO_GPU = facts(available=False, arch_list=(), gpu=None, capability=None, driver=None)
-OLD_DRIVER = facts(available=False, arch_list=(), gpu="NVIDIA GeForce RTX 3090", capability=(8, 6), driver="535.129.03",
+NO_GPU = device_info(available=False, arch_list=(), gpu=None, capability=None, driver=None)
+OLD_DRIVER = device_info(available=False, arch_list=(), gpu="NVIDIA GeForce RTX 3090", capability=(8, 6), driver="535.129.03",
                    init_warning="The NVIDIA driver on your system is too old (found version 12020).")
-V100 = facts(gpu="Tesla V100-SXM2-32GB", capability=(7, 0))
+V100 = device_info(gpu="Tesla V100-SXM2-32GB", capability=(7, 0))
 
 
 @pytest.mark.parametrize(("capability", "archs", "expected"), [
@@ -45,9 +46,9 @@ def test_a_build_runs_on_the_architectures_cuda_says_it_does(capability, archs, 
 
 def test_auto_takes_a_usable_gpu_and_the_cpu_only_for_a_config_meant_for_it() -> None:
     ade, demo = load_config("def-conv-v2.yaml"), load_config("demo.yaml")
-    assert choose_device("auto", ade, facts()) == "cuda"
+    assert choose_device("auto", ade, device_info()) == "cuda"
     assert choose_device("auto", demo, NO_GPU) == "cpu"  # the demo runs on a CPU without flags
-    assert choose_device("cpu", ade, facts()) == "cpu"  # deliberately
+    assert choose_device("cpu", ade, device_info()) == "cpu"  # deliberately
     assert not cuda_usable(V100)
 
 
@@ -55,9 +56,9 @@ def test_auto_takes_a_usable_gpu_and_the_cpu_only_for_a_config_meant_for_it() ->
     (NO_GPU, "no NVIDIA GPU or driver was found"),
     (OLD_DRIVER, "the driver 535.129.03 is older than CUDA 13.0 needs (the R580 series or newer)"),
     (V100, "no kernels for the GPU's architecture sm_70"),
-    (facts(cuda=None, available=False, arch_list=(), gpu=None, capability=None, driver=None), "a CPU-only build"),
+    (device_info(cuda=None, available=False, arch_list=(), gpu=None, capability=None, driver=None), "a CPU-only build"),
 ])
-def test_an_ade20k_config_without_a_usable_gpu_stops_with_the_cause_and_the_fix(machine: DeviceFacts, cause: str) -> None:
+def test_an_ade20k_config_without_a_usable_gpu_stops_with_the_cause_and_the_fix(machine: DeviceInfo, cause: str) -> None:
     with pytest.raises(UserError) as err:
         choose_device("auto", load_config("def-conv-v2.yaml"), machine)
     text = str(err.value)
@@ -102,7 +103,7 @@ def test_the_resolved_config_says_what_runs() -> None:
     on_cpu = resolve_config(config, torch.device("cpu"), NO_GPU)
     assert on_cpu["train"]["amp"] == "none" and on_cpu["train"]["channels_last"] is False
     assert config["train"]["amp"] == "auto"  # the config asked for is left alone
-    t4 = resolve_config(config, torch.device("cuda"), facts(gpu="Tesla T4", capability=(7, 5)))
+    t4 = resolve_config(config, torch.device("cuda"), device_info(gpu="Tesla T4", capability=(7, 5)))
     assert t4["train"]["amp"] == "fp16" and t4["train"]["channels_last"] is True and t4["model"]["deform_op"] == "triton"
 
 
@@ -111,7 +112,7 @@ def test_train_py_on_a_machine_without_a_usable_gpu(make_ade_tree, tmp_path, mon
     import train
     from engine.checkpoint import load_checkpoint
 
-    monkeypatch.setattr(train, "device_facts", lambda: OLD_DRIVER)
+    monkeypatch.setattr(train, "read_device_info", lambda: OLD_DRIVER)
     tree, work_dir = make_ade_tree(), tmp_path / "run"
     small = [f"data.root={tree}", "model.pretrained_backbone=false", "data.num_workers=0", "data.scale=[48,48]",
              "data.crop_size=32", "train.batch_size=2", "train.iters=1", "train.tb_images=0"]
@@ -187,7 +188,7 @@ SMI_ROW = "NVIDIA GeForce RTX 3090, 535.129.03, 8.6"
 def fake_nvidia_smi(folder: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> Path:
     """Put an ``nvidia-smi`` running the shell ``script`` first on PATH; return the file it touches when it runs."""
     # nvidia-smi is asked once per process: this test gets its own answer, and later tests do not see it
-    monkeypatch.setattr(device, "_nvidia_smi", functools.cache(device._nvidia_smi.__wrapped__))
+    monkeypatch.setattr(diagnosis, "_nvidia_smi", functools.cache(diagnosis._nvidia_smi.__wrapped__))
     ran = folder / "nvidia-smi-ran"
     (folder / "nvidia-smi").write_text(f"#!/bin/sh\ntouch {ran}\n{script}\n", encoding="utf-8")
     (folder / "nvidia-smi").chmod(0o755)
@@ -214,9 +215,9 @@ def test_nvidia_smi_output_degrades_to_unknown(script: str, expected: tuple, tmp
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 29, item 7: whatever nvidia-smi prints or does, each fact is read or unknown (before: a traceback)."""
     fake_nvidia_smi(tmp_path, monkeypatch, script)
-    monkeypatch.setattr(device, "NVIDIA_SMI_TIMEOUT_S", 1)
-    assert device._nvidia_smi() == expected
-    message = device.cuda_unusable_message(device.device_facts(), "--device cuda was asked for")
+    monkeypatch.setattr(diagnosis, "NVIDIA_SMI_TIMEOUT_S", 1)
+    assert diagnosis._nvidia_smi() == expected
+    message = diagnosis.cuda_unusable_message(diagnosis.read_device_info(), "--device cuda was asked for")
     assert "CUDA is not usable here" in message and "\n" not in message
 
 
@@ -227,24 +228,24 @@ def test_cpu_runs_never_start_nvidia_smi(tmp_path: Path, monkeypatch: pytest.Mon
     import train
 
     ran = fake_nvidia_smi(tmp_path, monkeypatch, "echo 'NVIDIA H100 80GB HBM3, 580.65.06, [N/A]'")
-    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(device.torch.version, "cuda", "13.0")  # a CUDA build of torch, whatever is installed here
+    monkeypatch.setattr(diagnosis.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(diagnosis.torch.version, "cuda", "13.0")  # a CUDA build of torch, whatever is installed here
     blocker = tmp_path / "file"
     blocker.write_text("", encoding="utf-8")
     for requested in ("cpu", "auto"):  # stops at the work dir (under a file), after the device was chosen
         assert train.main(["--config", "demo.yaml", "--device", requested, "--work-dir", str(blocker / "run")]) == 2
         assert f"cannot write to {blocker / 'run'}" in capsys.readouterr().err and not ran.exists()
     device._note.cache_clear()
-    assert device.inference_device("auto", device.device_facts()) == "cpu" and ran.exists()
+    assert device.inference_device("auto", diagnosis.read_device_info()) == "cpu" and ran.exists()
     assert "note: running on the CPU, CUDA is not usable here (torch could not initialise CUDA)" in capsys.readouterr().err
 
 
 def test_an_old_driver_without_an_nvidia_smi_answer_is_not_called_no_gpu() -> None:
     """Issue 29, item 7: torch's "driver too old" warning says a GPU and a driver exist even when nvidia-smi gives no
     answer: the paragraph says what is unknown instead of claiming there is no GPU."""
-    silent = facts(available=False, gpu=None, capability=None, driver=None,
+    silent = device_info(available=False, gpu=None, capability=None, driver=None,
                    init_warning="The NVIDIA driver on your system is too old (found version 12020).")
-    text = device.cuda_unusable_message(silent, "--device cuda was asked for")
+    text = diagnosis.cuda_unusable_message(silent, "--device cuda was asked for")
     assert "no NVIDIA GPU" not in text and "shows no" not in text
     assert "nvidia-smi gave no answer, so the GPU and the driver are unknown" in text and "too old" in text
 
@@ -254,8 +255,8 @@ def test_a_cpu_only_torch_on_a_machine_with_a_gpu_says_so(tmp_path: Path, monkey
     """Issue 29, item 7: a CPU-only build of torch where nvidia-smi shows a GPU: the paragraph and the evaluation
     note name the GPU and the build (before: "shows no NVIDIA GPU", and no note at all)."""
     fake_nvidia_smi(tmp_path, monkeypatch, f"echo '{SMI_ROW}'")
-    cpu_build = facts(cuda=None, available=False, arch_list=(), gpu=None, capability=None, driver=None, unread=True)
-    text = device.cuda_unusable_message(cpu_build, "--device cuda was asked for")
+    cpu_build = device_info(cuda=None, available=False, arch_list=(), gpu=None, capability=None, driver=None, unread=True)
+    text = diagnosis.cuda_unusable_message(cpu_build, "--device cuda was asked for")
     assert "is a CPU-only build" in text and "this machine has NVIDIA GeForce RTX 3090, capability 8.6" in text
     assert "Likely cause: this torch is a CPU-only build, on a machine with NVIDIA GeForce RTX 3090" in text
     device._note.cache_clear()
@@ -272,14 +273,14 @@ def test_the_cpu_note_is_printed_once_per_process(capsys) -> None:
 
 
 def test_what_torch_warns_while_looking_for_a_gpu_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch warns (an old driver) instead of raising: the warning's text is one of the facts (before: a NameError)."""
+    """torch warns (an old driver) instead of raising: the warning's text is kept in the DeviceInfo (before: a NameError)."""
     import warnings
 
     def warns() -> bool:
         warnings.warn("The NVIDIA driver on your system is too old (found version 12020).\nPlease update it.")
         return False
 
-    monkeypatch.setattr(device.torch.cuda, "is_available", warns)
-    found = device.device_facts()
+    monkeypatch.setattr(diagnosis.torch.cuda, "is_available", warns)
+    found = diagnosis.read_device_info()
     assert not found.available and found.init_warning == ("The NVIDIA driver on your system is too old (found "
                                                           "version 12020). Please update it.")

@@ -16,7 +16,7 @@ from torch import nn
 
 from configs import UserError, load_config
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
-from engine.device import DeviceFacts
+from engine.diagnosis import DeviceInfo
 from engine.inference import predict_logits
 from engine.metric import metrics_from_counts
 from engine.statistics import PerImageCounts
@@ -317,7 +317,7 @@ def test_evaluation_outputs_have_one_writer_and_are_written_whole(tree: Path, ch
                                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Issue 23, item 6: a second evaluate.py writing the same --json/--per-image is refused at once (before: both said
     "wrote" and one result replaced the other), and a write that fails halfway leaves the previous file as it was."""
-    from engine.workdir import output_lock
+    from engine.lock import output_lock
 
     json_path, counts = tmp_path / "res.json", tmp_path / "counts.npz"
     args = ["--checkpoint", str(checkpoint), "--data-root", str(tree), "--device", "cpu", "--max-images", "1"]
@@ -474,11 +474,11 @@ def test_out_of_memory_in_evaluation_is_one_paragraph(checkpoint: Path, capsys: 
 
 def test_amp_is_resolved_by_the_training_rule(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
-    """--amp bf16 on a GPU without native bf16 (a T4's facts) and on the CPU is refused before any work."""
+    """--amp bf16 on a GPU without native bf16 (a T4's device_info) and on the CPU is refused before any work."""
     import evaluate
 
-    t4 = DeviceFacts("2.14.1", "13.0", ("sm_75", "sm_80"), True, "Tesla T4", (7, 5), "580.65.06")
-    monkeypatch.setattr(evaluate, "device_facts", lambda: t4)
+    t4 = DeviceInfo("2.14.1", "13.0", ("sm_75", "sm_80"), True, "Tesla T4", (7, 5), "580.65.06")
+    monkeypatch.setattr(evaluate, "read_device_info", lambda: t4)
     assert main(["--checkpoint", str(checkpoint), "--amp", "bf16"]) == 2
     assert "error: --amp bf16 needs a GPU with native bfloat16" in capsys.readouterr().err
     assert main(["--checkpoint", str(checkpoint), "--amp", "fp16", "--device", "cpu"]) == 2

@@ -11,24 +11,24 @@ import pytest
 import torch
 
 from engine import benchmark as benchmark_lib
-from engine.device import DeviceFacts, device_facts
+from engine.diagnosis import DeviceInfo, read_device_info
 from scripts import gpu_check
 
 TINY = {"batch": 2, "crop": 32, "eval_size": (32, 48), "op_batch": 2, "width": 8, "min_run_time": 0.0}
 
 
-def gpu(name: str, capability: tuple[int, int]) -> DeviceFacts:
-    return DeviceFacts("2.14.1", "13.0", ("sm_75", "sm_80", "sm_90"), True, name, capability, "580.65.06")
+def gpu(name: str, capability: tuple[int, int]) -> DeviceInfo:
+    return DeviceInfo("2.14.1", "13.0", ("sm_75", "sm_80", "sm_90"), True, name, capability, "580.65.06")
 
 
 A100, T4, H100 = gpu("NVIDIA A100-SXM4-40GB", (8, 0)), gpu("Tesla T4", (7, 5)), gpu("NVIDIA H100 80GB HBM3", (9, 0))
-NO_GPU = DeviceFacts("2.14.1", "13.0", ("sm_75",), False, None, None, None)
+NO_GPU = DeviceInfo("2.14.1", "13.0", ("sm_75",), False, None, None, None)
 
 
-@pytest.mark.parametrize(("facts", "amps"), [(A100, ["bf16", "fp16", "none"]), (H100, ["bf16", "fp16", "none"]),
+@pytest.mark.parametrize(("device_info", "amps"), [(A100, ["bf16", "fp16", "none"]), (H100, ["bf16", "fp16", "none"]),
                                              (T4, ["fp16", "none"])])
-def test_full_cases_follow_the_gpus_precisions(facts: DeviceFacts, amps: list[str]) -> None:
-    cases = gpu_check.check_cases(facts.capability, full=True)
+def test_full_cases_follow_the_gpus_precisions(device_info: DeviceInfo, amps: list[str]) -> None:
+    cases = gpu_check.check_cases(device_info.capability, full=True)
     names = [case["name"] for case in cases]
     assert len(names) == len(set(names))
     eager = [c for c in cases if c["kind"] == "train" and c["path"] == "reference" and not c["compile"]]
@@ -45,11 +45,11 @@ def test_full_cases_follow_the_gpus_precisions(facts: DeviceFacts, amps: list[st
     assert all(c.get("compile") for c in cases[-4:])  # the slow ones last
 
 
-@pytest.mark.parametrize("facts", [A100, H100, T4])
-def test_the_default_set_is_every_path_once_and_one_compiled_model(facts: DeviceFacts) -> None:
+@pytest.mark.parametrize("device_info", [A100, H100, T4])
+def test_the_default_set_is_every_path_once_and_one_compiled_model(device_info: DeviceInfo) -> None:
     """Every model in train.amp=auto's precision and def-conv-v2 in fp32, the Triton ops and path, both evaluation
     modes, one torch.compile (the last case); on an H100 its estimate is under 3 minutes, and every case fits."""
-    cases, auto = gpu_check.check_cases(facts.capability), gpu_check.precisions(facts.capability)[0]
+    cases, auto = gpu_check.check_cases(device_info.capability), gpu_check.precisions(device_info.capability)[0]
     train = [(c["variant"], c["amp"], c["path"], c["compile"]) for c in cases if c["kind"] == "train"]
     assert train == [("norm", auto, "reference", False), ("v1", auto, "reference", False),
                      ("v2", auto, "reference", False), ("v2", "none", "reference", False),
@@ -66,7 +66,7 @@ def test_the_plan_splits_the_batch_as_the_memory_table_says(monkeypatch: pytest.
                                                             capsys: pytest.CaptureFixture) -> None:
     """No GPU needed: fp32 def-conv-v2 takes 2 micro-batches on 24 GiB, 4 on 16 (not a failure); on 3 GiB nothing
     fits and says how much it needs; the estimated time counts the cases that fit."""
-    monkeypatch.setattr(gpu_check, "device_facts", lambda: NO_GPU)
+    monkeypatch.setattr(gpu_check, "read_device_info", lambda: NO_GPU)
     assert gpu_check.main(["--plan", "--memory-gib", "16,24,40,80"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("train def-conv-v2 none channels_last"))
@@ -88,7 +88,7 @@ def test_the_plan_splits_the_batch_as_the_memory_table_says(monkeypatch: pytest.
                                                (["--memory-gib", "16,24"], "a check runs on one card")])
 def test_bad_arguments_are_one_line(argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(gpu_check, "device_facts", lambda: NO_GPU)
+    monkeypatch.setattr(gpu_check, "read_device_info", lambda: NO_GPU)
     assert gpu_check.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -108,7 +108,7 @@ def test_the_case_runner_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixtur
     cases = [by_name["train norm-conv none contiguous"], by_name["train def-conv-v2 bf16 contiguous"],
              by_name["deform v2 triton none"], by_name["deform v1 triton fp16"], by_name["loss triton bf16"],
              by_name["loss reference none"], dict(by_name["eval norm-conv slide bf16"], amp="none", name="eval slide")]
-    rows = gpu_check.run_checks(cases, torch.device("cpu"), device_facts(), TINY, 24, tmp_path)
+    rows = gpu_check.run_checks(cases, torch.device("cpu"), read_device_info(), TINY, 24, tmp_path)
     status = {row["case"]: row["status"] for row in rows}
     assert status.pop("train def-conv-v2 bf16 contiguous") == "FAIL"  # torchvision has no bf16 CPU kernel
     assert set(status.values()) == {"ok"}, rows
@@ -125,7 +125,7 @@ def test_the_case_runner_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "img/s" in out and "6 of 7 cases passed; not passed: train def-conv-v2 bf16 contiguous;" in out
     assert gpu_check.exit_code(rows) == 1 and gpu_check.exit_code([r for r in rows if r["status"] == "ok"]) == 0
 
-    (unfit,) = gpu_check.run_checks(cases[:1], torch.device("cpu"), device_facts(), TINY, 1.0, tmp_path)
+    (unfit,) = gpu_check.run_checks(cases[:1], torch.device("cpu"), read_device_info(), TINY, 1.0, tmp_path)
     assert unfit["status"] == "no fit" and unfit["seconds"] < 1  # nothing was built
     assert unfit["detail"] == "needs 1.1 GiB at 2 images per forward (the README's memory table)"
     assert "0 of 1 cases passed; do not fit this card: train norm-conv none contiguous;" in capsys.readouterr().out
@@ -149,25 +149,25 @@ def test_a_training_case_that_runs_out_of_memory_takes_more_micro_batches(monkey
     case = next(c for c in gpu_check.check_cases(A100.capability) if c["name"] == "train norm-conv bf16 channels_last")
     case = dict(case, amp="none") | gpu_check.plan_case(dict(case, amp="none"), 24, shapes)
     monkeypatch.setattr(benchmark_lib, "train_step", oom_above(2))
-    row = gpu_check.run_case(case, torch.device("cpu"), device_facts(), shapes)
+    row = gpu_check.run_case(case, torch.device("cpu"), read_device_info(), shapes)
     assert row["status"] == "ok" and row["detail"].startswith("2x2 (planned 4x1): loss ") and seen[0] == 4
     monkeypatch.setattr(benchmark_lib, "train_step", oom_above(1))
-    row = gpu_check.run_case(case, torch.device("cpu"), device_facts(), shapes)
+    row = gpu_check.run_case(case, torch.device("cpu"), read_device_info(), shapes)
     assert row["status"] == "no fit" and row["detail"] == "out of memory even at 2 images per forward"
 
 
 def test_an_error_above_the_tolerance_is_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
     case = next(c for c in gpu_check.check_cases(T4.capability, full=True) if c["name"] == "deform v2 reference none")
-    row = gpu_check.run_case(case, torch.device("cpu"), device_facts(), TINY)
+    row = gpu_check.run_case(case, torch.device("cpu"), read_device_info(), TINY)
     assert row["status"] == "ok" and "(tolerance 1e-04)" in row["detail"]
     monkeypatch.setitem(gpu_check.TOLERANCES, "deform", {"none": 1e-9})  # below fp32's rounding
-    row = gpu_check.run_case(case, torch.device("cpu"), device_facts(), TINY)
+    row = gpu_check.run_case(case, torch.device("cpu"), read_device_info(), TINY)
     assert row["status"] == "mismatch" and "(tolerance 1e-09)" in row["detail"]
     assert gpu_check.exit_code([row]) == 1
 
 
 def test_without_cuda_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(gpu_check, "device_facts", lambda: NO_GPU)
+    monkeypatch.setattr(gpu_check, "read_device_info", lambda: NO_GPU)
     assert gpu_check.main(["--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CUDA is not usable here" in err and "no NVIDIA GPU or driver was found" in err
@@ -175,7 +175,7 @@ def test_without_cuda_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsy
 
 
 def test_the_readme_shows_the_plan_as_printed(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(gpu_check, "device_facts", lambda: NO_GPU)
+    monkeypatch.setattr(gpu_check, "read_device_info", lambda: NO_GPU)
     assert gpu_check.main(["--plan", "--memory-gib", "16,24,40,80"]) == 0
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert f"$ python scripts/gpu_check.py --plan --memory-gib 16,24,40,80\n{capsys.readouterr().out}```" in readme

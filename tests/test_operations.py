@@ -24,11 +24,10 @@ from conftest import write_ade_tree
 
 import train
 from configs import UserError, load_config
-from engine import trainer as trainer_module
+from engine import signals
 from engine import workdir as workdir_module
 from engine.checkpoint import load_checkpoint
-from engine.trainer import NonFiniteLoss
-from engine.workdir import Lock
+from engine.lock import Lock, lock_holder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,18 +49,18 @@ def run(tree: Path, module_dir: Path) -> dict[int, Path]:
     """One uninterrupted 3-iteration run; a copy (a hard link) of the checkpoint of every iteration, by iteration.
 
     best.pt at an iteration is the same file as last.pt there (a second name), so these build every state."""
-    kept, real = module_dir / "kept", trainer_module.save_checkpoint
+    kept, real = module_dir / "kept", train.save_checkpoint
     kept.mkdir()
 
     def save_and_keep(state: dict[str, Any], path: Path) -> None:
         real(state, path)
         os.link(path, kept / f"{state['iteration']}.pt")
 
-    trainer_module.save_checkpoint = save_and_keep
+    train.save_checkpoint = save_and_keep
     try:
         assert train.main(["--config", "demo.yaml", "--work-dir", str(module_dir / "reference"), *overrides(tree)]) == 0
     finally:
-        trainer_module.save_checkpoint = real
+        train.save_checkpoint = real
     shutil.copy(module_dir / "reference" / "config.yaml", kept / "config.yaml")
     return {i: kept / f"{i}.pt" for i in (1, 2, 3)}
 
@@ -119,12 +118,11 @@ def test_resume_auto_continues_or_starts_over_in_every_state_a_kill_leaves(
     line, and the run starts, starts over or resumes the newest checkpoint (the loop itself is not run here)."""
     work_dir = tmp_path / "run"
     temporary = killed_run(work_dir, state, run)
-    started: list[trainer_module.Run] = []
-    monkeypatch.setattr(train, "loop", lambda run, stop: started.append(run) or 0)
+    started: list[train.Training] = []
+    monkeypatch.setattr(train, "train", lambda training, stop: started.append(training) or 0)
     assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree), "--resume", "auto"]) == 0
     out = capsys.readouterr().out
-    assert f"removed what interrupted writes left in {work_dir}: {temporary}\n" in out
-    assert started[0].banner.startswith(STATES[state][3].format(dir=work_dir))
+    assert f"removed what interrupted writes left in {work_dir}: {temporary}\n{STATES[state][3].format(dir=work_dir)}" in out
     assert started[0].iteration == max(STATES[state][0].values(), default=0)
     assert not [p.name for p in work_dir.iterdir() if p.name.startswith(".")]  # no lock, no temporary file
 
@@ -165,7 +163,7 @@ def test_a_failing_log_write_is_reported_once_and_costs_no_weights(
         tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """tb/ deleted during the run: one line names it and the reason, the run goes on to its end and saves, no
     traceback, no lock left."""
-    work_dir, real, steps = tmp_path / "run", trainer_module.train_step, []
+    work_dir, real, steps = tmp_path / "run", train.train_step, []
 
     def step_then_delete_the_logs(*args: Any) -> dict[str, torch.Tensor]:
         steps.append(1)
@@ -173,7 +171,7 @@ def test_a_failing_log_write_is_reported_once_and_costs_no_weights(
             shutil.rmtree(work_dir / "tb")
         return real(*args)
 
-    monkeypatch.setattr(trainer_module, "train_step", step_then_delete_the_logs)
+    monkeypatch.setattr(train, "train_step", step_then_delete_the_logs)
     args = [*overrides(tree), "train.val_interval=3", "train.ckpt_interval=3"]
     assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *args]) == 0
     err = capsys.readouterr().err
@@ -195,7 +193,7 @@ def test_a_lock_that_cannot_be_removed_is_said_in_one_line(tmp_path: Path, monke
         monkeypatch.setattr(Path, "unlink", read_only)
     monkeypatch.undo()
     assert f"could not remove the lock file {path} (Read-only file system)" in capsys.readouterr().err
-    assert path.exists() and workdir_module.lock_holder(path) is None  # names this process, which no longer holds it
+    assert path.exists() and lock_holder(path) is None  # names this process, which no longer holds it
 
 
 def test_a_lock_whose_heartbeat_stopped_is_waited_for_then_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -231,12 +229,11 @@ def test_every_signal_that_stops_a_job_asks_the_run_to_stop(monkeypatch: pytest.
     assert forwarded == ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"]  # the README names them, and its 30 s:
     assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1).shutdown_timeout == 30
     stopping = {signal.Signals[name] for name in forwarded} | {signal.SIGUSR1, signal.SIGUSR2}
-    assert stopping <= set(train.STOP_SIGNALS)
-    saved = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
+    assert stopping <= set(signals.STOP_SIGNALS)
+    saved = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
     try:
         for sig in stopping - {signal.SIGHUP}:  # SIGHUP also leaves the terminal: tested in a process of its own
-            stop = trainer_module.Stop()
-            train.install_stop_handlers(stop)
+            stop = signals.catch_stop_signals()
             os.kill(os.getpid(), sig)
             assert stop.reason == sig.name
     finally:
@@ -291,9 +288,9 @@ def test_an_override_after_resume_is_an_override(argv: list[str], resume: str, o
 
 
 def test_a_non_finite_loss_before_any_checkpoint_says_that_nothing_was_saved() -> None:
-    message = str(NonFiniteLoss(1, 0))
+    message = str(train.NonFiniteLoss(1, 0, "train.lr=0.005 (half the learning rate)"))
     assert "Nothing was saved yet (no checkpoint)" in message and "last.pt holds" not in message
-    assert "newest checkpoint holds iteration 4, where --resume auto continues" in str(NonFiniteLoss(6, 4))
+    assert "newest checkpoint holds iteration 4, where --resume auto continues" in str(train.NonFiniteLoss(6, 4, "train.lr=0.005"))
 
 
 def test_numbers_in_list_overrides_are_read_as_numbers() -> None:

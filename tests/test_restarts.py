@@ -21,11 +21,11 @@ from torch import nn
 
 import train
 from configs import UserError, load_config
-from engine import trainer as trainer_module
+from engine import optim, signals
 from data.dataset import TrainSampler
 from engine.checkpoint import load_checkpoint
 from engine.optim import build_optimizer
-from engine.workdir import Lock
+from engine.lock import Lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_one_command_line_starts_and_restarts_after_every_kind_of_stop(tree: Pat
     def dies_at_the_first_step(*step_args):  # type: ignore[no-untyped-def]
         raise UserError("a crash before the first checkpoint")
 
-    monkeypatch.setattr(trainer_module, "train_step", dies_at_the_first_step)
+    monkeypatch.setattr(train, "train_step", dies_at_the_first_step)
     assert train.main(args) == 2
     assert (work_dir / "config.yaml").is_file() and not (work_dir / "last.pt").exists()
     monkeypatch.undo()
@@ -210,10 +210,9 @@ def test_torchrun_agrees_on_a_stop_during_validation_and_on_a_file_one_rank_cann
 
 
 def test_stop_signals_ask_once_and_a_second_ctrl_c_stops_at_once() -> None:
-    saved = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
+    saved = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
     try:
-        stop = trainer_module.Stop()
-        train.install_stop_handlers(stop)
+        stop = signals.catch_stop_signals()
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM):  # a scheduler and a launcher both signalling
             os.kill(os.getpid(), sig)
         assert stop.reason == "SIGUSR1" and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
@@ -270,7 +269,7 @@ def test_accumulation_gives_the_update_of_the_whole_batch(loss_norm: str) -> Non
         model = NoNorm()
         config["train"]["accum_steps"] = accum
         optimizer = build_optimizer(model, config)
-        losses = trainer_module.train_step(model, optimizer, torch.amp.GradScaler("cuda", enabled=False), images,
+        losses = optim.train_step(model, optimizer, torch.amp.GradScaler("cuda", enabled=False), images,
                                            labels, config)
         results.append((losses, [p.detach().clone() for p in model.parameters()]))
     (whole, weights), *split = results

@@ -20,7 +20,7 @@ import train
 from configs import load_config
 from data.transforms import normalize_batch
 from engine import loss as loss_module
-from engine import trainer as trainer_module
+from engine import evaluation, optim
 from engine.checkpoint import load_checkpoint
 from engine.optim import parameter_groups, poly_factor
 from engine.workdir import check_work_dir
@@ -145,7 +145,7 @@ def test_nonfinite_loss_stops_with_the_iteration_and_keeps_last_good(
             losses["total"] = losses["total"] * float("nan")
         return losses
 
-    monkeypatch.setattr(loss_module, "compute_loss", loss_that_breaks)
+    monkeypatch.setattr(optim, "compute_loss", loss_that_breaks)
     work_dir = tmp_path / "nan"
     code = train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)])
     err = capsys.readouterr().err
@@ -271,7 +271,7 @@ def test_cuda_out_of_memory_proposes_accumulation_not_a_smaller_batch(
     def out_of_memory(*args):  # type: ignore[no-untyped-def]
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer_module, "train_step", out_of_memory)
+    monkeypatch.setattr(train, "train_step", out_of_memory)
     code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "oom"), *tiny_overrides(tree)])
     err = capsys.readouterr().err
     assert code == 2 and "out of memory" in err and "Traceback" not in err
@@ -395,7 +395,7 @@ def test_sigterm_during_validation_stops_it_and_saves(tree: Path, tmp_path: Path
                                                       capsys: pytest.CaptureFixture) -> None:
     """A stop signal that arrives while validation runs ends validation after the current image and saves
     last.pt at that iteration, instead of finishing a validation that may take longer than a scheduler waits."""
-    real, seen = trainer_module.predictions, []
+    real, seen = evaluation.predictions, []
 
     def signal_during_validation(*args, **kwargs):  # type: ignore[no-untyped-def]
         for item in real(*args, **kwargs):
@@ -403,7 +403,7 @@ def test_sigterm_during_validation_stops_it_and_saves(tree: Path, tmp_path: Path
             os.kill(os.getpid(), signal.SIGTERM)  # the handler train.main installed records it
             yield item
 
-    monkeypatch.setattr(trainer_module, "predictions", signal_during_validation)
+    monkeypatch.setattr(evaluation, "predictions", signal_during_validation)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         code = train.main(["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), *tiny_overrides(tree)])
@@ -423,7 +423,7 @@ def test_a_bad_last_update_reaches_no_checkpoint(tree: Path, tmp_path: Path, mon
                                                  capsys: pytest.CaptureFixture) -> None:
     """The update of iteration 4 makes a weight NaN while every loss up to it was finite: the run stops before
     validating or saving at 4, and last.pt keeps iteration 2 (the advised --resume starts from good weights)."""
-    real, calls = trainer_module.train_step, []
+    real, calls = train.train_step, []
 
     def step_that_breaks_the_weights(model, *args):  # type: ignore[no-untyped-def]
         losses = real(model, *args)
@@ -433,7 +433,7 @@ def test_a_bad_last_update_reaches_no_checkpoint(tree: Path, tmp_path: Path, mon
                 next(model.parameters()).fill_(float("nan"))
         return losses
 
-    monkeypatch.setattr(trainer_module, "train_step", step_that_breaks_the_weights)
+    monkeypatch.setattr(train, "train_step", step_that_breaks_the_weights)
     work_dir = tmp_path / "nan_weights"
     code = train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)])
     err = capsys.readouterr().err
