@@ -2,7 +2,7 @@
 
 Two implementations with the same value and gradient, chosen by ``train.loss_op``: ``reference``
 (``reference_upsample_cross_entropy`` below: ``F.interpolate`` + ``F.cross_entropy``) and ``triton``
-(models/triton_loss.py, fused, never makes the full-size logits; it runs the reference where Triton cannot
+(engine/triton_loss.py, fused, never makes the full-size logits; it runs the reference where Triton cannot
 run), imported at its first call, so that a run with the reference never imports the Triton modules. Two
 normalisations, chosen by ``train.loss_norm``: ``labelled`` divides the summed cross-entropy by the labelled
 pixels (as torchvision's reference), ``all`` by all N*H*W pixels (mmsegmentation's ``avg_non_ignore=False``).
@@ -38,8 +38,8 @@ def reference_upsample_cross_entropy(
 def triton_upsample_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """The same loss by models/triton_loss.py's fused Triton kernels, imported here, at the first call."""
-    from models.triton_loss import upsample_cross_entropy
+    """The same loss by engine/triton_loss.py's fused Triton kernels, imported here, at the first call."""
+    from engine.triton_loss import upsample_cross_entropy
 
     return upsample_cross_entropy(logits, labels, ignore_index)
 

@@ -1,4 +1,4 @@
-"""Whether the Triton kernels (models/triton_deform.py, models/triton_loss.py) can run here.
+"""Whether the Triton kernels (models/triton_deform.py, engine/triton_loss.py) can run here.
 
 They run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before the kernels were defined (the tests do this when there is no GPU). They need Triton 3.2 or newer (older

@@ -1,7 +1,7 @@
 """torch.compile (inductor) of the deformable layers and the loss: same results as eager, no graph breaks.
 
 The reference paths (torchvision's op, the unfused loss), as used where Triton cannot run, compile on CPU. The
-Triton paths are torch.library custom ops (models/triton_deform.py, models/triton_loss.py): compiled, each launch
+Triton paths are torch.library custom ops (models/triton_deform.py, engine/triton_loss.py): compiled, each launch
 is one opaque node of the graph and runs as in eager, on the GPU, or without one in Triton's CPU interpreter
 (conftest.py turns it on). Shapes are small: nearly all the time goes into inductor's C++ compiles."""
 
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
-from models import triton_deform, triton_loss
+from engine import triton_loss
+from models import triton_deform
 from models.deform_conv import DEFORM_OPS, DeformConv2d
 
 # DeformConv2d's name for torchvision's op (looked up, not spelled, so a renamed config value does not break this).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.loss import reference_upsample_cross_entropy
-from models.triton_loss import upsample_cross_entropy
+from engine.triton_loss import upsample_cross_entropy
 from scripts import loss_precision
 
 

@@ -1,4 +1,4 @@
-"""The Triton modules (models/triton_*.py) are off the default path: a run with the reference ops never imports them,
+"""The Triton modules (models/triton_*.py, engine/triton_loss.py) are off the default path: a run with the reference ops never imports them,
 the triton ops import them when first called. Each check runs in a fresh process: this one has imported everything.
 
 (The ``triton`` package itself is loaded by torchvision: torchvision.ops imports torch._dynamo, which imports
@@ -16,7 +16,7 @@ from conftest import write_ade_tree
 
 REPO = Path(__file__).resolve().parents[1]
 # Prints the repository's Triton modules loaded so far, as one line.
-LOADED = "print('loaded:', *sorted(m for m in sys.modules if m.startswith('models.triton')))"
+LOADED = "print('loaded:', *sorted(m for m in sys.modules if m.startswith(('models.triton', 'engine.triton'))))"
 
 
 def loaded_modules(program: str, *args: str) -> list[list[str]]:
@@ -32,7 +32,8 @@ def loaded_modules(program: str, *args: str) -> list[list[str]]:
 
 
 def test_a_run_with_the_reference_ops_imports_no_triton_module(tmp_path: Path) -> None:
-    """train.py with the demo config on the CPU: two iterations, a validation and a checkpoint, no models.triton*."""
+    """train.py with the demo config on the CPU: two iterations, a validation and a checkpoint, none of
+    this repository's Triton modules."""
     tree = write_ade_tree(tmp_path / "ADEChallengeData2016", num_train=2, num_val=1, size=(40, 40))
     args = ["--config", "demo.yaml", "--work-dir", str(tmp_path / "run"), "--device", "cpu", f"data.root={tree}",
             "data.dataset=ade20k", "data.num_workers=0", "data.scale=[40,40]", "data.crop_size=32",
@@ -54,4 +55,4 @@ DEFORM_OPS["triton"](torch.randn(1, 2, 3, 3), torch.zeros(1, 18, 3, 3), torch.ra
 {LOADED}"""
     before, after = loaded_modules(program)
     assert before == []
-    assert {"models.triton_deform", "models.triton_loss"} <= set(after)
+    assert {"models.triton_deform", "engine.triton_loss"} <= set(after)

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("triton", minversion="3.2")  # models/triton_support.py: older Tritons are not used
 
 from engine.loss import reference_upsample_cross_entropy
-from models import triton_loss
-from models.triton_loss import (
+from engine import triton_loss
+from engine.triton_loss import (
     BLOCK_C,
     BLOCK_X,
     MAX_SPAN,
