@@ -29,7 +29,7 @@ from engine import tensorboard as tb
 from engine.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
 from engine.device import DeviceFacts, autocast, describe_device, memory_format, resolve_config
 from engine.distributed import any_rank, first_message, init_distributed
-from engine.environment import describe
+from engine.environment import describe, training_data
 from engine.inference import predictions
 from engine.metric import ConfusionMatrix
 from engine.optim import build_optimizer, set_learning_rate
@@ -157,7 +157,8 @@ def start(config: dict[str, Any], work_dir: Path, resume_mode: str | None, devic
                    else f"starting a new run in {work_dir}")
     run = Run(config, work_dir, rank, world_size, device, model, train_model, optimizer, scaler,
               banner(config, asked, model, deform_names, world_size, device, facts, how), config_changes=changes,
-              environment={**describe(device), "device": describe_device(device, facts)})
+              environment={**describe(device), "device": describe_device(device, facts),
+                           "training_data": training_data(config)})
     if checkpoint is not None:
         restore(run, checkpoint)
     set_learning_rate(optimizer, run.iteration, tcfg)  # from the config, also after a resume
