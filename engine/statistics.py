@@ -26,8 +26,9 @@ Where the methods come from:
   are differences of these checkpoints, which seeds alone make differ, and carry no mark.
 - **Object sizes:** 4-connected ground-truth regions of each class (scipy.ndimage.label), bucketed with COCO's areas
   (32^2 and 96^2 pixels of a 640x480 image) scaled to the image; a region is a class region, not an instance.
-- **Effective dilation** (Dai et al. 2017, Table 2) per layer, summed over those regions: thing regions in thirds by
-  area, stuff classes, all, and per class.
+- **Effective dilation** (Dai et al. 2017, Table 2: the measure, not its categories, which are object instances by
+  box area) per layer, summed over those regions: thing-class regions in thirds by area, stuff-class regions (each
+  without fragments, regions under 0.1 % of the image), all, and per class.
 
 scripts/simulate_comparison.py measures the coverage of every interval compare.py prints on simulated evaluations
 with known truths (tests/test_statistics.py runs a smaller version). Percentages throughout; NaN where a value is
@@ -342,6 +343,7 @@ def false_discoveries(p: np.ndarray, confidence: float = 0.95) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- effective dilation
 DILATION_BUCKETS = ("small", "medium", "large", "stuff")
+FRAGMENT = 1e-3  # regions under this share of the image are fragments, in no bucket (350 pixels of 512 x 683)
 
 
 def region_sums(values: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -357,10 +359,12 @@ def region_sums(values: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, ...]
 
 def dilation_table(classes: np.ndarray, pixels: np.ndarray, share: np.ndarray, sums: np.ndarray, squares: np.ndarray,
                    stuff: Sequence[int]) -> dict[str, Any]:
-    """Mean and standard deviation over pixels, per layer, of the regions of thing classes in thirds by area (small,
-    medium, large: a third of the regions each, by share of the image), of stuff classes, of all, and per class."""
-    thing = ~np.isin(classes, stuff)
-    cuts = np.quantile(share[thing], [1 / 3, 2 / 3]) if thing.any() else np.full(2, np.inf)
+    """Mean and standard deviation over pixels, per layer, of the regions (4-connected regions of one class: touching
+    objects of a class are one region, an occluded object may be two) of thing classes in thirds by area (small,
+    medium, large: a third of those regions each, by share of the image), of stuff classes, of the fragments (regions
+    under :data:`FRAGMENT` of the image, in neither), of all, and per class."""
+    thing, kept = ~np.isin(classes, stuff), share >= FRAGMENT
+    cuts = np.quantile(share[thing & kept], [1 / 3, 2 / 3]) if (thing & kept).any() else np.full(2, np.inf)
     bucket = np.where(thing, np.digitize(share, cuts, right=True), len(DILATION_BUCKETS) - 1)
 
     def summary(mask: np.ndarray) -> dict[str, Any]:
@@ -369,6 +373,6 @@ def dilation_table(classes: np.ndarray, pixels: np.ndarray, share: np.ndarray, s
         std = np.sqrt(np.maximum(squares[:, mask].sum(1) / max(n, 1) - mean**2, 0))
         return {"pixels": int(n), "regions": int(mask.sum()), "mean": mean.tolist(), "std": std.tolist()}
 
-    return {"thirds": cuts.tolist(), "all": summary(np.ones_like(thing)),
-            "buckets": {name: summary(bucket == i) for i, name in enumerate(DILATION_BUCKETS)},
-            "classes": {int(c): summary(classes == c) for c in np.unique(classes)}}
+    return {"thirds": cuts.tolist(), "fragment_share": FRAGMENT, "all": summary(np.ones_like(thing)),
+            "buckets": {name: summary((bucket == i) & kept) for i, name in enumerate(DILATION_BUCKETS)},
+            "fragments": summary(~kept), "classes": {int(c): summary(classes == c) for c in np.unique(classes)}}
