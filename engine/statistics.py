@@ -4,7 +4,8 @@ Where the methods come from:
 
 - **Per-image counts.** A class's intersection, union and ground-truth pixels add up over images, so per-image counts
   (images x classes x fields, saved with numpy) give the dataset metric of engine/metric.py exactly, and leaving an
-  image out is subtracting its row.
+  image out is subtracting its row (:func:`leave_one_image_out`, the one resampling; every family of statistics,
+  :data:`FAMILIES`, goes through it by name).
 - **These checkpoints, other images: the paired jackknife over images** (Quenouille 1956, Tukey 1958; Efron & Stein
   1981). Each image in turn is left out of every run of both sides at once (its counts subtracted from the sums), so
   image difficulty cancels; a side with several seeds is the mean of its seeds. The interval is Student's t with the
@@ -40,7 +41,7 @@ from __future__ import annotations
 import io
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,22 +161,42 @@ class PerImageCounts:
 
 
 # ------------------------------------------------------------------------------------------- comparing two sides
-def _stacked(side: list[PerImageCounts], perturbed: list[list[PerImageCounts]]) -> tuple[np.ndarray, list[int]]:
-    """(images, runs, 2, columns) numerators and denominators of a side's runs: per class (intersection, union), per
-    size bucket (correct, pixels), per perturbation and class (intersection, union); and the widths of these parts."""
-    parts = [np.stack([r.counts[..., :2] for r in side], 1), np.stack([r.sizes[..., :2] for r in side], 1)]
-    parts += [np.stack([r.counts[..., :2] for r in runs], 1) for runs in perturbed]
-    return np.concatenate(parts, 2).transpose(0, 1, 3, 2).astype(np.float64, copy=False), [p.shape[2] for p in parts]
+FAMILIES = ("miou", "thirds", "classes", "sizes", "perturbed")  # what a comparison measures, by name
+COUNTED = ("thirds", "classes", "sizes")  # families whose members need MIN_IMAGES images with ground truth
+Named = dict[str, np.ndarray]  # arrays by family (or by kind of counts)
 
 
-def _statistics(sums: np.ndarray, widths: list[int], classes: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-    """(..., runs, statistics) from (..., runs, 2, columns) summed counts: mIoU, each group's mean IoU, each class's
-    IoU, each size bucket's recall, and each perturbation's change of mIoU."""
-    ratios = np.split(class_iou(sums[..., 0, :], sums[..., 1, :]), np.cumsum(widths)[:-1], -1)
-    iou, recall = ratios[:2]
+def _counts_by_name(side: list[PerImageCounts], perturbed: list[list[PerImageCounts]]) -> Named:
+    """A side's per-image numerators and denominators, float64, by name: "classes" (images, runs, 2, classes:
+    intersection and union), "sizes" (images, runs, 2, size buckets: correctly predicted and ground-truth pixels)
+    and "perturbed" (images, runs, perturbations, 2, classes: as "classes", on each perturbation's images)."""
+    def ratio_counts(runs: list[PerImageCounts], field: str) -> np.ndarray:
+        return np.stack([getattr(r, field)[..., :2] for r in runs], 1).transpose(0, 1, 3, 2).astype(np.float64)
+
+    classes = ratio_counts(side, "counts")
+    warped = [ratio_counts(runs, "counts") for runs in perturbed]
+    return {"classes": classes, "sizes": ratio_counts(side, "sizes"),
+            "perturbed": np.stack(warped, 2) if warped else np.zeros(classes.shape[:2] + (0, *classes.shape[2:]))}
+
+
+def _families(sums: Named, classes: np.ndarray, thirds: list[np.ndarray]) -> Named:
+    """Every family of statistics, (..., runs, members), from counts summed over images (:func:`_counts_by_name`):
+    mIoU, each third's mean IoU, each class's IoU, each size bucket's pixel recall and each perturbation's change of
+    mIoU from the clean images."""
+    iou = class_iou(sums["classes"][..., 0, :], sums["classes"][..., 1, :])
     miou = mean_iou(iou)
-    columns = [miou[..., None], *(mean_iou(iou[..., g])[..., None] for g in groups), iou[..., classes], recall]
-    return np.concatenate(columns + [(mean_iou(warped) - miou)[..., None] for warped in ratios[2:]], -1)
+    warped = mean_iou(class_iou(sums["perturbed"][..., 0, :], sums["perturbed"][..., 1, :]))
+    return {"miou": miou[..., None], "thirds": np.stack([mean_iou(iou[..., t]) for t in thirds], -1),
+            "classes": iou[..., classes], "sizes": class_iou(sums["sizes"][..., 0, :], sums["sizes"][..., 1, :]),
+            "perturbed": warped - miou[..., None]}
+
+
+def leave_one_image_out(counts: Named, statistics: Callable[[Named], Named]) -> tuple[Named, Named]:
+    """The one resampling of a comparison: ``statistics`` of the named per-image ``counts`` summed over the images
+    (axis 0), and of those sums with each image left out in turn (its counts subtracted), the jackknife's replicates
+    with the images as a new first axis."""
+    total = {name: c.sum(0) for name, c in counts.items()}
+    return statistics(total), statistics({name: total[name] - c for name, c in counts.items()})
 
 
 def _jackknife(left_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +288,27 @@ def _number(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
+def _rows(values: list[np.ndarray], left_out: list[np.ndarray], carried: Sequence[int], counted: bool, seeds: bool,
+          confidence: float) -> list[dict[str, Any]]:
+    """One family's rows (see :func:`compare_sides`) from both sides' (runs, members) values and (images, runs,
+    members) values with each image left out, and the images that carry each member; ``counted``: a member carried by
+    fewer than :data:`MIN_IMAGES` images gets no interval."""
+    with warnings.catch_warnings():  # NaN where a statistic is undefined in every run (no union), without warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ma, mb = (np.nanmean(v, -2) for v in values)
+        intervals = _intervals(mb - ma, values, left_out, seeds, confidence)
+    if counted:
+        few = np.asarray(carried) < MIN_IMAGES
+        for part in intervals.values():
+            for array in (part or {}).values():
+                array[few] = np.nan
+    cells = {"a": ma, "b": mb, "diff": mb - ma, **intervals["images"]}
+    return [{**{key: _number(v[i]) for key, v in cells.items()},
+             **{kind: None if part is None else {key: _number(v[i]) for key, v in part.items()}
+                for kind, part in intervals.items() if kind != "images"}, "images": int(n)}
+            for i, n in enumerate(carried)]
+
+
 def compare_sides(
     a: list[PerImageCounts], b: list[PerImageCounts], *,
     perturbed: Sequence[tuple[list[PerImageCounts], list[PerImageCounts]]] = (), confidence: float = 0.95,
@@ -295,41 +337,26 @@ def compare_sides(
     gt = a[0].counts[..., 2].sum(0)
     classes = np.flatnonzero(gt > 0)
     thirds = dict(zip(THIRDS, np.array_split(classes[np.lexsort((classes, -gt[classes]))], 3)))  # by pixels, ties by id
-    values = []
-    for i, side in enumerate((a, b)):
-        counts, widths = _stacked(side, [pair[i] for pair in perturbed])
-        total = counts.sum(0)
-        values.append([_statistics(sums, widths, classes, list(thirds.values())) for sums in (total, total - counts)])
-    (va, va_out), (vb, vb_out) = values
-    with warnings.catch_warnings():  # NaN where a statistic is undefined in every run (no union), without warnings
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ma, mb = (np.nanmean(v, -2) for v in (va, vb))
-        seeds = min(len(a), len(b)) >= MIN_SEEDS
-        intervals = _intervals(mb - ma, [va, vb], [va_out, vb_out], seeds, confidence)
-    point = mb - ma
+    (va, va_out), (vb, vb_out) = (
+        leave_one_image_out(_counts_by_name(side, [pair[i] for pair in perturbed]),
+                            lambda sums: _families(sums, classes, list(thirds.values())))
+        for i, side in enumerate((a, b)))
     labelled = a[0].counts[..., 2] > 0  # (images, classes)
-    carried = np.concatenate([[len(labelled)], [labelled[:, t].any(1).sum() for t in thirds.values()],
-                              labelled[:, classes].sum(0), (a[0].sizes[..., 1] > 0).sum(0),
-                              [len(labelled)] * len(perturbed)])
-    k = 4 + len(classes)
-    few = carried < MIN_IMAGES  # too few images carry a third, class or size bucket for a calibrated interval
-    few[0] = False  # every image carries mIoU ...
-    few[k + 3:] = False  # ... and the changes under perturbations
-    for part in intervals.values():
-        for array in (part or {}).values():
-            array[few] = np.nan
-    rows = [{**{key: _number(v[i]) for key, v in (("a", ma), ("b", mb), ("diff", point), *intervals["images"].items())},
-             **{name: None if part is None else {key: _number(v[i]) for key, v in part.items()}
-                for name, part in intervals.items() if name != "images"}, "images": int(n)}
-            for i, n in enumerate(carried)]
+    carried = {"miou": [len(labelled)], "thirds": [labelled[:, t].any(1).sum() for t in thirds.values()],
+               "classes": labelled[:, classes].sum(0), "sizes": (a[0].sizes[..., 1] > 0).sum(0),
+               "perturbed": [len(labelled)] * len(perturbed)}
+    seeds = min(len(a), len(b)) >= MIN_SEEDS
+    rows = {name: _rows([va[name], vb[name]], [va_out[name], vb_out[name]], carried[name], name in COUNTED, seeds,
+                        confidence) for name in FAMILIES}
     p = np.array([np.nan if not seeds or row["seeds_and_images"]["p"] is None else row["seeds_and_images"]["p"]
-                  for row in rows[4:k]])
-    for row, c, bh in zip(rows[4:k], classes, false_discoveries(p, confidence)):
+                  for row in rows["classes"]])
+    for row, c, bh in zip(rows["classes"], classes, false_discoveries(p, confidence)):
         row.update({"class": int(c), "bh": bool(bh)})
     return {
-        "images": len(a[0].names), "seeds": [len(a), len(b)], "seed_mious": [va[:, 0].tolist(), vb[:, 0].tolist()],
-        "miou": rows[0], "thirds": {t: {**row, "classes": thirds[t].tolist()} for t, row in zip(THIRDS, rows[1:4])},
-        "classes": rows[4:k], "sizes": dict(zip(SIZE_BUCKETS, rows[k:k + 3])), "perturbed": rows[k + 3:],
+        "images": len(a[0].names), "seeds": [len(a), len(b)],
+        "seed_mious": [va["miou"][:, 0].tolist(), vb["miou"][:, 0].tolist()], "miou": rows["miou"][0],
+        "thirds": {t: {**row, "classes": thirds[t].tolist()} for t, row in zip(THIRDS, rows["thirds"])},
+        "classes": rows["classes"], "sizes": dict(zip(SIZE_BUCKETS, rows["sizes"])), "perturbed": rows["perturbed"],
     }
 
 
