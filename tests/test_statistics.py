@@ -313,3 +313,10 @@ def test_classes_in_few_images_get_no_interval_because_they_are_covered_less(mon
         print("\ncoverage of the 95% per-class image intervals by images with the class (300 images, 40 repetitions): "
               + ", ".join(f"{k} {v:.3f} ({len(hits[k])} intervals)" for k, v in measured.items()))
     assert measured["10-19"] < 0.93 <= measured["30 or more"]
+
+
+def test_the_simulation_refuses_what_it_cannot_simulate(capsys: pytest.CaptureFixture) -> None:
+    assert simulation.main(["--seeds", "2"]) == 2  # the recipe intervals need 3 seeds a side
+    assert simulation.main(["--effect", "0.2"]) == 2  # a rate could leave [0, 1]
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2 and "--seeds" in err and "--effect must lie in [0, 0.1]" in err
