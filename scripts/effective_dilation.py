@@ -135,7 +135,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         bars = ax.bar(x, [c["mean"][i] for c in cells], width, yerr=[c["std"][i] for c in cells], capsize=2,
                       label=f"{layer} (plain {result['plain'][i][0]})")
         ax.axhline(result["plain"][i][0], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
-    names = [f"{b} thing regions" for b in DILATION_BUCKETS[:3]] + ["stuff regions", "all"]
+    names = [f"{b}\nthing regions" for b in DILATION_BUCKETS[:3]] + ["stuff\nregions", "all"]
     ax.set_xticks(np.arange(len(names)), names)
     ax.set(ylabel="effective dilation (input pixels)", title=f"Effective dilation of {result['checkpoint']}: mean ± std "
            f"over the pixels of {result['images']} validation images, dashed: the plain layers' dilation")
