@@ -40,7 +40,7 @@ from engine.console import command_line
 from engine.device import advice_text, choose_device, describe_device, memory_format, nonfinite_advice, resolve_config
 from engine.diagnosis import DeviceInfo, read_device_info
 from engine.distributed import any_rank, env_rank, first_message, init_distributed, shutdown
-from engine.environment import describe
+from engine.environment import describe, training_data
 from engine.evaluation import score
 from engine.memory import choose_accum_steps, is_out_of_memory, memory_gib, out_of_memory_message
 from engine.optim import build_optimizer, scale_batchnorm_momentum, set_learning_rate, train_step
@@ -187,7 +187,8 @@ def set_up(config: dict[str, Any], work_dir: Path, resume: str | None, device_na
         config, work_dir, rank, world_size, device, device_info, model, train_model, optimizer, scaler,
         iter(build_train_loader(config, rank, world_size, start_iter=start)),
         build_val_loader(config, "validation", rank, world_size, max_images=tcfg["val_max_images"]),
-        config_changes=changes, environment={**describe(device), "device": describe_device(device, device_info)},
+        config_changes=changes, environment={**describe(device), "device": describe_device(device, device_info),
+                                             "training_data": training_data(config)},
     )
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, scaler, config)

@@ -1,16 +1,19 @@
 """Comparing training runs: the study's table, and one verdict per question with the statistic that answers it.
 
 Runs are compared only when they share the recipe: every config key outside :data:`MODEL_KEYS` and
-:data:`BOOKKEEPING` (data, schedule, iterations, crop, evaluation settings) and the package versions their
-checkpoints record. Runs with the same model are the seeds of one group, named by the config file and, where one
-file holds several models, by the model's variant (``demo-def-conv-v2``). Every number comes from evaluations whose
-recorded sha256 is that of the run's final checkpoint (``last.pt``); missing or stale ones are made again and saved in
-the run folder. The statistics are ``engine.statistics.compare_sides``.
+:data:`BOOKKEEPING` (data, schedule, iterations, crop, evaluation settings), the changes of those made on resume, the
+training data and the package versions their checkpoints record, and the classes. Runs with the same model are the
+seeds of one group, named by the config file and, where one file holds several models, by the model's variant
+(``demo-def-conv-v2``); folders holding the same weights are one run. Every number comes from evaluations whose
+recorded sha256 is that of the run's final checkpoint (``last.pt``) and whose settings that change predictions are
+the run's own; missing or stale ones are made again and saved in the run folder. The statistics are
+``engine.statistics.compare_sides``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import statistics
@@ -33,7 +36,7 @@ from engine.evaluation import checkpoint_digest, evaluate_checkpoint
 from engine.lock import lock_holder
 from engine.workdir import write_json, write_whole
 from engine.statistics import MIN_IMAGES, MIN_SEEDS, SIZE_BUCKETS, STUDY_DIFFERENCE, PerImageCounts, compare_sides
-from engine.statistics import seed_spread, seeds_needed
+from engine.statistics import seed_spread, seeds_needed, spread_range
 from models.segmentor import build_model, count_parameters
 
 MODEL_KEYS = keys_of("architecture", "variant")  # what may differ between the compared models (configs.KEYS)
@@ -41,6 +44,11 @@ BOOKKEEPING = keys_of("run") + ("seed", "config_name")  # what changes no number
 # Model keys that mean nothing for a plain network (no offsets); the stages only matter with a dilation.
 OFFSET_KEYS = ("model.deform.offset_lr_mult", "model.deform.groups", "model.deform_op")
 VARIANTS = ("norm-conv", "def-conv-v1", "def-conv-v2")
+# What an evaluation must share with the one compare.py would make, besides the checkpoint: every setting that
+# changes predictions (the images, their resizing, the inference mode and the operator).
+TEST_TIME_KEYS = ("data.dataset", "data.root", "data.scale", "data.resize_filter", "eval.mode", "eval.slide_crop",
+                  "eval.slide_stride", "eval.scales", "eval.flip", "model.deform_op")
+EVALUATION = {"eval.scales": [1.0], "eval.flip": False}  # compare.py's evaluations: single scale, no flip (and fp32)
 
 
 @dataclass
@@ -48,9 +56,12 @@ class Run:
     """One run folder: its final checkpoint's digest, flat config and package versions, and what was measured."""
 
     path: Path
-    digest: str
+    digest: str  # of the last.pt file: what evaluations record
+    weights: str  # of the weights alone: a checkpoint re-saved with other settings holds the same run
     config: dict[str, Any]
     packages: dict[str, Any]
+    training_data: dict[str, Any] | None  # what engine.environment.training_data recorded at the start
+    resumed_with: list[dict[str, Any]]  # the config changes made on resume (the checkpoint's config_changes)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "training", "validation", "validation rotate=15"
     counts: dict[str, PerImageCounts] = field(default_factory=dict)  # "validation", "validation rotate=15"
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -82,8 +93,20 @@ def load_run(path: Path) -> Run:
         raise UserError(f"run dir {path} stopped at iteration {state['iteration']} of {config['train.iters']} (its "
                         f"last.pt is not the final model). Continue it with train.py --resume auto --work-dir {path}, or "
                         f"leave it out.")
-    packages = (state.get("environment") or {}).get("packages") or {}
-    return Run(path=path, digest=checkpoint_digest(checkpoint), config=config, packages=packages)
+    environment = state.get("environment") or {}
+    return Run(path=path, digest=checkpoint_digest(checkpoint), weights=weights_digest(state["model"]), config=config,
+               packages=environment.get("packages") or {}, training_data=environment.get("training_data"),
+               resumed_with=state.get("config_changes") or [])
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and bytes: the same for the same weights in any file."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def model_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -96,20 +119,49 @@ def model_settings(config: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
+def check_classes(runs: list[Run]) -> None:
+    """UserError naming model.num_classes where the runs predict different sets of classes: no mIoU or class of one
+    is comparable with the other's."""
+    counts = {r.config["model.num_classes"] for r in runs}
+    if len(counts) > 1:
+        details = ", ".join(f"{r.config['model.num_classes']} ({r.path})" for r in runs)
+        raise UserError(f"these runs predict different numbers of classes (model.num_classes: {details}), so neither "
+                        f"their mIoU nor their classes can be compared. Compare runs trained for the same classes.")
+
+
+def _schedule_changes(run: Run) -> list[str]:
+    """The changes of recipe and schedule keys made on resume, as text (changes of bookkeeping keys left out)."""
+    return [f"{k} {old} -> {new} at iteration {change['iteration']}" for change in run.resumed_with
+            for k, (old, new) in change["changes"].items() if k not in MODEL_KEYS + BOOKKEEPING]
+
+
+def _training_data(run: Run) -> str:
+    data = run.training_data
+    if data is None:
+        return "not recorded (a run of an older version)"
+    return f"{data['images']} images listed with sha256 {data['sha256'][:12]} (in {data['root']})"
+
+
 def check_comparable(runs: list[Run], allow: bool) -> dict[str, list[Any]]:
-    """The recipe keys (and package versions) on which the runs disagree, ``{key: value per run}``; UserError naming
-    them unless ``allow``."""
+    """The recipe keys, changes on resume, training data and package versions on which the runs disagree, ``{key:
+    value per run}``; UserError naming them unless ``allow``."""
     recipes = [{**{k: v for k, v in r.config.items() if k not in MODEL_KEYS + BOOKKEEPING},
+                "changes on resume": "; ".join(_schedule_changes(r)) or "none",
+                "training data": {k: (r.training_data or {}).get(k) for k in ("images", "sha256")},
                 **{f"package {k}": v for k, v in r.packages.items()}} for r in runs]
     differences = {k: [rec.get(k) for rec in recipes] for k in sorted(set().union(*recipes))
                    if len({json.dumps(rec.get(k)) for rec in recipes}) > 1}
     if differences and not allow:
+        shown = dict(differences)
+        if "training data" in shown:
+            shown["training data"] = [_training_data(r) for r in runs]
         details = "; ".join(f"{k}: " + ", ".join(f"{v} ({r.path})" for v, r in zip(values, runs))
-                            for k, values in differences.items())
+                            for k, values in shown.items())
         raise UserError(
             f"these runs do not share one recipe, so their differences would not be the model's: {details}. Compare "
-            f"runs trained with the same settings and package versions that differ only in the model "
-            f"({', '.join(MODEL_KEYS)}) and the seed, or pass --allow-differences to compare them anyway."
+            f"runs trained on the same data with the same settings (also after a resume) and package versions that "
+            f"differ only in the model ({', '.join(MODEL_KEYS)}) and the seed, or pass --allow-differences to compare "
+            f"them anyway."
         )
     return differences
 
@@ -159,7 +211,9 @@ def _stale(run: Run, json_path: Path, counts_path: Path | None, wanted: dict[str
         return f"{json_path} is unreadable ({err})"
     if not isinstance(record, dict) or record.get("checkpoint_sha256") != run.digest:
         return f"{json_path} was not made from this last.pt (another sha256)"
-    differ = [f"{k}={record.get(k)} instead of {v}" for k, v in wanted.items() if record.get(k) != v]
+    settings = {**{k: record.get(k) for k in ("split", "max_images", "perturb", "amp")},
+                **flatten(record.get("config") if isinstance(record.get("config"), dict) else {})}
+    differ = [f"{k}={settings.get(k)} instead of {v}" for k, v in wanted.items() if settings.get(k) != v]
     if differ:
         return f"{json_path} used other settings ({', '.join(differ)})"
     if counts_path is not None and PerImageCounts.load(counts_path).checkpoint != run.digest:
@@ -173,8 +227,10 @@ def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, opt
     stem = key.replace(" ", "_").replace("=", "-").replace(":", "-")
     json_path = run.path / f"eval_{stem}.json"
     counts_path = run.path / f"per_image_{stem}.npz" if split == "validation" else None
-    wanted = {"split": split, "max_images": max_images, "perturb": perturb, "mode": run.config["eval.mode"],
-              "scales": [1.0], "flip": False, "amp": "none"}
+    changes = {**EVALUATION, **({"data.root": options.data_root} if options.data_root else {})}
+    config = {**run.config, **changes}  # what evaluate_checkpoint will use
+    wanted = {"split": split, "max_images": max_images, "perturb": perturb, "amp": "none",
+              **{k: config[k] for k in TEST_TIME_KEYS}}
     reason = _stale(run, json_path, counts_path, wanted)
     if reason is not None:
         if options.no_eval:
@@ -182,7 +238,6 @@ def evaluate_run(run: Run, split: str, max_images: int, perturb: str | None, opt
             return
         print(f"evaluating {run.path / 'last.pt'} on {key} ({reason}) ...", file=sys.stderr)
         device = torch.device(inference_device(options.device, read_device_info()))
-        changes = {"data.root": options.data_root} if options.data_root else {}
         try:
             record = evaluate_checkpoint(run.path / "last.pt", device, split, max_images, changes=changes,
                                          perturb=perturb, per_image=counts_path)
@@ -247,9 +302,18 @@ def compare_pair(b: Group, a: Group, perturbs: list[str]) -> dict[str, Any] | No
     except ValueError as err:
         raise UserError(f"{b.label} and {a.label} cannot be paired: {err}. Evaluate every run on the same "
                         f"validation images (the same --val-images and data).") from None
-    sd = seed_spread(*result["seed_mious"])
-    result.update(b_label=b.label, a_label=a.label, seed_spread=sd, seeds_needed=None if sd is None else {
-        "observed": seeds_needed(result["miou"]["diff"], sd), "study": seeds_needed(STUDY_DIFFERENCE, sd)})
+    models = [model_settings(g.runs[0].config) for g in (a, b)]
+    shared = [k for k in MODEL_KEYS if k in models[0] and k in models[1]]  # a plain network has no offset settings
+    result.update(b_label=b.label, a_label=a.label,
+                  model_differences={k: [m[k] for m in models] for k in shared if models[0][k] != models[1][k]})
+    spread = seed_spread(*result["seed_mious"])
+    result.update(seed_spread=None, seed_spread_df=None, seeds_needed=None)
+    if spread is not None:
+        sd, dof = spread
+        low, high = spread_range(sd, dof)
+        result.update(seed_spread=sd, seed_spread_df=dof, seeds_needed={
+            name: {"about": seeds_needed(diff, sd), "low": seeds_needed(diff, low), "high": seeds_needed(diff, high)}
+            for name, diff in (("observed", result["miou"]["diff"]), ("study", STUDY_DIFFERENCE))})
     return result
 
 
@@ -274,9 +338,11 @@ def _number(x: float | None, sign: str = "", digits: int = 2) -> str:
 
 
 def _mean_std(s: dict[str, Any], digits: int = 2) -> str:
+    """mean ± std over the runs that have a value, saying how many those are where some have none."""
     if s["mean"] is None:
         return "-"
-    return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
+    text = f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
+    return text + (f" ({s['n']} of {len(s['values'])} runs)" if s["n"] < len(s["values"]) else "")
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -305,48 +371,88 @@ def table(summary: dict[str, Any]) -> str:
                  f"brackets): chosen on the validation set itself, so optimistic and not a result.")
     if summary["val_images"]:
         notes.append(f"val mIoU on the first {summary['val_images']} validation images only (--val-images).")
+    if summary["train_images"]:
+        source = "--train-images" if summary["train_images_given"] else "data.train_eval_images of the runs"
+        notes.append(f"train mIoU on the first {' / '.join(map(str, summary['train_images']))} training images only "
+                     f"({source}).")
     notes.append("params: inference model (aux head excluded); added params: offset/mask predictors. Speeds: median "
                  "train/images_per_s of TensorBoard, images_per_s of the validation evaluation.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def _bound(x: float) -> str:
+    """A bound with 2 decimals, or 2 significant digits where 2 decimals would round it to 0 (and hide its sign)."""
+    text = f"{x:+.2f}"
+    return f"{x:+.2g}" if x != 0 and float(text) == 0 else text
+
+
+def _p(p: float, alpha: float = 0.05) -> str:
+    """A p-value with 2 significant digits, more where rounding would move it onto or across ``alpha``."""
+    for digits in range(2, 7):
+        text = f"{p:.{digits}g}"
+        if (float(text) < alpha) == (p < alpha) and (float(text) != alpha or p == alpha):
+            break
+    return text
+
+
 def _interval(row: dict[str, Any], key: str = "") -> str:
+    """``[low, high], p = ...`` of the row's interval ``key`` (the one over images by default), or why there is none."""
     part = row[key] if key else row
-    if part is None or part["low"] is None:
-        return "n/a"
-    return f"[{part['low']:+.2f}, {part['high']:+.2f}], p = {part['p']:.2g}"
+    if part["low"] is not None:
+        return f"[{_bound(part['low'])}, {_bound(part['high'])}], p = {_p(part['p'])}"
+    if row["images"] < MIN_IMAGES:
+        return f"n/a: in {row['images']} images (an interval needs {MIN_IMAGES})"
+    return "n/a: undefined (no union on either side)"
+
+
+ABOUT = {"": "these checkpoints, on other images like these", "seeds": "the recipe (other seeds), on these images",
+         "seeds_and_images": "the recipe (other seeds), on other images like these"}
 
 
 def verdict(pair: dict[str, Any]) -> list[str]:
-    """The mIoU difference and one line per question: these checkpoints (images), the recipe (seeds)."""
+    """The models' differences, the mIoU difference and one line per question: these checkpoints on other images,
+    the recipe on these images, the recipe on other images."""
     n_a, n_b = pair["seeds"]
     m = pair["miou"]
-    lines = [f"mIoU {_number(m['b'])} - {_number(m['a'])} = {_number(m['diff'], '+')} (means over {n_b} vs {n_a} "
-             f"seeds)",
-             f"- these checkpoints, on other images like these: 95% CI {_interval(m)} (paired jackknife over the "
-             f"{pair['images']} images, t with {_number(m['df'], digits=1)} degrees of freedom)"]
+    models = ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in pair["model_differences"].items())
+    lines = [f"The models differ in {models}."] if models else []
+    lines += [f"mIoU {_number(m['b'])} - {_number(m['a'])} = {_number(m['diff'], '+')} (these checkpoints on these "
+              f"{pair['images']} images: means over {n_b} vs {n_a} seeds)",
+              f"- {ABOUT['']}: 95% CI {_interval(m)} (paired jackknife over the {pair['images']} images, t with "
+              f"{_number(m['df'], digits=1)} degrees of freedom)"]
     if m["seeds"] is not None:
-        return lines + [f"- the recipe, for other seeds: 95% CI {_interval(m, 'seeds')} (Welch t over the seeds, "
-                        f"{_number(m['seeds']['df'], digits=1)} degrees of freedom)"]
-    line = f"- the recipe, for other seeds: no claim ({n_b} vs {n_a} seeds; an interval needs >= {MIN_SEEDS} a side)."
+        return lines + [
+            f"- {ABOUT['seeds']}: 95% CI {_interval(m, 'seeds')} (Welch t over the seeds, "
+            f"{_number(m['seeds']['df'], digits=1)} degrees of freedom)",
+            f"- {ABOUT['seeds_and_images']}: 95% CI {_interval(m, 'seeds_and_images')} (seeds x images: the seeds' "
+            f"variance and the recipe-by-image variance, t with {_number(m['seeds_and_images']['df'], digits=1)} "
+            f"degrees of freedom)"]
+    line = f"- the recipe (other seeds): no claim ({n_b} vs {n_a} seeds; an interval needs >= {MIN_SEEDS} a side)."
     if pair["seed_spread"] is None:
         return lines + [line + " The seed spread is unknown with one run each: train seed=1 and seed=2 of both."]
-    needed = {k: f"about {v}" if v is not None else "more than 1000" for k, v in pair["seeds_needed"].items()}
+
+    def seeds(n: int | None) -> str:
+        return str(n) if n is not None else "more than 1000"
+
+    needed = {k: f"about {seeds(v['about'])} ({seeds(v['low'])} to {seeds(v['high'])})"
+              for k, v in pair["seeds_needed"].items()}
     return lines + [
-        f"{line} At the seed spread seen here (pooled sd {pair['seed_spread']:.2f} of the mIoU over the seeds), a "
-        f"two-sided 5% t test detects {_number(m['diff'], '+')} with 80% power with {needed['observed']} seeds a side, "
-        f"the reference study's +{STUDY_DIFFERENCE} with {needed['study']} (assumes normal seed-to-seed variation with "
-        f"this spread on both sides; a spread from few seeds is itself uncertain)."]
+        f"{line} At the seed spread seen here (pooled sd {pair['seed_spread']:.2f} of the mIoU over the seeds, "
+        f"{pair['seed_spread_df']} degree{'s' if pair['seed_spread_df'] > 1 else ''} of freedom), a two-sided 5% t "
+        f"test detects {_number(m['diff'], '+')} with 80% power with {needed['observed']} seeds a side, the "
+        f"reference study's +{STUDY_DIFFERENCE} with {needed['study']}; in brackets, the same at the ends of the spread's 80% confidence interval (assumes normal "
+        f"seed-to-seed variation with one spread on both sides)."]
 
 
 def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str], top: int = 10) -> list[str]:
-    """Frequency thirds, object sizes, robustness and the largest per-class changes, each with its interval."""
-    key = "seeds" if pair["miou"]["seeds"] is not None else ""
-    over = "over seeds (Welch t)" if key else "over images (jackknife t)"
+    """Frequency thirds, object sizes, robustness and the largest per-class changes, each with its interval: the
+    recipe on other images where there are enough seeds, else these checkpoints (and then no BH marks)."""
+    key = "seeds_and_images" if pair["miou"]["seeds_and_images"] is not None else ""
+    method = "seeds x images" if key else "paired jackknife over images"
     rows = [(f"{t} classes ({len(r['classes'])})", "mean IoU", r) for t, r in pair["thirds"].items()]
     rows += [(f"{b} regions", "pixel recall", pair["sizes"][b]) for b in SIZE_BUCKETS]
     rows += [(p, "change of mIoU", r) for p, r in zip(perturbs, pair["perturbed"])]
-    lines = ["", f"| subset | measure | {pair['a_label']} | {pair['b_label']} | Δ | 95% CI {over} |",
+    lines = ["", f"| subset | measure | {pair['a_label']} | {pair['b_label']} | Δ | 95% CI: {ABOUT[key]} ({method}) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {what} | {_number(r['a'])} | {_number(r['b'])} | {_number(r['diff'], '+')} | "
               f"{_interval(r, key)} |" for name, what, r in rows]
@@ -354,15 +460,25 @@ def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str],
     if not shown:
         return lines + ["", f"No per-class intervals: no class has ground truth in >= {MIN_IMAGES} of the images."]
     chosen = shown[:top] + shown[max(top, len(shown) - top):]
-    lines += ["", f"Largest per-class gains and losses among the {len(shown)} classes with ground truth in >= "
-              f"{MIN_IMAGES} images, chosen after looking: were there no real differences, about "
-              f"{0.05 * len(shown):.0f} of {len(shown)} intervals would exclude 0 by chance. BH: survives a "
-              f"Benjamini-Hochberg correction over these {len(shown)} classes (false-discovery rate 5%).",
-              "", f"| class | images | IoU {pair['a_label']} | IoU {pair['b_label']} | Δ | 95% CI {over} | BH |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {class_names[c['class']]} | {c['images']} | {_number(c['a'])} | {_number(c['b'])} | "
-              f"{_number(c['diff'], '+')} | {_interval(c, key)} | {'yes' if c['bh'] else ''} |" for c in chosen]
-    return lines
+    chance = f"about {0.05 * len(shown):.0f} of {len(shown)} intervals would exclude 0 by chance"
+    header = f"| class | images | IoU {pair['a_label']} | IoU {pair['b_label']} | Δ | 95% CI |"
+    if key:
+        lines += ["", f"Largest per-class gains and losses among the {len(shown)} classes with ground truth in >= "
+                  f"{MIN_IMAGES} images, chosen after looking; intervals: {ABOUT[key]}. Were the recipes no different, "
+                  f"{chance}. BH: survives a Benjamini-Hochberg correction over these {len(shown)} classes "
+                  f"(false-discovery rate 5%).", "", header + " BH |", "|---|---|---|---|---|---|---|"]
+        return lines + [f"| {class_names[c['class']]} | {c['images']} | {_number(c['a'])} | {_number(c['b'])} | "
+                        f"{_number(c['diff'], '+')} | {_interval(c, key)} | {'yes' if c['bh'] else ''} |"
+                        for c in chosen]
+    lines += ["", f"Largest per-class differences of these checkpoints among the {len(shown)} classes with ground "
+              f"truth in >= {MIN_IMAGES} images, chosen after looking; intervals: {ABOUT[key]}. These are checkpoint "
+              f"differences, not evidence about the recipes: two seeds of one recipe differ class by class too, and "
+              f"with fewer than {MIN_SEEDS} seeds a side nothing here separates that from the recipe. Were these "
+              f"checkpoints no different on images like these, {chance}; checkpoints of two seeds of one recipe do "
+              f"differ, so more will. No Benjamini-Hochberg marks without {MIN_SEEDS} seeds a side.", "", header,
+              "|---|---|---|---|---|---|"]
+    return lines + [f"| {class_names[c['class']]} | {c['images']} | {_number(c['a'])} | {_number(c['b'])} | "
+                    f"{_number(c['diff'], '+')} | {_interval(c)} |" for c in chosen]
 
 
 def robustness_table(summary: dict[str, Any]) -> str:
@@ -419,15 +535,17 @@ def plot_curves(groups: list[Group], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_per_class(pair: dict[str, Any], class_names: list[str], path: Path) -> None:
-    """Per-class IoU differences with an interval, sorted, whiskers the 95% interval; dark bars survive BH."""
+def plot_per_class(pair: dict[str, Any], class_names: list[str], path: Path) -> bool:
+    """Per-class IoU differences with an interval, sorted, whiskers the 95% interval (the recipe on other images
+    where there are enough seeds, else these checkpoints); dark bars survive BH. False (nothing written) where no
+    class has an interval."""
     import matplotlib.pyplot as plt
 
     plt.switch_backend("Agg")
-    key = "seeds" if pair["miou"]["seeds"] is not None else ""
+    key = "seeds_and_images" if pair["miou"]["seeds_and_images"] is not None else ""
     rows = sorted((c for c in pair["classes"] if c["low"] is not None), key=lambda c: c["diff"])
     if not rows:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(max(6.0, 0.14 * len(rows) + 2), 4.8))
     x = np.arange(len(rows))
     diffs = np.array([c["diff"] for c in rows])
@@ -440,21 +558,22 @@ def plot_per_class(pair: dict[str, Any], class_names: list[str], path: Path) -> 
     ax.axhline(0, color="black", linewidth=0.8)
     shown = x if len(rows) <= 40 else np.concatenate([x[:10], x[-10:]])
     ax.set_xticks(shown, [class_names[rows[i]["class"]] for i in shown], rotation=90, fontsize=7)
-    over = "over seeds (Welch t)" if key else "over images (paired jackknife t)"
-    title = (f"Per-class IoU: {pair['b_label']} minus {pair['a_label']}, 95% intervals {over}; dark bars survive a "
-             f"Benjamini-Hochberg correction over the {len(rows)} classes shown")
+    marks = (f"dark bars survive a Benjamini-Hochberg correction over the {len(rows)} classes shown" if key else
+             f"checkpoint differences, not evidence about the recipes (fewer than {MIN_SEEDS} seeds a side)")
+    title = f"Per-class IoU: {pair['b_label']} minus {pair['a_label']}, 95% intervals: {ABOUT[key]}; {marks}"
     ax.set_title("\n".join(textwrap.wrap(title, width=int(fig.get_figwidth() * 11))), fontsize=9)
     ax.set_ylabel("Δ IoU (points)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------------------------- main
-def compare(options: argparse.Namespace) -> str:
-    """Read, check, evaluate and group the runs; write the files of ``options.out``; return the markdown. The
-    options are scripts/compare.py's, checked there."""
+def compare(options: argparse.Namespace) -> tuple[str, list[str]]:
+    """Read, check, evaluate and group the runs; write the files of ``options.out``; return the markdown and the
+    names of the files written. The options are scripts/compare.py's, checked there."""
     perturbs = [str(parse_perturbation(p)) for p in options.perturb]
     paths: dict[Path, Path] = {}
     for path in map(Path, options.runs):
@@ -462,21 +581,23 @@ def compare(options: argparse.Namespace) -> str:
     runs: list[Run] = []
     for path in paths.values():  # every folder is read before the slow part
         run = load_run(path)
-        twin = next((r for r in runs if r.digest == run.digest), None)
+        twin = next((r for r in runs if r.weights == run.weights), None)
         if twin is not None:
-            print(f"note: {path} holds the same last.pt as {twin.path} (sha256 {run.digest[:12]}): counted once",
-                  file=sys.stderr)
+            print(f"note: {path} holds the same weights as {twin.path} (weights sha256 {run.weights[:12]}): one run, "
+                  f"counted once", file=sys.stderr)
             continue
         runs.append(run)
+    check_classes(runs)
     differences = check_comparable(runs, options.allow_differences)
     groups = group_runs(runs, differences)
     reference, pairs = choose_pairs(groups, options)
     if reference is not None:  # the reference row first
         groups.insert(0, groups.pop(groups.index(reference)))
+    train_images = {r.path: r.config["data.train_eval_images"] if options.train_images is None else options.train_images
+                    for r in runs}
     for run in runs:
         read_curves(run)
-        train_images = run.config["data.train_eval_images"] if options.train_images is None else options.train_images
-        evaluate_run(run, "training", train_images, None, options)
+        evaluate_run(run, "training", train_images[run.path], None, options)
         for perturb in [None] + perturbs:
             evaluate_run(run, "validation", options.val_images, perturb, options)
     records = [group_record(g, perturbs) for g in groups]
@@ -486,19 +607,24 @@ def compare(options: argparse.Namespace) -> str:
             record[f"delta_{key}"] = None if mine is None or base is None else mine - base
     summary = {"groups": records, "reference": reference and reference.label, "differences": list(differences),
                "perturb": perturbs, "val_images": options.val_images,
+               "train_images": sorted(set(train_images.values()) - {0}),
+               "train_images_given": options.train_images is not None,
                "pairs": [p for p in (compare_pair(b, a, perturbs) for b, a in pairs) if p is not None]}
     class_names = load_class_info()[0]
     markdown = table(summary) + robustness_table(summary) + pairs_markdown(summary, class_names)
+    written: list[str] = []
     if options.out is not None:
         try:
             options.out.mkdir(parents=True, exist_ok=True)
             write_whole(options.out / "comparison.md", markdown)
             write_json(options.out / "comparison.json", summary)
             plot_curves(groups, options.out / "curves.png")
+            written += ["comparison.md", "comparison.json", "curves.png"]
             for pair in summary["pairs"]:
-                name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"per_class_{pair['b_label']}_vs_{pair['a_label']}")
-                plot_per_class(pair, class_names, options.out / f"{name}.png")
+                name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"per_class_{pair['b_label']}_vs_{pair['a_label']}") + ".png"
+                if plot_per_class(pair, class_names, options.out / name):
+                    written.append(name)
         except OSError as err:
             message = f"could not write the results to {options.out}: {err}. Choose another --out folder."
             raise UserError(message) from None
-    return markdown
+    return markdown, written

@@ -1,16 +1,19 @@
-"""What a run's numbers depend on besides the code and the config: package versions and the machine.
+"""What a run's numbers depend on besides the code and the config: package versions, the machine and the training data.
 
-Recorded in every checkpoint (``environment``), so compare.py can warn when it groups runs made with
-different versions; requirements-lock.txt pins the versions the README's figures were measured with.
+Recorded in every checkpoint (``environment``), so compare.py can refuse to group runs made with different versions
+or on different data; requirements-lock.txt pins the versions the README's figures were measured with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from importlib import metadata
 from typing import Any
 
 import torch
+
+from data.dataset import list_split, prepare_dataset_root
 
 # The packages whose versions can change a number: the direct dependencies and torch's compiler.
 PACKAGES = ("torch", "torchvision", "triton", "numpy", "scipy", "pillow", "pyyaml", "tensorboard", "tqdm", "matplotlib")
@@ -38,3 +41,15 @@ def describe(device: torch.device | None = None) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
     return {"packages": versions, "python": platform.python_version(), "cpu": _cpu_model(),
             "cpu_count": torch.multiprocessing.cpu_count(), "gpu": gpu}
+
+
+def training_data(config: dict[str, Any]) -> dict[str, Any]:
+    """The training split a run reads: its folder, its number of images and the sha256 of its listing (each image's
+    and annotation's file name and size, in the listing's order)."""
+    root = prepare_dataset_root(config)
+    pairs, _ = list_split(root, "training")
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for path in pair:
+            digest.update(f"{path.name if path else '-'} {path.stat().st_size if path else 0}\n".encode())
+    return {"root": str(root), "images": len(pairs), "sha256": digest.hexdigest()}

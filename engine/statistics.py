@@ -4,25 +4,36 @@ Where the methods come from:
 
 - **Per-image counts.** A class's intersection, union and ground-truth pixels add up over images, so per-image counts
   (images x classes x fields, saved with numpy) give the dataset metric of engine/metric.py exactly, and leaving an
-  image out is subtracting its row.
+  image out is subtracting its row (:func:`leave_one_image_out`, the one resampling; every family of statistics,
+  :data:`FAMILIES`, goes through it by name).
 - **These checkpoints, other images: the paired jackknife over images** (Quenouille 1956, Tukey 1958; Efron & Stein
   1981). Each image in turn is left out of every run of both sides at once (its counts subtracted from the sums), so
   image difficulty cancels; a side with several seeds is the mean of its seeds. The interval is Student's t with the
   jackknife standard error and Satterthwaite's (1946) degrees of freedom over the images' contributions (as Bell &
   McCaffrey 2002 for clustered errors): a difference that a few images carry gets few degrees of freedom. Class
   areas are heavy-tailed, and there a percentile bootstrap's intervals are too narrow.
-- **The recipe, other seeds: Welch's t** over the per-seed values (scipy.stats.ttest_ind), given with at least
-  ``MIN_SEEDS`` seeds a side. With fewer, :func:`seeds_needed`: the seeds a side for which a two-sided t test at 5 %
-  detects a difference with 80 % power (noncentral t, Cohen 1988), seeds normal with the observed spread on both sides.
+- **The recipe (other seeds), on these images: Welch's t** over the per-seed values, given with at least ``MIN_SEEDS``
+  seeds a side.
+- **The recipe (other seeds), on other images like these: seeds x images.** Seeds and images are crossed random
+  factors; a recipe's advantage varies from image to image (a recipe-by-image effect shared by its seeds), which
+  Welch's t over seeds alone takes as fixed. The variance has three components, each estimated by the method of
+  moments from a mean square and kept at 0 or more (Searle, Casella & McCulloch 1992, ch. 4): the seeds', the
+  recipe-by-image one, and the seed-by-image noise that both the seed and the image mean squares contain (from the
+  two-way residuals of the runs' jackknife pseudo-values); Student's t with Satterthwaite's degrees of freedom.
+  With fewer seeds, :func:`seeds_needed`: the seeds a side for which a two-sided t test at 5 % detects a difference
+  with 80 % power (noncentral t, Cohen 1988), seeds normal with the observed spread on both sides.
 - **Many classes at once:** Benjamini & Hochberg (1995) over the classes of a per-class table
-  (scipy.stats.false_discovery_control).
+  (scipy.stats.false_discovery_control), with the p-values of the recipe on other images; with fewer seeds the rows
+  are differences of these checkpoints, which seeds alone make differ, and carry no mark.
 - **Object sizes:** 4-connected ground-truth regions of each class (scipy.ndimage.label), bucketed with COCO's areas
   (32^2 and 96^2 pixels of a 640x480 image) scaled to the image; a region is a class region, not an instance.
-- **Effective dilation** (Dai et al. 2017, Table 2) per layer, summed over those regions: thing regions in thirds by
-  area, stuff classes, all, and per class.
+- **Effective dilation** (Dai et al. 2017, Table 2: the measure, not its categories, which are object instances by
+  box area) per layer, summed over those regions: thing-class regions in thirds by area, stuff-class regions (each
+  without fragments, regions under 0.1 % of the image), all, and per class.
 
-tests/test_statistics.py checks the coverage of every interval compare.py prints on data drawn from a known model.
-Percentages throughout; NaN where a value is undefined (no union).
+scripts/simulate_comparison.py measures the coverage of every interval compare.py prints on simulated evaluations
+with known truths (tests/test_statistics.py runs a smaller version). Percentages throughout; NaN where a value is
+undefined (no union).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from __future__ import annotations
 import io
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,58 +161,113 @@ class PerImageCounts:
 
 
 # ------------------------------------------------------------------------------------------- comparing two sides
-def _stacked(side: list[PerImageCounts], perturbed: list[list[PerImageCounts]]) -> tuple[np.ndarray, list[int]]:
-    """(images, runs, 2, columns) numerators and denominators of a side's runs: per class (intersection, union), per
-    size bucket (correct, pixels), per perturbation and class (intersection, union); and the widths of these parts."""
-    parts = [np.stack([r.counts[..., :2] for r in side], 1), np.stack([r.sizes[..., :2] for r in side], 1)]
-    parts += [np.stack([r.counts[..., :2] for r in runs], 1) for runs in perturbed]
-    return np.concatenate(parts, 2).transpose(0, 1, 3, 2).astype(np.float64, copy=False), [p.shape[2] for p in parts]
+FAMILIES = ("miou", "thirds", "classes", "sizes", "perturbed")  # what a comparison measures, by name
+COUNTED = ("thirds", "classes", "sizes")  # families whose members need MIN_IMAGES images with ground truth
+Named = dict[str, np.ndarray]  # arrays by family (or by kind of counts)
 
 
-def _statistics(sums: np.ndarray, widths: list[int], classes: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-    """(..., runs, statistics) from (..., runs, 2, columns) summed counts: mIoU, each group's mean IoU, each class's
-    IoU, each size bucket's recall, and each perturbation's change of mIoU."""
-    ratios = np.split(class_iou(sums[..., 0, :], sums[..., 1, :]), np.cumsum(widths)[:-1], -1)
-    iou, recall = ratios[:2]
+def _counts_by_name(side: list[PerImageCounts], perturbed: list[list[PerImageCounts]]) -> Named:
+    """A side's per-image numerators and denominators, float64, by name: "classes" (images, runs, 2, classes:
+    intersection and union), "sizes" (images, runs, 2, size buckets: correctly predicted and ground-truth pixels)
+    and "perturbed" (images, runs, perturbations, 2, classes: as "classes", on each perturbation's images)."""
+    def ratio_counts(runs: list[PerImageCounts], field: str) -> np.ndarray:
+        return np.stack([getattr(r, field)[..., :2] for r in runs], 1).transpose(0, 1, 3, 2).astype(np.float64)
+
+    classes = ratio_counts(side, "counts")
+    warped = [ratio_counts(runs, "counts") for runs in perturbed]
+    return {"classes": classes, "sizes": ratio_counts(side, "sizes"),
+            "perturbed": np.stack(warped, 2) if warped else np.zeros(classes.shape[:2] + (0, *classes.shape[2:]))}
+
+
+def _families(sums: Named, classes: np.ndarray, thirds: list[np.ndarray]) -> Named:
+    """Every family of statistics, (..., runs, members), from counts summed over images (:func:`_counts_by_name`):
+    mIoU, each third's mean IoU, each class's IoU, each size bucket's pixel recall and each perturbation's change of
+    mIoU from the clean images."""
+    iou = class_iou(sums["classes"][..., 0, :], sums["classes"][..., 1, :])
     miou = mean_iou(iou)
-    columns = [miou[..., None], *(mean_iou(iou[..., g])[..., None] for g in groups), iou[..., classes], recall]
-    return np.concatenate(columns + [(mean_iou(warped) - miou)[..., None] for warped in ratios[2:]], -1)
+    warped = mean_iou(class_iou(sums["perturbed"][..., 0, :], sums["perturbed"][..., 1, :]))
+    return {"miou": miou[..., None], "thirds": np.stack([mean_iou(iou[..., t]) for t in thirds], -1),
+            "classes": iou[..., classes], "sizes": class_iou(sums["sizes"][..., 0, :], sums["sizes"][..., 1, :]),
+            "perturbed": warped - miou[..., None]}
 
 
-def _image_intervals(point: np.ndarray, left_out: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
-    """Jackknife t intervals and p-values of the statistics ``point`` from their (images, statistics) values with
-    each image left out. Degrees of freedom by Satterthwaite's rule over the images' contributions d_i, each
-    contribution's squared variance estimated by d_i^4 / 3 (normal), at most images - 1."""
-    with warnings.catch_warnings():  # NaN where a statistic is undefined in every case (no union), without warnings
-        warnings.simplefilter("ignore", RuntimeWarning)
-        deviation = left_out - np.nanmean(left_out, 0)
-        n = (~np.isnan(left_out)).sum(0)
-        squares = np.nansum(deviation**2, 0)
-        se = np.sqrt((n - 1) / n * squares)
-        df = np.minimum(3 * squares**2 / np.nansum(deviation**4, 0), n - 1)
-        half = np.where(se > 0, stats.t.ppf((1 + confidence) / 2, df) * se, 0.0)
-        p = np.where(se > 0, 2 * stats.t.sf(np.abs(point) / se, df), (point == 0) * 1.0)
+def leave_one_image_out(counts: Named, statistics: Callable[[Named], Named]) -> tuple[Named, Named]:
+    """The one resampling of a comparison: ``statistics`` of the named per-image ``counts`` summed over the images
+    (axis 0), and of those sums with each image left out in turn (its counts subtracted), the jackknife's replicates
+    with the images as a new first axis."""
+    total = {name: c.sum(0) for name, c in counts.items()}
+    return statistics(total), statistics({name: total[name] - c for name, c in counts.items()})
+
+
+def _jackknife(left_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jackknife variance over images of the statistics whose (images, ..., statistics) values with each image left
+    out are ``left_out``, and its degrees of freedom by Satterthwaite's rule over the images' contributions d_i (each
+    contribution's squared variance estimated by d_i^4 / 3, normal), at most images - 1. NaN-aware."""
+    deviation = left_out - np.nanmean(left_out, 0)
+    n = (~np.isnan(left_out)).sum(0)
+    squares = np.nansum(deviation**2, 0)
+    return (n - 1) / n * squares, np.minimum(3 * squares**2 / np.nansum(deviation**4, 0), n - 1)
+
+
+def _interval(point: np.ndarray, terms: Sequence[tuple[np.ndarray, Any]], confidence: float) -> dict[str, np.ndarray]:
+    """Student's t interval and p-value of ``point`` whose variance is the sum of the ``terms`` (variance estimate,
+    its degrees of freedom; a coefficient of -1 or 0 is allowed), with Satterthwaite's (1946) degrees of freedom.
+    A zero variance gives the point itself and p = 1 where the point is 0 (else 0)."""
+    variance = sum(v for v, _ in terms)
+    df = variance**2 / sum(v**2 / d for v, d in terms)
+    se = np.sqrt(variance)
+    half = np.where(se > 0, stats.t.ppf((1 + confidence) / 2, df) * se, 0.0)
+    p = np.where(se > 0, 2 * stats.t.sf(np.abs(point) / np.where(se > 0, se, 1.0), df), (point == 0) * 1.0)
     return {"low": point - half, "high": point + half, "p": p, "df": df}
 
 
-def _seed_intervals(a: np.ndarray, b: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
-    """Welch t intervals and p-values of mean(b) - mean(a) over (runs, statistics) per-seed values. Where every
-    seed of both sides has the same value (a class all score 0 on) the interval is that point and p is 1, as for
-    images; scipy's p is undefined there."""
-    with warnings.catch_warnings():  # scipy warns of "precision loss" on identical values
-        warnings.simplefilter("ignore", RuntimeWarning)
-        test = stats.ttest_ind(b, a, equal_var=False, axis=0)
-        interval = test.confidence_interval(confidence)
-    p = np.where(np.isnan(test.pvalue) & (interval.low == interval.high), 1.0, test.pvalue)
-    return {k: np.array(v, dtype=np.float64) for k, v in (("low", interval.low), ("high", interval.high),
-                                                          ("p", p), ("df", test.df))}
+def _intervals(point: np.ndarray, values: list[np.ndarray], left_out: list[np.ndarray], seeds: bool,
+               confidence: float) -> dict[str, dict[str, np.ndarray] | None]:
+    """The three intervals of ``point`` (side b's mean over its runs minus side a's), from each side's (runs,
+    statistics) ``values`` and (images, runs, statistics) values with each image left out.
+
+    - "images", these checkpoints on other images like these: the paired jackknife of the sides' means.
+    - "seeds", the recipe on these images (other seeds): Welch's t over the runs' values.
+    - "seeds_and_images", the recipe on other images like these: seeds and images are crossed random factors, and
+      the variance of the difference has three components (Searle, Casella & McCulloch 1992, ch. 4): the seeds',
+      s_a^2/n_a + s_b^2/n_b (Welch's); the recipe-by-image one (how the advantage varies from image to image), which
+      with the seed-by-image noise makes the jackknife variance; and that noise, sum over sides of MS_E / (n N), from
+      the two-way residual mean square of the runs' jackknife pseudo-values. Each component is estimated by the
+      method of moments and kept at 0 or more; the degrees of freedom are Satterthwaite's.
+    """
+    images_variance, images_df = _jackknife(np.nanmean(left_out[1], 1) - np.nanmean(left_out[0], 1))
+    result: dict[str, dict[str, np.ndarray] | None] = {
+        "images": _interval(point, [(images_variance, images_df)], confidence), "seeds": None,
+        "seeds_and_images": None}
+    if not seeds:
+        return result
+    welch = [(v.var(0, ddof=1) / len(v), len(v) - 1) for v in values]
+    noise = []
+    for out in left_out:  # the seed-by-image noise: the two-way residuals of the runs' left-out values
+        count, runs = out.shape[:2]
+        residual = out - out.mean(0) - out.mean(1, keepdims=True) + out.mean((0, 1))
+        noise.append(((count - 1) * (residual**2).sum((0, 1)) / (runs - 1) / (runs * count), (runs - 1) * (count - 1)))
+    seeds_variance, noise_variance = sum(v for v, _ in welch), sum(v for v, _ in noise)
+    over_seeds, over_images = seeds_variance > noise_variance, images_variance > noise_variance  # components > 0
+    terms = [(v * over_seeds, d) for v, d in welch] + [(images_variance * over_images, images_df)]
+    terms += [(v * (1.0 - over_seeds - over_images), d) for v, d in noise]
+    result.update(seeds=_interval(point, welch, confidence), seeds_and_images=_interval(point, terms, confidence))
+    return result
 
 
-def seed_spread(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Pooled sample standard deviation over seeds of two sides (sides with one seed add nothing; None if both)."""
+def seed_spread(a: Sequence[float], b: Sequence[float]) -> tuple[float, int] | None:
+    """Pooled sample standard deviation over seeds of two sides and its degrees of freedom (sides with one seed add
+    nothing; None if both have one)."""
     parts = [np.asarray(v, dtype=np.float64) for v in (a, b) if len(v) > 1]
     dof = sum(len(v) - 1 for v in parts)
-    return float(np.sqrt(sum(((v - v.mean()) ** 2).sum() for v in parts) / dof)) if dof else None
+    return (float(np.sqrt(sum(((v - v.mean()) ** 2).sum() for v in parts) / dof)), dof) if dof else None
+
+
+def spread_range(spread: float, dof: int, coverage: float = 0.8) -> tuple[float, float]:
+    """The central ``coverage`` confidence interval of a normal standard deviation estimated as ``spread`` with
+    ``dof`` degrees of freedom (chi-square)."""
+    tail = (1 - coverage) / 2
+    return spread * np.sqrt(dof / stats.chi2.ppf(1 - tail, dof)), spread * np.sqrt(dof / stats.chi2.ppf(tail, dof))
 
 
 def seeds_needed(difference: float, spread: float, power: float = 0.8, alpha: float = 0.05,
@@ -222,6 +288,27 @@ def _number(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
+def _rows(values: list[np.ndarray], left_out: list[np.ndarray], carried: Sequence[int], counted: bool, seeds: bool,
+          confidence: float) -> list[dict[str, Any]]:
+    """One family's rows (see :func:`compare_sides`) from both sides' (runs, members) values and (images, runs,
+    members) values with each image left out, and the images that carry each member; ``counted``: a member carried by
+    fewer than :data:`MIN_IMAGES` images gets no interval."""
+    with warnings.catch_warnings():  # NaN where a statistic is undefined in every run (no union), without warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ma, mb = (np.nanmean(v, -2) for v in values)
+        intervals = _intervals(mb - ma, values, left_out, seeds, confidence)
+    if counted:
+        few = np.asarray(carried) < MIN_IMAGES
+        for part in intervals.values():
+            for array in (part or {}).values():
+                array[few] = np.nan
+    cells = {"a": ma, "b": mb, "diff": mb - ma, **intervals["images"]}
+    return [{**{key: _number(v[i]) for key, v in cells.items()},
+             **{kind: None if part is None else {key: _number(v[i]) for key, v in part.items()}
+                for kind, part in intervals.items() if kind != "images"}, "images": int(n)}
+            for i, n in enumerate(carried)]
+
+
 def compare_sides(
     a: list[PerImageCounts], b: list[PerImageCounts], *,
     perturbed: Sequence[tuple[list[PerImageCounts], list[PerImageCounts]]] = (), confidence: float = 0.95,
@@ -229,16 +316,18 @@ def compare_sides(
     """Side b against side a (runs of each, one per seed) on the same validation images.
 
     ``perturbed`` holds per perturbation both sides' counts on the perturbed images (the same runs in the same order).
-    Thirds, classes and size buckets with ground truth in fewer than :data:`MIN_IMAGES` images get no interval; the
-    class rows with one are marked where they survive Benjamini-Hochberg over those classes (with the seed p-values
-    where there are, else the image ones). ValueError if the runs were not evaluated on the same images with the same
-    ground truth.
+    Thirds, classes and size buckets with ground truth in fewer than :data:`MIN_IMAGES` images get no interval. With
+    :data:`MIN_SEEDS` seeds a side or more, the class rows with an interval are marked where they survive
+    Benjamini-Hochberg over those classes with the p-values of the recipe on other images; with fewer, the rows are
+    differences of these checkpoints, and none is marked. ValueError if the runs were not evaluated on the same
+    images with the same ground truth.
 
     Returns ``{"images", "seeds": [n_a, n_b], "seed_mious": [[...], [...]], "miou": row, "thirds": {third: row +
         "classes"}, "classes": [row + "class", "bh"], "sizes": {bucket: row}, "perturbed": [row per perturbation: the
-        change of mIoU from the clean images]}``, each row ``{"a", "b", "diff", "low", "high", "p", "df", "seeds":
-        {"low", "high", "p", "df"} or None, "images"}``: the interval over images, the one over seeds and the images
-        that carry the row; None for NaN.
+        change of mIoU from the clean images]}``, each row ``{"a", "b", "diff", "low", "high", "p", "df", "seeds",
+        "seeds_and_images", "images"}``: the interval of these checkpoints on other images like these (over images),
+        ``{"low", "high", "p", "df"}`` of the recipe on these images (over seeds) and of the recipe on other images
+        like these (seeds x images), each None with fewer seeds, and the images that carry the row; None for NaN.
     """
     for runs in [a + b] + [pair[0] + pair[1] for pair in perturbed]:
         for run in runs:
@@ -248,39 +337,26 @@ def compare_sides(
     gt = a[0].counts[..., 2].sum(0)
     classes = np.flatnonzero(gt > 0)
     thirds = dict(zip(THIRDS, np.array_split(classes[np.lexsort((classes, -gt[classes]))], 3)))  # by pixels, ties by id
-    values = []
-    for i, side in enumerate((a, b)):
-        counts, widths = _stacked(side, [pair[i] for pair in perturbed])
-        total = counts.sum(0)
-        values.append([_statistics(sums, widths, classes, list(thirds.values())) for sums in (total, total - counts)])
-    (va, va_out), (vb, vb_out) = values
-    with warnings.catch_warnings():  # NaN where a statistic is undefined in every run (no union), without warnings
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ma, ma_out, mb, mb_out = (np.nanmean(v, -2) for v in (va, va_out, vb, vb_out))
-    point = mb - ma
-    images = _image_intervals(point, mb_out - ma_out, confidence)
-    seeds = _seed_intervals(va, vb, confidence) if min(len(a), len(b)) >= MIN_SEEDS else None
+    (va, va_out), (vb, vb_out) = (
+        leave_one_image_out(_counts_by_name(side, [pair[i] for pair in perturbed]),
+                            lambda sums: _families(sums, classes, list(thirds.values())))
+        for i, side in enumerate((a, b)))
     labelled = a[0].counts[..., 2] > 0  # (images, classes)
-    carried = np.concatenate([[len(labelled)], [labelled[:, t].any(1).sum() for t in thirds.values()],
-                              labelled[:, classes].sum(0), (a[0].sizes[..., 1] > 0).sum(0),
-                              [len(labelled)] * len(perturbed)])
-    k = 4 + len(classes)
-    few = carried < MIN_IMAGES  # too few images carry a third, class or size bucket for a calibrated interval
-    few[0] = False  # every image carries mIoU ...
-    few[k + 3:] = False  # ... and the changes under perturbations
-    for part in (images, seeds or {}):
-        for array in part.values():
-            array[few] = np.nan
-    rows = [{**{key: _number(v[i]) for key, v in (("a", ma), ("b", mb), ("diff", point), *images.items())},
-             "seeds": None if seeds is None else {key: _number(v[i]) for key, v in seeds.items()}, "images": int(n)}
-            for i, n in enumerate(carried)]
-    p = np.array([np.nan if r["p"] is None else r["p"] for r in (row["seeds"] or row for row in rows[4:k])])
-    for row, c, bh in zip(rows[4:k], classes, false_discoveries(p, confidence)):
+    carried = {"miou": [len(labelled)], "thirds": [labelled[:, t].any(1).sum() for t in thirds.values()],
+               "classes": labelled[:, classes].sum(0), "sizes": (a[0].sizes[..., 1] > 0).sum(0),
+               "perturbed": [len(labelled)] * len(perturbed)}
+    seeds = min(len(a), len(b)) >= MIN_SEEDS
+    rows = {name: _rows([va[name], vb[name]], [va_out[name], vb_out[name]], carried[name], name in COUNTED, seeds,
+                        confidence) for name in FAMILIES}
+    p = np.array([np.nan if not seeds or row["seeds_and_images"]["p"] is None else row["seeds_and_images"]["p"]
+                  for row in rows["classes"]])
+    for row, c, bh in zip(rows["classes"], classes, false_discoveries(p, confidence)):
         row.update({"class": int(c), "bh": bool(bh)})
     return {
-        "images": len(a[0].names), "seeds": [len(a), len(b)], "seed_mious": [va[:, 0].tolist(), vb[:, 0].tolist()],
-        "miou": rows[0], "thirds": {t: {**row, "classes": thirds[t].tolist()} for t, row in zip(THIRDS, rows[1:4])},
-        "classes": rows[4:k], "sizes": dict(zip(SIZE_BUCKETS, rows[k:k + 3])), "perturbed": rows[k + 3:],
+        "images": len(a[0].names), "seeds": [len(a), len(b)],
+        "seed_mious": [va["miou"][:, 0].tolist(), vb["miou"][:, 0].tolist()], "miou": rows["miou"][0],
+        "thirds": {t: {**row, "classes": thirds[t].tolist()} for t, row in zip(THIRDS, rows["thirds"])},
+        "classes": rows["classes"], "sizes": dict(zip(SIZE_BUCKETS, rows["sizes"])), "perturbed": rows["perturbed"],
     }
 
 
@@ -294,6 +370,7 @@ def false_discoveries(p: np.ndarray, confidence: float = 0.95) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- effective dilation
 DILATION_BUCKETS = ("small", "medium", "large", "stuff")
+FRAGMENT = 1e-3  # regions under this share of the image are fragments, in no bucket (350 pixels of 512 x 683)
 
 
 def region_sums(values: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -309,10 +386,12 @@ def region_sums(values: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, ...]
 
 def dilation_table(classes: np.ndarray, pixels: np.ndarray, share: np.ndarray, sums: np.ndarray, squares: np.ndarray,
                    stuff: Sequence[int]) -> dict[str, Any]:
-    """Mean and standard deviation over pixels, per layer, of the regions of thing classes in thirds by area (small,
-    medium, large: a third of the regions each, by share of the image), of stuff classes, of all, and per class."""
-    thing = ~np.isin(classes, stuff)
-    cuts = np.quantile(share[thing], [1 / 3, 2 / 3]) if thing.any() else np.full(2, np.inf)
+    """Mean and standard deviation over pixels, per layer, of the regions (4-connected regions of one class: touching
+    objects of a class are one region, an occluded object may be two) of thing classes in thirds by area (small,
+    medium, large: a third of those regions each, by share of the image), of stuff classes, of the fragments (regions
+    under :data:`FRAGMENT` of the image, in neither), of all, and per class."""
+    thing, kept = ~np.isin(classes, stuff), share >= FRAGMENT
+    cuts = np.quantile(share[thing & kept], [1 / 3, 2 / 3]) if (thing & kept).any() else np.full(2, np.inf)
     bucket = np.where(thing, np.digitize(share, cuts, right=True), len(DILATION_BUCKETS) - 1)
 
     def summary(mask: np.ndarray) -> dict[str, Any]:
@@ -321,6 +400,6 @@ def dilation_table(classes: np.ndarray, pixels: np.ndarray, share: np.ndarray, s
         std = np.sqrt(np.maximum(squares[:, mask].sum(1) / max(n, 1) - mean**2, 0))
         return {"pixels": int(n), "regions": int(mask.sum()), "mean": mean.tolist(), "std": std.tolist()}
 
-    return {"thirds": cuts.tolist(), "all": summary(np.ones_like(thing)),
-            "buckets": {name: summary(bucket == i) for i, name in enumerate(DILATION_BUCKETS)},
-            "classes": {int(c): summary(classes == c) for c in np.unique(classes)}}
+    return {"thirds": cuts.tolist(), "fragment_share": FRAGMENT, "all": summary(np.ones_like(thing)),
+            "buckets": {name: summary((bucket == i) & kept) for i, name in enumerate(DILATION_BUCKETS)},
+            "fragments": summary(~kept), "classes": {int(c): summary(classes == c) for c in np.unique(classes)}}

@@ -22,11 +22,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
         description=(
-            "Compare finished runs of train.py that share one recipe (every setting outside the model, and the package "
-            "versions; runs that differ elsewhere are refused, naming the settings). Runs of one model with different "
-            "seeds are one group (n seeds, mean ± std). Each group is compared with the reference (norm-conv) and "
-            "with --pair groups: the difference of the final checkpoints on other images (paired jackknife over the "
-            "validation images) and, with 3 or more seeds a side, of the recipes for other seeds (Welch t). "
+            "Compare finished runs of train.py that share one recipe (every setting outside the model, also after a "
+            "resume, the training data and the package versions; runs that differ elsewhere are refused, naming the "
+            "settings). Runs of one model with different seeds are one group (n seeds, mean ± std). Each group is "
+            "compared with the reference (norm-conv) and with --pair groups: the difference of the final checkpoints "
+            "on other images (paired jackknife over the validation images) and, with 3 or more seeds a side, of the "
+            "recipes for other seeds on these images (Welch t) and on other images (seeds x images). "
             "Evaluations are made on each run's last.pt where the saved ones (RUN/eval_*.json, RUN/per_image_*.npz) "
             "are missing or belong to another checkpoint."
         ),
@@ -35,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by train.py")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="also write comparison.md, comparison.json, curves.png and per_class_<b>_vs_<a>.png here")
+                        help="also write comparison.md, comparison.json, curves.png and, where classes have intervals, "
+                             "per_class_<b>_vs_<a>.png here")
     parser.add_argument("--reference", metavar="GROUP",
                         help="the group every other is compared with (default: the norm-conv group)")
     parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("B", "A"),
@@ -74,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 (all images of the split) or positive, got "
                             f"{value}.")
-    markdown = compare(args)
+    markdown, written = compare(args)
     print(markdown, end="")
-    if args.out is not None:
-        print(f"\nwrote {args.out}/comparison.md, comparison.json, curves.png and per-class figures", file=sys.stderr)
+    if written:
+        print(f"\nwrote {', '.join(str(args.out / name) for name in written)}", file=sys.stderr)
     return 0
 
 

@@ -3,9 +3,12 @@
 For every validation image the checkpoint's model runs once (as in evaluation); each deformable layer's effective
 dilation (the mean distance between adjacent sampling locations of its 3x3 kernel, in its input pixels;
 ``engine.offsets.effective_dilation``) is resized to the image like the logits and summed over the ground-truth
-regions (``engine.statistics.region_sums``). Printed: mean ± std over the validation pixels per layer for thing
-regions in thirds of their area, stuff classes and all, beside the plain layer's fixed dilation, as in Table 2 of
-Dai et al. 2017; per class with --classes. Example:
+regions (``engine.statistics.region_sums``). Printed: mean ± std over the validation pixels per layer for regions of
+thing classes in thirds of their area, regions of stuff classes (both without fragments, regions under 0.1% of the
+image) and all, beside the plain layer's fixed dilation; per class with --classes. The measure is Table 2's of Dai et
+al. 2017; its categories are not: Table 2 buckets object instances by box area, and ADE20K's annotations have no
+instances, so a region here is a 4-connected region of one class (touching objects merge, an occluded one splits).
+Example:
 
     python scripts/effective_dilation.py --checkpoint runs/def-conv-v2/last.pt --out dilation.png
 """
@@ -29,7 +32,7 @@ from engine.device import inference_device
 from engine.diagnosis import read_device_info
 from engine.inference import predictions
 from engine.offsets import capture_offsets, effective_dilation
-from engine.statistics import DILATION_BUCKETS, dilation_table, region_sums
+from engine.statistics import DILATION_BUCKETS, FRAGMENT, dilation_table, region_sums
 from engine.workdir import write_json
 from models.segmentor import deformable_layers
 
@@ -46,10 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
         description=(
-            "Effective dilation of a checkpoint's deformable layers over the validation set (DCNv1, Table 2): the "
-            "mean distance between adjacent sampling locations of each 3x3 kernel, in the layer's input pixels, per "
-            "validation pixel; mean ± std per layer for small / medium / large objects (thing regions of the ground "
-            "truth in thirds of their area), stuff classes and all, beside the plain layer's fixed dilation."
+            "Effective dilation of a checkpoint's deformable layers over the validation set (DCNv1's measure, Table "
+            "2): the mean distance between adjacent sampling locations of each 3x3 kernel, in the layer's input "
+            "pixels, per validation pixel; mean ± std per layer for small / medium / large thing regions (4-connected "
+            f"regions of one thing class in the ground truth, in thirds of their area; not instances), stuff regions "
+            f"(both without regions under {FRAGMENT:.1%} of the image) and all pixels, beside the plain layer's fixed "
+            f"dilation."
         ),
         epilog="example: python scripts/effective_dilation.py --checkpoint runs/def-conv-v2/last.pt --out dilation.png",
     )
@@ -95,10 +100,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(result: dict[str, Any], per_class: bool) -> str:
     """The table: one row per layer, mean ± std per bucket; per class the means, on request."""
     small, large = (100 * c for c in result["thirds"])
+    fragments = result["fragments"]
     lines = [f"Effective dilation of {result['checkpoint']} on {result['images']} validation images (mean ± std over "
-             f"the pixels, in each layer's input pixels; plain: the layer's fixed dilation; objects: thing regions of "
-             f"the ground truth in thirds by area: small up to {small:.2g}% of the image, medium up to {large:.2g}%, "
-             f"large above)", "",
+             f"the pixels, in each layer's input pixels; plain: the layer's fixed dilation; regions: 4-connected "
+             f"regions of one class in the ground truth, not instances; thing regions in thirds by area: small up to "
+             f"{small:.2g}% of the image, medium up to {large:.2g}%, large above; fragments, the "
+             f"{fragments['regions']:,} regions ({fragments['pixels']:,} px) under "
+             f"{100 * result['fragment_share']:.2g}% of the image, are in no bucket but in all)", "",
              "| layer | plain | " + " | ".join(f"{b} ({result['buckets'][b]['pixels']:,} px)" for b in DILATION_BUCKETS)
              + " | all |", "|" + "---|" * (len(DILATION_BUCKETS) + 3)]
     for i, (layer, plain) in enumerate(zip(result["layers"], result["plain"])):
@@ -129,7 +137,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         bars = ax.bar(x, [c["mean"][i] for c in cells], width, yerr=[c["std"][i] for c in cells], capsize=2,
                       label=f"{layer} (plain {result['plain'][i][0]})")
         ax.axhline(result["plain"][i][0], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
-    names = [f"{b} objects" for b in DILATION_BUCKETS[:3]] + ["stuff", "all"]
+    names = [f"{b}\nthing regions" for b in DILATION_BUCKETS[:3]] + ["stuff\nregions", "all"]
     ax.set_xticks(np.arange(len(names)), names)
     ax.set(ylabel="effective dilation (input pixels)", title=f"Effective dilation of {result['checkpoint']}: mean ± std "
            f"over the pixels of {result['images']} validation images, dashed: the plain layers' dilation")

@@ -1,5 +1,6 @@
 """Tests of scripts/compare.py on three tiny demo runs (two seeds of def-conv-v2 and a norm-conv run), and of what it
-refuses: runs of another recipe, a run still training or stopped early, a re-run sharing a seed."""
+refuses: runs of another recipe, schedule or training data, of other classes, a run still training or stopped early,
+a re-run sharing a seed; and of what it counts once (the same weights) or evaluates again (other settings)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ import torch
 import engine.comparison as comparison
 from data.demo import ensure_demo_dataset
 from engine.checkpoint import load_checkpoint
+from engine.environment import training_data
 from engine.evaluation import checkpoint_digest
 from engine.metric import metrics_from_counts
-from engine.statistics import PerImageCounts
 from engine.lock import lock_holder
+from engine.statistics import PerImageCounts, compare_sides
 from scripts import compare as compare_cli
+from scripts import simulate_comparison as simulation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,20 +86,21 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def fake_run(folder: Path, source: Path, **changes: object) -> Path:
-    """A run folder whose last.pt holds ``source``'s config, iteration and environment, changed as asked (dotted keys
-    with '__' for '.'), and no weights: enough for everything compare.py checks before it evaluates."""
+    """A run folder whose last.pt holds ``source``'s config, iteration, environment and changes on resume, changed as
+    asked (config keys dotted with '__' for '.'; ``iteration``, ``config_changes`` and ``environment__...`` the
+    checkpoint's own), and weights of its own that no model loads: enough for everything compare.py checks before it
+    evaluates."""
     state = load_checkpoint(source / "last.pt")
     for key, value in changes.items():
-        if key == "iteration":
-            state["iteration"] = value
-        else:
-            *parents, last = key.split("__")
-            section = state["config"]
-            for part in parents:
-                section = section[part]
-            section[last] = value
+        *parents, last = key.split("__")
+        section = state if parents[:1] == ["environment"] or key in ("iteration", "config_changes") else state["config"]
+        for part in parents:
+            section = section[part]
+        section[last] = value
     folder.mkdir(parents=True)
-    torch.save({k: state[k] for k in ("config", "iteration", "environment")} | {"model": {}}, folder / "last.pt")
+    weights = {"marker": torch.rand(4)}  # weights of its own: no two fake runs are the same run
+    torch.save({k: state[k] for k in ("config", "iteration", "environment", "config_changes")} | {"model": weights},
+               folder / "last.pt")
     return folder
 
 
@@ -116,15 +120,33 @@ def test_verdict_lines_answer_one_question_each(compared: tuple[str, str, Path])
     stdout, _, _ = compared
     section = stdout.split(f"### {V2} vs {NORM}")[1]
     lines = section.strip().splitlines()
-    assert lines[0].startswith("mIoU ") and lines[0].endswith("(means over 2 vs 1 seeds)")
-    assert lines[1].startswith("- these checkpoints, on other images like these: 95% CI [")
-    assert "(paired jackknife over the 4 images, t with " in lines[1] and "degrees of freedom)" in lines[1]
-    assert lines[2].startswith("- the recipe, for other seeds: no claim (2 vs 1 seeds; an interval needs >= 3 a side).")
-    assert "a two-sided 5% t test detects" in lines[2] and "the reference study's +1.41 with" in lines[2]
-    assert "spread" not in "".join(lines[3:]) and "x the" not in stdout  # no other spread verdict
-    assert "| rotate=15 | change of mIoU |" in section and "95% CI over images (jackknife t)" in section
+    assert lines[0] == "The models differ in model.deform.version (0 vs 2)."
+    assert lines[1].startswith("mIoU ") and lines[1].endswith("(these checkpoints on these 4 images: means over 2 vs "
+                                                               "1 seeds)")
+    assert lines[2].startswith("- these checkpoints, on other images like these: 95% CI [")
+    assert "(paired jackknife over the 4 images, t with " in lines[2] and "degrees of freedom)" in lines[2]
+    assert lines[3].startswith("- the recipe (other seeds): no claim (2 vs 1 seeds; an interval needs >= 3 a side).")
+    assert "pooled sd" in lines[3] and ", 1 degree of freedom), a two-sided 5% t test detects" in lines[3]
+    # the seeds needed at the spread seen, and at the ends of the spread's 80% interval (1 degree of freedom)
+    assert re.search(r"the reference study's \+1\.41 with about \d+ \(\d+ to (\d+|more than 1000)\)", lines[3])
+    assert "spread" not in "".join(lines[4:]) and "x the" not in stdout  # no other spread verdict
+    assert "| rotate=15 | change of mIoU |" in section
+    assert "95% CI: these checkpoints, on other images like these (paired jackknife over images) |" in section
+    assert "| n/a: in " in section and "images (an interval needs 30) |" in section  # thirds on 4 images: a reason
     assert "No per-class intervals: no class has ground truth in >= 30 of the images." in section  # 4 images
     assert "## Geometric robustness" in stdout and not re.search(r"\(--\d", stdout)  # a sign bug printed "(--0.50)"
+    assert "train mIoU on the first 4 training images only (--train-images)." in stdout
+    assert "val mIoU on the first 4 validation images only (--val-images)." in stdout
+
+
+def test_bounds_and_p_values_say_on_which_side_of_0_and_5_percent_they_are() -> None:
+    row = {"low": 4.9e-05, "high": 0.77, "p": 0.04997, "images": 40}
+    assert comparison._interval(row) == "[+4.9e-05, +0.77], p = 0.04997"  # not "[+0.00, +0.77], p = 0.05"
+    row = {"low": -0.004, "high": 0.0, "p": 0.0501, "images": 40}
+    assert comparison._interval(row) == "[-0.004, +0.00], p = 0.0501"
+    assert comparison._interval({"low": -1.234, "high": 2.0, "p": 0.27, "images": 40}) == "[-1.23, +2.00], p = 0.27"
+    assert comparison._interval({"low": None, "high": None, "p": None, "images": 12}) == ("n/a: in 12 images (an "
+                                                                                            "interval needs 30)")
 
 
 def test_json_holds_the_runs_their_digests_and_the_statistics(compared: tuple[str, str, Path],
@@ -146,15 +168,19 @@ def test_json_holds_the_runs_their_digests_and_the_statistics(compared: tuple[st
     (pair,) = summary["pairs"]
     assert pair["b_label"] == V2 and pair["a_label"] == NORM and pair["seeds"] == [1, 2]
     assert pair["miou"]["low"] <= pair["miou"]["diff"] <= pair["miou"]["high"] and pair["miou"]["seeds"] is None
+    assert pair["miou"]["seeds_and_images"] is None and pair["model_differences"] == {"model.deform.version": [0, 2]}
     assert pair["miou"]["diff"] == pytest.approx(groups[V2]["delta_val_miou"])
     assert pair["seed_spread"] == pytest.approx(statistics.stdev(values))
 
 
-def test_figures_and_markdown_are_written(compared: tuple[str, str, Path]) -> None:
-    stdout, _, out = compared
+def test_figures_and_markdown_are_written_and_named(compared: tuple[str, str, Path]) -> None:
+    stdout, stderr, out = compared
     for name in ("curves.png",):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "comparison.md").read_text() == stdout
+    # on 4 images no class has an interval: no per-class figure is written, and none is said to be
+    assert not list(out.glob("per_class_*")) and "per-class" not in stderr and "per_class" not in stderr
+    assert stderr.rstrip().endswith(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'curves.png'}")
 
 
 def test_comparison_md_is_written_whole_in_utf8_under_any_locale(compared: tuple[str, str, Path],
@@ -217,7 +243,7 @@ def test_a_copied_run_is_not_a_second_seed(runs: dict[str, Path], compared: tupl
     (copy / "last.pt").symlink_to(runs["v2_s1"] / "last.pt")
     code, stdout, stderr = run_compare([str(runs["norm"]), str(runs["v2_s1"]), str(copy), "--no-eval", *FAST])
     assert code == 0, stderr
-    assert f"{copy} holds the same last.pt as {runs['v2_s1']}" in stderr and "counted once" in stderr
+    assert f"{copy} holds the same weights as {runs['v2_s1']}" in stderr and "counted once" in stderr
     assert table_rows(stdout)[1][:2] == [V2, "1"]
 
 
@@ -238,6 +264,80 @@ def test_runs_of_another_recipe_are_refused_naming_the_keys(runs: dict[str, Path
     code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(shorter), "--no-eval", "--allow-differences"])
     assert code == 0, stderr
     assert stdout.startswith("**Not one recipe** (--allow-differences): the runs also differ in train.iters")
+
+
+def test_runs_trained_on_other_data_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The training data each run read is recorded at its start (folder, images, listing digest); a run trained on
+    other data is no seed of the same recipe, whatever its data.root."""
+    recorded = load_checkpoint(runs["v2_s0"] / "last.pt")["environment"]["training_data"]
+    assert recorded == training_data(load_checkpoint(runs["v2_s0"] / "last.pt")["config"]) and recorded["images"] == 400
+    data = {**recorded, "images": 200, "sha256": "0" * 64}  # half the training images, the same folder name
+    half = fake_run(tmp_path / "half-data", runs["v2_s1"], environment__training_data=data)
+    code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(half), "--no-eval"])
+    assert code == 2 and stdout == ""
+    assert "training data: 400 images listed with sha256" in stderr
+    assert "200 images listed with sha256 000000000000" in stderr
+    assert str(half) in stderr and "--allow-differences" in stderr
+
+
+def test_a_schedule_changed_on_resume_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    changes = {"train.lr": [0.02, 0.04], "train.log_interval": [1, 5]}
+    changed = fake_run(tmp_path / "lr-changed", runs["v2_s1"], config_changes=[{"iteration": 2, "changes": changes}])
+    code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(changed), "--no-eval"])
+    assert code == 2 and stdout == ""
+    assert "changes on resume: none (" in stderr and f"train.lr 0.02 -> 0.04 at iteration 2 ({changed})" in stderr
+    assert "log_interval" not in stderr  # a bookkeeping key may change on resume
+    logging_only = fake_run(tmp_path / "log-changed", runs["v2_s1"],
+                            config_changes=[{"iteration": 2, "changes": {"train.log_interval": [1, 5]}}])
+    code, _, stderr = run_compare([str(runs["v2_s0"]), str(logging_only), "--no-eval"])
+    assert code == 0, stderr
+
+
+def test_runs_of_other_classes_are_refused_naming_the_key(runs: dict[str, Path], tmp_path: Path) -> None:
+    fewer = fake_run(tmp_path / "twenty-classes", runs["norm"], model__num_classes=20)
+    code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(fewer), "--no-eval", "--allow-differences"])
+    assert code == 2 and stdout == ""
+    assert f"model.num_classes: 150 ({runs['v2_s0']}), 20 ({fewer})" in stderr and "same images" not in stderr
+
+
+def test_a_checkpoint_re_saved_with_another_seed_is_the_same_run(runs: dict[str, Path], compared: tuple[str, str, Path],
+                                                                  tmp_path: Path) -> None:
+    state = load_checkpoint(runs["v2_s1"] / "last.pt")
+    state["config"]["seed"] = 7  # the same weights under another seed: a new sha256, not a new seed
+    (tmp_path / "resaved").mkdir()
+    torch.save(state, tmp_path / "resaved" / "last.pt")
+    code, stdout, stderr = run_compare([str(runs["norm"]), str(runs["v2_s1"]), str(tmp_path / "resaved"), "--no-eval",
+                                        *FAST])
+    assert code == 0, stderr
+    assert f"{tmp_path / 'resaved'} holds the same weights as {runs['v2_s1']}" in stderr and "counted once" in stderr
+    assert table_rows(stdout)[1][:2] == [V2, "1"]
+
+
+def test_evaluations_with_other_test_time_settings_are_not_used(runs: dict[str, Path], compared: tuple[str, str, Path],
+                                                                 tmp_path: Path) -> None:
+    for key, value in (("data.scale", [1024, 256]), ("eval.slide_stride", 100), ("data.root", "/elsewhere")):
+        run = tmp_path / key
+        run.mkdir()
+        (run / "last.pt").symlink_to(runs["norm"] / "last.pt")
+        for name in ("per_image_validation.npz", "eval_training.json"):
+            shutil.copy(runs["norm"] / name, run / name)
+        record = json.loads((runs["norm"] / "eval_validation.json").read_text())
+        section, name = key.split(".")
+        record["config"][section][name] = value  # evaluated by hand with another setting
+        (run / "eval_validation.json").write_text(json.dumps(record))
+        code, stdout, stderr = run_compare([str(run), "--no-eval", *FAST])
+        assert code == 0, stderr
+        assert f"validation not evaluated ({run / 'eval_validation.json'} used other settings ({key}=" in stderr
+        assert table_rows(stdout)[0][2] == "-"  # not the saved mIoU
+
+
+def test_a_mean_over_some_of_the_runs_says_so(runs: dict[str, Path], compared: tuple[str, str, Path],
+                                              tmp_path: Path) -> None:
+    unevaluated = fake_run(tmp_path / "v2_s5", runs["v2_s1"], seed=5)
+    code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(runs["v2_s1"]), str(unevaluated), "--no-eval", *FAST])
+    assert code == 0, stderr
+    (row,) = table_rows(stdout)
+    assert row[1] == "3" and row[2].endswith("(2 of 3 runs)") and "±" in row[2]
 
 
 def test_unfinished_and_training_runs_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -284,7 +384,8 @@ def test_groups_of_one_config_file_get_the_variant_and_collisions_the_keys() -> 
             "config_name": "x", "seed": seed, "model.deform.version": version, "model.deform.dilation": 0,
             "model.deform.offset_lr_mult": lr_mult}
         name = f"r{seed}{version}{lr_mult}"
-        return comparison.Run(path=Path(name), digest=name, config=config, packages={})
+        return comparison.Run(path=Path(name), digest=name, weights=name, config=config, packages={},
+                              training_data=None, resumed_with=[])
 
     groups = comparison.group_runs([run(0, 2), run(1, 2), run(0, 0), run(0, 1, 1.0), run(0, 1)], {})
     labels = [g.label for g in groups]
@@ -302,6 +403,20 @@ def test_missing_run_dir_is_a_user_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr and "no last.pt" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_per_class_rows_are_recipe_evidence_only_with_three_seeds_a_side() -> None:
+    """With fewer than 3 seeds a side the per-class rows are labelled checkpoint differences and carry no BH column;
+    with 3, their intervals are the recipe's on other images and BH marks those that survive."""
+    sim = simulation.simulate(np.random.default_rng(3), 200, 3, 0.05)
+    names = [f"class {i}" for i in range(150)]
+    for seeds, recipe in ((1, False), (2, False), (3, True)):
+        pair = compare_sides(sim["runs"][0][:seeds], sim["runs"][1][:seeds]) | {"a_label": "A", "b_label": "B"}
+        text = "\n".join(comparison.breakdown(pair, [], names))
+        assert "| class | images |" in text and ("| BH |" in text) == recipe
+        assert ("checkpoint differences, not evidence about the recipes" in text) == (not recipe)
+        assert ("Were the recipes no different, about" in text) == recipe
+        assert ("95% CI: the recipe (other seeds), on other images like these (seeds x images)" in text) == recipe
 
 
 def test_robustness_cells_sign_the_change() -> None:

@@ -86,6 +86,23 @@ def test_buckets_by_object_area_and_stuff() -> None:
     assert table["classes"][12]["pixels"] == 26 and table["all"]["pixels"] == 99
 
 
+def test_fragments_are_in_no_bucket() -> None:
+    """A region under 0.1% of the image (a stray pixel of a class) is a fragment: it is counted in all and in its
+    class, not in the small third, which the other thing regions then make up."""
+    label = np.zeros((40, 40), np.int64)  # 1,600 pixels of wall (stuff)
+    label[0, 0] = 12  # a 1-pixel person: 0.06% of the image
+    label[10:12, 10:12] = 20  # a 4-pixel car
+    label[20:25, 20:25] = 12  # a 25-pixel person
+    label[30:40, 30:40] = 20  # a 100-pixel car
+    values = np.stack([np.where(label == 0, 2.0, 3.0)])
+    values[0, 0, 0] = 9.0  # the fragment's own value
+    table = dilation_table(*region_sums(values, label), stuff=[0])
+    assert table["fragments"] == {"pixels": 1, "regions": 1, "mean": [9.0], "std": [0.0]}
+    assert [table["buckets"][b]["pixels"] for b in ("small", "medium", "large")] == [4, 25, 100]
+    assert table["buckets"]["stuff"]["pixels"] == 1600 - 130 and table["all"]["pixels"] == 1600
+    assert table["classes"][12]["pixels"] == 26
+
+
 def test_the_script_on_a_zero_offset_checkpoint_reports_the_plain_dilations(model: nn.Module, tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture) -> None:
     config = load_config("demo.yaml")
