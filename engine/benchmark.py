@@ -2,7 +2,7 @@
 
 A case is the config with ``model.deform.version`` 0, 1 or 2, random weights and a synthetic batch, set up as
 train.py sets it up and resolved for the device by ``engine.device``; its training step is
-``engine.trainer.train_step`` itself (aux head, loss, backward, SGD step) and its inference is
+``engine.optim.train_step`` itself (aux head, loss, backward, SGD step) and its inference is
 ``engine.inference.predict_logits`` (whole image, logits upsampled as evaluation does). ``Timer`` synchronises
 the GPU and reports medians; the cases are timed in alternating rounds, so that a change in machine load hits
 all of them alike. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step after a warm-up one;

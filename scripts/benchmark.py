@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
             "Benchmark the norm-conv, def-conv-v1 and def-conv-v2 variants of a config on synthetic data: training "
-            "images/s (engine.trainer.train_step: aux head, loss, backward, SGD step), inference images/s and the "
+            "images/s (engine.optim.train_step: aux head, loss, backward, SGD step), inference images/s and the "
             "training step's peak GPU memory. --ops times the deformable op (v1, v2) and a plain conv at the model's "
             "layer shapes and the loss, with their errors against float64; --memory measures the peak memory of a "
             "training step per image, and how many train.accum_steps the recipe's batch of 16 needs on 16-80 GB."

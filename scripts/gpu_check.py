@@ -1,7 +1,7 @@
 """First run on a new machine: does every training, evaluation and fast path work on this GPU, and how fast?
 
 It plans before it spends. At the recipe's shapes (global batch 16, 512x512 crops, aux head), the default set runs
-one training step (engine.trainer.train_step, after a warm-up step, then timed) of norm-conv, def-conv-v1 and
+one training step (engine.optim.train_step, after a warm-up step, then timed) of norm-conv, def-conv-v1 and
 def-conv-v2 in the precision train.amp=auto picks, and def-conv-v2 in fp32; the Triton ops against float64 (values
 and gradients, within TOLERANCES); a whole-image and a slide evaluation of a 512x2048 image; def-conv-v2 on the
 Triton path; and one torch.compile of def-conv-v2. --full runs every combination (every precision the GPU has,
