@@ -3,9 +3,9 @@ of a killed worker, the work-dir lock across hosts, and gradient accumulation (s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
-import contextlib
 import os
 import re
 import signal
