@@ -172,7 +172,7 @@ def load_config(name: str, overrides: list[str] | None = None) -> dict[str, Any]
 Rule = tuple[Callable[[Any], bool], str]  # a test of a value, and what the value must be
 
 
-def _number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -182,7 +182,7 @@ def _integer(low: int, text: str = "", high: float = math.inf) -> Rule:
 
 
 def _real(low: float) -> Rule:
-    return (lambda v: _number(v) and v >= low), f"a number >= {low}"
+    return (lambda v: _is_number(v) and v >= low), f"a number >= {low}"
 
 
 def _choice(*values: Any) -> Rule:
@@ -190,7 +190,7 @@ def _choice(*values: Any) -> Rule:
 
 
 def _pair(text: str, ordered: bool = False) -> Rule:
-    return (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) and x > 0 for x in v)
+    return (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) and x > 0 for x in v)
             and (not ordered or v[0] <= v[1])), text
 
 
@@ -200,7 +200,7 @@ _STAGES: Rule = (lambda v: isinstance(v, list) and len(set(v)) == len(v) and all
 _BLOCKS: Rule = (lambda v: isinstance(v, list) and len(set(v)) == len(v)
                  and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in v),
                  "a list of distinct block indices >= 0 ([] = every block)")
-_SCALES: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(_number(x) and x > 0 for x in v),
+_SCALES: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_number(x) and x > 0 for x in v),
                  "a non-empty list of positive test scales, like [1.0]")
 
 # Every key of configs/ade20k-base.yaml: the rule its value must follow and its kind. The kind says what a
@@ -231,7 +231,7 @@ KEYS: dict[str, tuple[Rule, str]] = {
     "data.ratio_range": (_pair("a list of two positive numbers [low, high] with low <= high, like [0.5, 2.0]", True),
                          "recipe"),
     "data.crop_size": (_integer(8, "an integer >= 8, like 512"), "recipe"),
-    "data.cat_max_ratio": (((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1] (1 turns the test off)"),
+    "data.cat_max_ratio": (((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1] (1 turns the test off)"),
                            "recipe"),
     "data.photometric": (_BOOL, "recipe"),
     "data.resize_filter": (_choice("antialias", "bilinear"), "recipe"),
@@ -241,10 +241,10 @@ KEYS: dict[str, tuple[Rule, str]] = {
     "train.batch_size": (_integer(1), "recipe"),
     "train.accum_steps": (((lambda v: v == "auto" or _integer(1)[0](v)),
                            "auto or a positive integer (micro-batches per optimizer step)"), "schedule"),
-    "train.lr": (((lambda v: _number(v) and v > 0), "a positive number"), "schedule"),
+    "train.lr": (((lambda v: _is_number(v) and v > 0), "a positive number"), "schedule"),
     "train.min_lr": (_real(0), "schedule"),
     "train.poly_power": (_real(0), "schedule"),
-    "train.momentum": (((lambda v: _number(v) and 0 <= v < 1), "a number in [0, 1)"), "schedule"),
+    "train.momentum": (((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"), "schedule"),
     "train.weight_decay": (_real(0), "schedule"),
     "train.no_decay_norm_bias": (_BOOL, "schedule"),
     "train.amp": (_choice("auto", "bf16", "fp16", "none"), "schedule"),

@@ -348,8 +348,8 @@ def memory_rows(config: dict[str, Any], variants: list[str], amps: list[str], ba
             name, version = VARIANTS[variant]
             row: dict[str, Any] = {"name": name, "amp": amp, "crop": crop}
             try:
-                cfg = case_config(config, version, "reference", amp, device, device_info)
-                peaks = {b: training_peak(cfg, device, b, crop) for b in batches}
+                case = case_config(config, version, "reference", amp, device, device_info)
+                peaks = {b: training_peak(case, device, b, crop) for b in batches}
             except RuntimeError as err:  # torch's errors: no bf16 CPU kernel, CUDA out of memory
                 rows.append(row | {"error": " ".join(str(err).split())[:200]})
                 continue

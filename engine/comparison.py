@@ -333,7 +333,7 @@ def choose_pairs(groups: list[Group], options: argparse.Namespace) -> tuple[Grou
 
 
 # ------------------------------------------------------------------------------------------- markdown
-def _number(x: float | None, sign: str = "", digits: int = 2) -> str:
+def _formatted(x: float | None, sign: str = "", digits: int = 2) -> str:
     return "-" if x is None else f"{x:{sign}.{digits}f}"
 
 
@@ -355,7 +355,7 @@ def table(summary: dict[str, Any]) -> str:
               "| added params | train img/s | val img/s |", "|" + "---|" * 11]
     for g in summary["groups"]:
         ref = g["label"] == summary["reference"]
-        deltas = ["ref" if ref else _number(g[f"delta_{k}"], "+") for k in ("val_miou", "train_miou")]
+        deltas = ["ref" if ref else _formatted(g[f"delta_{k}"], "+") for k in ("val_miou", "train_miou")]
         validations = "/".join(map(str, sorted(set(g["validations"]))))
         lines.append(
             f"| {g['label']} | {g['n']} | {_mean_std(g['val_miou'])} | {_mean_std(g['train_miou'])} | {deltas[0]} | "
@@ -416,16 +416,16 @@ def verdict(pair: dict[str, Any]) -> list[str]:
     m = pair["miou"]
     models = ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in pair["model_differences"].items())
     lines = [f"The models differ in {models}."] if models else []
-    lines += [f"mIoU {_number(m['b'])} - {_number(m['a'])} = {_number(m['diff'], '+')} (these checkpoints on these "
+    lines += [f"mIoU {_formatted(m['b'])} - {_formatted(m['a'])} = {_formatted(m['diff'], '+')} (these checkpoints on these "
               f"{pair['images']} images: means over {n_b} vs {n_a} seeds)",
               f"- {ABOUT['']}: 95% CI {_interval(m)} (paired jackknife over the {pair['images']} images, t with "
-              f"{_number(m['df'], digits=1)} degrees of freedom)"]
+              f"{_formatted(m['df'], digits=1)} degrees of freedom)"]
     if m["seeds"] is not None:
         return lines + [
             f"- {ABOUT['seeds']}: 95% CI {_interval(m, 'seeds')} (Welch t over the seeds, "
-            f"{_number(m['seeds']['df'], digits=1)} degrees of freedom)",
+            f"{_formatted(m['seeds']['df'], digits=1)} degrees of freedom)",
             f"- {ABOUT['seeds_and_images']}: 95% CI {_interval(m, 'seeds_and_images')} (seeds x images: the seeds' "
-            f"variance and the recipe-by-image variance, t with {_number(m['seeds_and_images']['df'], digits=1)} "
+            f"variance and the recipe-by-image variance, t with {_formatted(m['seeds_and_images']['df'], digits=1)} "
             f"degrees of freedom)"]
     line = f"- the recipe (other seeds): no claim ({n_b} vs {n_a} seeds; an interval needs >= {MIN_SEEDS} a side)."
     if pair["seed_spread"] is None:
@@ -439,7 +439,7 @@ def verdict(pair: dict[str, Any]) -> list[str]:
     return lines + [
         f"{line} At the seed spread seen here (pooled sd {pair['seed_spread']:.2f} of the mIoU over the seeds, "
         f"{pair['seed_spread_df']} degree{'s' if pair['seed_spread_df'] > 1 else ''} of freedom), a two-sided 5% t "
-        f"test detects {_number(m['diff'], '+')} with 80% power with {needed['observed']} seeds a side, the "
+        f"test detects {_formatted(m['diff'], '+')} with 80% power with {needed['observed']} seeds a side, the "
         f"reference study's +{STUDY_DIFFERENCE} with {needed['study']}; in brackets, the same at the ends of the spread's 80% confidence interval (assumes normal "
         f"seed-to-seed variation with one spread on both sides)."]
 
@@ -454,7 +454,7 @@ def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str],
     rows += [(p, "change of mIoU", r) for p, r in zip(perturbs, pair["perturbed"])]
     lines = ["", f"| subset | measure | {pair['a_label']} | {pair['b_label']} | Δ | 95% CI: {ABOUT[key]} ({method}) |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {what} | {_number(r['a'])} | {_number(r['b'])} | {_number(r['diff'], '+')} | "
+    lines += [f"| {name} | {what} | {_formatted(r['a'])} | {_formatted(r['b'])} | {_formatted(r['diff'], '+')} | "
               f"{_interval(r, key)} |" for name, what, r in rows]
     shown = sorted((c for c in pair["classes"] if c["low"] is not None), key=lambda c: -c["diff"])
     if not shown:
@@ -467,8 +467,8 @@ def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str],
                   f"{MIN_IMAGES} images, chosen after looking; intervals: {ABOUT[key]}. Were the recipes no different, "
                   f"{chance}. BH: survives a Benjamini-Hochberg correction over these {len(shown)} classes "
                   f"(false-discovery rate 5%).", "", header + " BH |", "|---|---|---|---|---|---|---|"]
-        return lines + [f"| {class_names[c['class']]} | {c['images']} | {_number(c['a'])} | {_number(c['b'])} | "
-                        f"{_number(c['diff'], '+')} | {_interval(c, key)} | {'yes' if c['bh'] else ''} |"
+        return lines + [f"| {class_names[c['class']]} | {c['images']} | {_formatted(c['a'])} | {_formatted(c['b'])} | "
+                        f"{_formatted(c['diff'], '+')} | {_interval(c, key)} | {'yes' if c['bh'] else ''} |"
                         for c in chosen]
     lines += ["", f"Largest per-class differences of these checkpoints among the {len(shown)} classes with ground "
               f"truth in >= {MIN_IMAGES} images, chosen after looking; intervals: {ABOUT[key]}. These are checkpoint "
@@ -477,8 +477,8 @@ def breakdown(pair: dict[str, Any], perturbs: list[str], class_names: list[str],
               f"checkpoints no different on images like these, {chance}; checkpoints of two seeds of one recipe do "
               f"differ, so more will. No Benjamini-Hochberg marks without {MIN_SEEDS} seeds a side.", "", header,
               "|---|---|---|---|---|---|"]
-    return lines + [f"| {class_names[c['class']]} | {c['images']} | {_number(c['a'])} | {_number(c['b'])} | "
-                    f"{_number(c['diff'], '+')} | {_interval(c)} |" for c in chosen]
+    return lines + [f"| {class_names[c['class']]} | {c['images']} | {_formatted(c['a'])} | {_formatted(c['b'])} | "
+                    f"{_formatted(c['diff'], '+')} | {_interval(c)} |" for c in chosen]
 
 
 def robustness_table(summary: dict[str, Any]) -> str:
@@ -491,7 +491,7 @@ def robustness_table(summary: dict[str, Any]) -> str:
         clean = g["val_miou"]["mean"]
         cells = [f"{v:.2f} ({v - clean:+.2f})" if v is not None and clean is not None else "-"
                  for v in (g["perturbed"][p] for p in perturbs)]
-        lines.append(f"| {g['label']} | {g['n']} | {_number(clean)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {g['label']} | {g['n']} | {_formatted(clean)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,6 @@ per-class table, settings, speed, and the sha256 of the checkpoint, so that a re
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -29,7 +28,7 @@ from engine.device import memory_format
 from engine.distributed import any_rank, is_initialized, is_rank0
 from engine.inference import predictions
 from engine.memory import is_out_of_memory, memory_gib, out_of_memory_message
-from engine.metric import ConfusionMatrix
+from engine.metric import ConfusionMatrix, json_value
 from engine.signals import Stop
 from engine.statistics import PerImageCounts, count_image
 from engine.workdir import write_image
@@ -52,10 +51,6 @@ def _save_per_image(per_image: PerImageCounts, path: Path) -> None:
         per_image = PerImageCounts.concatenate(parts)
     if is_rank0():
         per_image.sorted().save(path)
-
-
-def _json_number(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else value
 
 
 def score(model: torch.nn.Module, loader: Any, device: torch.device, config: dict[str, Any], amp: str, where: str,
@@ -139,8 +134,8 @@ def evaluate_checkpoint(
     m, names = matrix.metrics(), list(load_class_info()[0])
     names = names if len(names) == len(m["iou"]) else [f"class {i}" for i in range(len(m["iou"]))]
     return {
-        "mIoU": _json_number(m["mIoU"]), "aAcc": _json_number(m["aAcc"]), "mAcc": _json_number(m["mAcc"]),
-        "score": _json_number(m["score"]),
+        "mIoU": json_value(m["mIoU"]), "aAcc": json_value(m["aAcc"]), "mAcc": json_value(m["mAcc"]),
+        "score": json_value(m["score"]),
         "per_class": [{"name": n, "iou": v, "acc": a} for n, v, a in zip(names, m["iou"], m["acc"])],
         "num_images": matrix.num_images, "max_images": max_images, "checkpoint": str(path),
         "checkpoint_sha256": digest, "config": config, "split": split, "mode": config["eval"]["mode"],

@@ -57,6 +57,11 @@ class ConfusionMatrix:
         return metrics_from_counts(correct, gt + h.sum(0) - correct, gt)
 
 
+def json_value(x: float | None) -> float | None:
+    """A metric as JSON holds it: None where it is undefined (NaN, e.g. a class absent from labels and predictions)."""
+    return None if x is None or math.isnan(x) else float(x)
+
+
 def class_iou(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
     """IoU per class in percent (elementwise, any shape), NaN where the union is empty: such a class is absent."""
     intersection, union = np.asarray(intersection, dtype=np.float64), np.asarray(union, dtype=np.float64)

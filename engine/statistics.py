@@ -52,7 +52,7 @@ from scipy import ndimage, stats
 
 from configs import UserError
 from data import IGNORE_INDEX
-from engine.metric import class_iou, mean_iou
+from engine.metric import class_iou, json_value, mean_iou
 from engine.workdir import write_whole
 
 SIZE_BUCKETS = ("small", "medium", "large")
@@ -284,10 +284,6 @@ def seeds_needed(difference: float, spread: float, power: float = 0.8, alpha: fl
     return int(n[reached.argmax()]) if reached.any() else None
 
 
-def _number(x: float) -> float | None:
-    return None if np.isnan(x) else float(x)
-
-
 def _rows(values: list[np.ndarray], left_out: list[np.ndarray], carried: Sequence[int], counted: bool, seeds: bool,
           confidence: float) -> list[dict[str, Any]]:
     """One family's rows (see :func:`compare_sides`) from both sides' (runs, members) values and (images, runs,
@@ -303,8 +299,8 @@ def _rows(values: list[np.ndarray], left_out: list[np.ndarray], carried: Sequenc
             for array in (part or {}).values():
                 array[few] = np.nan
     cells = {"a": ma, "b": mb, "diff": mb - ma, **intervals["images"]}
-    return [{**{key: _number(v[i]) for key, v in cells.items()},
-             **{kind: None if part is None else {key: _number(v[i]) for key, v in part.items()}
+    return [{**{key: json_value(v[i]) for key, v in cells.items()},
+             **{kind: None if part is None else {key: json_value(v[i]) for key, v in part.items()}
                 for kind, part in intervals.items() if kind != "images"}, "images": int(n)}
             for i, n in enumerate(carried)]
 

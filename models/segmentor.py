@@ -104,11 +104,11 @@ def build_model(config: dict[str, Any], load_pretrained: bool = True) -> tuple[S
 
     ``load_pretrained=False`` skips the ImageNet download (used when a checkpoint will be loaded).
     """
-    cfg = config["model"]
-    model = SegmentationModel(cfg["num_classes"], cfg["aux_head"], cfg["head"])
-    if cfg["pretrained_backbone"] and load_pretrained:
+    mcfg = config["model"]
+    model = SegmentationModel(mcfg["num_classes"], mcfg["aux_head"], mcfg["head"])
+    if mcfg["pretrained_backbone"] and load_pretrained:
         load_imagenet_backbone(model)
-    deform_layers = swap_deformable(model, cfg["deform"], cfg["deform_op"])
+    deform_layers = swap_deformable(model, mcfg["deform"], mcfg["deform_op"])
     return model, deform_layers
 
 

@@ -48,10 +48,10 @@ COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 25
 
 
 def _data_cfg(**changes) -> dict:
-    cfg = {"scale": [160, 120], "ratio_range": [0.5, 1.5], "crop_size": 64, "cat_max_ratio": 0.75,
-           "photometric": False, "resize_filter": "antialias"}
-    cfg.update(changes)
-    return cfg
+    dcfg = {"scale": [160, 120], "ratio_range": [0.5, 1.5], "crop_size": 64, "cat_max_ratio": 0.75,
+            "photometric": False, "resize_filter": "antialias"}
+    dcfg.update(changes)
+    return dcfg
 
 
 def _val_cfg(scale: list[int], resize_filter: str = "antialias") -> dict:

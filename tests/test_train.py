@@ -196,10 +196,10 @@ def test_overfitting_a_tiny_batch_reaches_90_percent_pixel_accuracy(tree: Path) 
 
 
 def test_poly_schedule_follows_the_recipe() -> None:
-    cfg = {"lr": 0.01, "min_lr": 1e-4, "iters": 100, "poly_power": 0.9}
-    assert poly_factor(0, cfg) == pytest.approx(1.0)
-    assert poly_factor(100, cfg) * 0.01 == pytest.approx(1e-4)
-    assert poly_factor(50, cfg) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+    tcfg = {"lr": 0.01, "min_lr": 1e-4, "iters": 100, "poly_power": 0.9}
+    assert poly_factor(0, tcfg) == pytest.approx(1.0)
+    assert poly_factor(100, tcfg) * 0.01 == pytest.approx(1e-4)
+    assert poly_factor(50, tcfg) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
 
 
 def test_op_choices_are_checked_and_reported(
