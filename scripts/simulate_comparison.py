@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from configs import UserError
+from engine.console import command_line
 from engine.statistics import MIN_SEEDS, PerImageCounts, compare_sides
 
 CLASSES = 150
@@ -234,19 +235,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with a message for user errors)."""
     args = parse_args(argv)
-    try:
-        if args.images < 2 or args.repetitions < 1 or min(args.seeds) < MIN_SEEDS:
-            raise UserError(f"--images must be 2 or more, --repetitions 1 or more and every --seeds at least "
-                            f"{MIN_SEEDS}; got {args.images}, {args.repetitions} and {args.seeds}.")
-        if not all(0 <= e <= MOST_EFFECT for e in args.effect):
-            raise UserError(f"--effect must lie in [0, {MOST_EFFECT}] (larger ones could push a rate out of [0, 1]); "
-                            f"got {args.effect}.")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.images < 2 or args.repetitions < 1 or min(args.seeds) < MIN_SEEDS:
+        raise UserError(f"--images must be 2 or more, --repetitions 1 or more and every --seeds at least "
+                        f"{MIN_SEEDS}; got {args.images}, {args.repetitions} and {args.seeds}.")
+    if not all(0 <= e <= MOST_EFFECT for e in args.effect):
+        raise UserError(f"--effect must lie in [0, {MOST_EFFECT}] (larger ones could push a rate out of [0, 1]); "
+                        f"got {args.effect}.")
     print(table(args.images, args.seeds, args.effect, args.repetitions), end="")
     return 0
 
