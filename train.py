@@ -231,7 +231,7 @@ def train(t: Training, stop: Stop) -> int:
             except RuntimeError:  # loader workers ended by the stop signal too (a signal to the process group)
                 if stop.reason is None:
                     raise
-            if stopped := stop_agreed(t, stop.reason is not None or unreadable is not None):
+            if stopped := should_stop(t, stop.reason is not None or unreadable is not None):
                 break
             waited += time.perf_counter() - asked
             images = normalize_batch(images.to(t.device, non_blocking=True).contiguous(memory_format=layout), valid)
@@ -250,7 +250,7 @@ def train(t: Training, stop: Stop) -> int:
                     break
             if every(tcfg["ckpt_interval"]):
                 save_last(t)
-        together = True  # every rank leaves the loop here together: at the end, or at a stop they agreed on
+        together = True  # every rank leaves the loop here together: at the end, or at a stop any of them asked for
     finally:
         bar.close()
         if t.iteration > t.saved and (together or t.world_size == 1):  # one process may always save its own work
@@ -265,7 +265,7 @@ def iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
 
 
-def stop_agreed(t: Training, here: bool) -> bool:
+def should_stop(t: Training, here: bool) -> bool:
     """Whether to stop now: ``here`` (a stop signal, an unreadable file) in this process or, under torchrun, in any."""
     return any_rank(here) if t.world_size > 1 else here
 
