@@ -31,7 +31,7 @@ from data import IGNORE_INDEX
 from engine.device import AMP_DTYPES, autocast, memory_format, resolve_amp, resolve_config
 from engine.diagnosis import DeviceInfo
 from engine.inference import predict_logits
-from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
+from engine.loss import reference_upsample_cross_entropy, upsample_cross_entropy
 from engine.memory import CARDS_GIB, fewest_that_fit
 from engine.offsets import capture_offsets
 from engine.optim import build_optimizer, train_step
@@ -284,7 +284,7 @@ def op_rows(config: dict[str, Any], paths: list[str], batch: int, crop: int, dev
     inputs = loss_inputs(batch, crop, config["model"]["num_classes"], device, amp)
     shape = f"{' x '.join(map(str, inputs['logits'].shape))} -> {crop} x {crop}"
     for path in paths:
-        call = functools.partial(LOSS_OPS[path], ignore_index=IGNORE_INDEX)
+        call = functools.partial(upsample_cross_entropy, op=path, ignore_index=IGNORE_INDEX)
         exact = functools.partial(reference_upsample_cross_entropy, ignore_index=IGNORE_INDEX)
         rows.append(row("upsample_cross_entropy", path, shape, call, exact, inputs, amp="none"))  # as in train_step
     return rows

@@ -2,15 +2,14 @@
 
 Two implementations with the same value and gradient, chosen by ``train.loss_op``: ``reference``
 (``reference_upsample_cross_entropy`` below: ``F.interpolate`` + ``F.cross_entropy``) and ``triton``
-(engine/triton_loss.py, fused, never makes the full-size logits; it runs the reference where Triton cannot
-run), imported at its first call, so that a run with the reference never imports the Triton modules. Two
+(engine/triton_loss.py, fused, never makes the full-size logits), imported at its first call, so that a run with
+the reference never imports the Triton modules; ``upsample_cross_entropy`` runs the reference where the kernels
+cannot run. Two
 normalisations, chosen by ``train.loss_norm``: ``labelled`` divides the summed cross-entropy by the labelled
 pixels (as torchvision's reference), ``all`` by all N*H*W pixels (mmsegmentation's ``avg_non_ignore=False``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,24 +34,21 @@ def reference_upsample_cross_entropy(
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
-def triton_upsample_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """The same loss by engine/triton_loss.py's fused Triton kernels, imported here, at the first call."""
-    from engine.triton_loss import upsample_cross_entropy
+def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, op: str = "reference",
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The loss by ``op``: ``triton``, engine/triton_loss.py's fused kernels (imported here, at the first call) where
+    they run (``triton_loss.runs``), the reference everywhere else."""
+    if op == "triton":
+        from engine import triton_loss
 
-    return upsample_cross_entropy(logits, labels, ignore_index)
-
-
-LOSS_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
-    "reference": reference_upsample_cross_entropy,
-    "triton": triton_upsample_cross_entropy,
-}
+        if triton_loss.runs(logits, labels):
+            return triton_loss.upsample_cross_entropy(logits, labels, ignore_index)
+    return reference_upsample_cross_entropy(logits, labels, ignore_index)
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, op: str = "reference", norm: str = "labelled") -> torch.Tensor:
     """Cross-entropy of ``logits`` (N, C, h, w) upsampled to ``labels`` (N, H, W), normalised as ``norm`` says."""
-    loss = LOSS_OPS[op](logits, labels, IGNORE_INDEX)  # mean over labelled pixels (0 if none)
+    loss = upsample_cross_entropy(logits, labels, op)  # mean over labelled pixels (0 if none)
     if norm == "all":
         loss = loss * ((labels != IGNORE_INDEX).sum() / labels.numel())
     return loss

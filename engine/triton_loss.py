@@ -15,10 +15,10 @@ upsample backward alone is a third of the GPU time. Here no (N, C, H, W) tensor 
   reduction along y is one dense torch matmul with the (H, h) row-interpolation matrix (it follows torch's fp32
   matmul precision setting: exact fp32 unless TF32 matmuls are allowed).
 
-Use ``upsample_cross_entropy``; it falls back to engine/loss.py's ``reference_upsample_cross_entropy`` where
-Triton cannot run: no triton, or CPU tensors without ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which
-the tests use when there is no GPU; it must be set before this module is imported); and for widths downsampled
-by more than about 2x, which the backward's tiles are not sized for.
+Use ``upsample_cross_entropy`` where ``runs`` says the kernels run (engine/loss.py's ``upsample_cross_entropy``
+picks the reference elsewhere): not without triton, nor on CPU tensors without ``TRITON_INTERPRET=1`` (Triton's
+CPU interpreter, which the tests use when there is no GPU; it must be set before this module is imported), nor for
+widths downsampled by more than about 2x, which the backward's tiles are not sized for.
 
 The kernels are launched from ``torch.library`` custom ops (``seg_triton::upsample_cross_entropy_sum`` and its
 backward; models/triton_support.py), so under ``torch.compile`` each launch is one opaque node and the loss compiles
@@ -38,7 +38,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engine.loss import reference_upsample_cross_entropy
 from models.triton_support import HAVE_TRITON, define_op_with_backward, triton_available
 
 if HAVE_TRITON:
@@ -58,7 +57,8 @@ MAX_SPAN = 128
 def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Cross-entropy of the bilinearly upsampled logits, averaged over labelled pixels (0 if there are none).
 
-    Equal in value and gradient to ``reference_upsample_cross_entropy`` but without the (N, C, H, W) tensor.
+    Equal in value and gradient to engine/loss.py's ``reference_upsample_cross_entropy`` but without the
+    (N, C, H, W) tensor; only where ``runs(logits, labels)``.
     ``logits`` (N, C, h, w) are float32, bfloat16, float16 or float64 with any strides (e.g. channels_last);
     ``labels`` (N, H, W) int64 in [0, C) or ``ignore_index``, of any size. Returns a 0-dim float32 tensor (float64
     for float64 logits).
@@ -66,14 +66,15 @@ def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits (N, C, h, w) and labels (N, H, W), got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
-    if (
-        not triton_available(logits.device)
-        or labels.numel() == 0
-        or _block_span(logits.shape[-1], labels.shape[-1]) > MAX_SPAN
-    ):
-        return reference_upsample_cross_entropy(logits, labels, ignore_index)
     total, _ = _loss_sum(logits, labels, ignore_index)
     return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def runs(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether the kernels run for these tensors: Triton usable on their device, some labels, and a width
+    downsampled by at most about 2x (``MAX_SPAN``)."""
+    return (triton_available(logits.device) and labels.numel() > 0
+            and _block_span(logits.shape[-1], labels.shape[-1]) <= MAX_SPAN)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:

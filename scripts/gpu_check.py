@@ -42,7 +42,7 @@ from engine.console import command_line
 from engine.device import autocast, describe_device, memory_format, resolve_amp
 from engine.diagnosis import DeviceInfo, cuda_unusable_message, cuda_usable, read_device_info, with_nvidia_smi
 from engine.inference import predict_logits
-from engine.loss import LOSS_OPS, reference_upsample_cross_entropy
+from engine.loss import reference_upsample_cross_entropy, upsample_cross_entropy
 from engine.memory import CARD_SHARE, accum_choices, fewest_that_fit, is_out_of_memory, memory_gib, step_gib
 from engine.workdir import write_json
 from models.deform_conv import DEFORM_OPS
@@ -207,7 +207,7 @@ def op_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo,
         raise RuntimeError("the Triton kernels cannot run here (Triton 3.2 or newer on CUDA)")
     if case["op"] == "loss":  # as in train_step: the loss runs outside autocast, on the heads' logits
         inputs = loss_inputs(batch, crop, 150, device, amp)
-        call = functools.partial(LOSS_OPS[impl], ignore_index=IGNORE_INDEX)
+        call = functools.partial(upsample_cross_entropy, op=impl, ignore_index=IGNORE_INDEX)
         errors = op_errors(call, functools.partial(reference_upsample_cross_entropy, ignore_index=IGNORE_INDEX),
                            inputs, device, "none")
     else:

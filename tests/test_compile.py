@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
 from engine import triton_loss
+from engine.loss import reference_upsample_cross_entropy
 from models import triton_deform
 from models.deform_conv import DEFORM_OPS, DeformConv2d
 
@@ -74,10 +75,9 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def test_reference_paths_compile_and_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchvision's op (v1 and v2) and the loss's fallback, as on a machine without Triton, compile on CPU."""
-    monkeypatch.setattr(triton_loss, "triton_available", lambda device: False)
-    model = TinySegmenter(TORCHVISION_OP, triton_loss.upsample_cross_entropy)
+def test_reference_paths_compile_and_match_eager() -> None:
+    """torchvision's op (v1 and v2) and the reference loss compile on CPU."""
+    model = TinySegmenter(TORCHVISION_OP, reference_upsample_cross_entropy)
     assert_compiled_matches_eager(model, torch.device("cpu"))
 
 
@@ -92,6 +92,5 @@ def test_triton_paths_compile_as_custom_ops(monkeypatch: pytest.MonkeyPatch) -> 
         raise AssertionError("a reference op ran instead of the Triton kernels")
 
     monkeypatch.setattr(triton_deform, "torchvision_deform_conv2d", refuse)
-    monkeypatch.setattr(triton_loss, "reference_upsample_cross_entropy", refuse)
     model = TinySegmenter("triton", triton_loss.upsample_cross_entropy)
     assert_compiled_matches_eager(model, device)

@@ -47,10 +47,10 @@ def test_the_triton_ops_import_their_modules_when_called() -> None:
     """The loss and deformable op entries that train.loss_op=triton and model.deform_op=triton pick load the kernels
     at their first call, not before (run here in Triton's CPU interpreter, on a few pixels)."""
     program = f"""import sys, torch
-from engine.loss import LOSS_OPS
+from engine.loss import upsample_cross_entropy
 from models.deform_conv import DEFORM_OPS
 {LOADED}
-LOSS_OPS["triton"](torch.randn(1, 3, 2, 2), torch.randint(0, 3, (1, 4, 4)))
+upsample_cross_entropy(torch.randn(1, 3, 2, 2), torch.randint(0, 3, (1, 4, 4)), "triton")
 DEFORM_OPS["triton"](torch.randn(1, 2, 3, 3), torch.zeros(1, 18, 3, 3), torch.randn(2, 2, 3, 3), padding=(1, 1))
 {LOADED}"""
     before, after = loaded_modules(program)

@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("triton", minversion="3.2")  # models/triton_support.py: older Tritons are not used
 
-from engine.loss import reference_upsample_cross_entropy
+from engine import loss as loss_module
 from engine import triton_loss
+from engine.loss import reference_upsample_cross_entropy
 from engine.triton_loss import (
     BLOCK_C,
     BLOCK_X,
@@ -125,11 +126,16 @@ def test_low_precision_logits_under_autocast(dtype: torch.dtype) -> None:
     assert rel_err(loss, exact_loss) < 1e-5 and rel_err(grad, exact_grad) < 1e-2
 
 
+def triton_op(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss train.loss_op=triton computes: the kernels where they run, the reference elsewhere."""
+    return loss_module.upsample_cross_entropy(logits, labels, "triton")
+
+
 def test_fallback_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     logits, labels = make_inputs(2, 5, 4, 5, 13, 17)
     monkeypatch.setattr(triton_loss, "triton_available", lambda device: False)
-    assert not triton_loss.triton_available(DEVICE)
-    loss, grad = loss_and_grad(upsample_cross_entropy, logits, labels)
+    assert not triton_loss.runs(logits, labels)
+    loss, grad = loss_and_grad(triton_op, logits, labels)
     ref_loss, ref_grad = loss_and_grad(reference_upsample_cross_entropy, logits, labels)
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
 
@@ -142,9 +148,9 @@ def test_triton_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the reference ran instead of the Triton kernels")
 
-    monkeypatch.setattr(triton_loss, "reference_upsample_cross_entropy", refuse)
+    monkeypatch.setattr(loss_module, "reference_upsample_cross_entropy", refuse)
     assert triton_available(DEVICE)
-    loss, grad = loss_and_grad(upsample_cross_entropy, logits, labels)
+    loss, grad = loss_and_grad(triton_op, logits, labels)
     assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
 
 
@@ -155,7 +161,8 @@ def test_strong_width_downsampling_falls_back(monkeypatch: pytest.MonkeyPatch) -
         raise AssertionError("the kernels ran on a shape they are not sized for")
 
     monkeypatch.setattr(triton_loss, "_loss_sum", refuse)
-    loss, grad = loss_and_grad(upsample_cross_entropy, logits, labels)
+    assert not triton_loss.runs(logits, labels)
+    loss, grad = loss_and_grad(triton_op, logits, labels)
     ref_loss, ref_grad = loss_and_grad(reference_upsample_cross_entropy, logits, labels)
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
 
