@@ -155,8 +155,8 @@ def test_the_sbatch_script_stops_cleanly_on_each_signal_a_job_gets(tree: Path, t
     (stubs / "scontrol").chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "OMP_NUM_THREADS": "1"}
-    args = ["--work-dir", str(work_dir), *overrides(tree, iters=100), "train.batch_size=2", "train.accum_steps=1",
-            "train.val_interval=100"]
+    args = ["--work-dir", str(work_dir), *overrides(tree, iters=100), "train.batch_size=4", "train.accum_steps=1",
+            "train.val_interval=100"]  # 2 images per forward in each process (BatchNorm)
     log = tmp_path / "slurm-demo.log"
     signals = (("shell", signal.SIGUSR1, 1), ("job", signal.SIGUSR1, 2), ("job", signal.SIGTERM, 2))
     for launch, (whom, sig, requeues) in enumerate(signals):
