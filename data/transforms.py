@@ -7,9 +7,9 @@ normalisation and padding to the crop size (image 0 after normalisation, label 2
 fit ``scale`` and keeps the label at its original size. Every random number comes from the ``np.random.Generator``
 passed in, so a training sample is a function of (image, label, seed) and a resumed run sees the same samples.
 
-For speed (the README's "Data pipeline"), only the source region that becomes the crop is resampled (the image
-by torchvision's ``resized_crop``, the label by PIL's nearest neighbour, on one grid: the crop's pixel centres,
-within half a source pixel of resize-then-crop's), and ``TrainTransform`` ends at uint8: the normalisation
+For speed (docs/gpu-and-clusters.md, "Data pipeline"), only the source region that becomes the crop is resampled
+(the image by torchvision's ``resized_crop``, the label by PIL's nearest neighbour, on one grid: the crop's pixel
+centres, within half a source pixel of resize-then-crop's), and ``TrainTransform`` ends at uint8: the normalisation
 happens on the training device (``normalize_batch``). ``data.resize_filter``: ``antialias`` is PIL's bilinear
 (low-pass when shrinking), ``bilinear`` OpenCV's ``INTER_LINEAR`` as in mmseg; the same filter when growing.
 """

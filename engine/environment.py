@@ -1,7 +1,7 @@
 """What a run's numbers depend on besides the code and the config: package versions, the machine and the training data.
 
 Recorded in every checkpoint (``environment``), so compare.py can refuse to group runs made with different versions
-or on different data; requirements-lock.txt pins the versions the README's figures were measured with.
+or on different data; requirements-lock.txt pins the versions the figures of the README and docs/ were measured with.
 """
 
 from __future__ import annotations

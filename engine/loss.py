@@ -26,7 +26,8 @@ def reference_upsample_cross_entropy(
     bfloat16/float16 logits (autocast's) are cast to float32 before the upsampling, so that the upsampling, its
     backward and the cross-entropy run in float32 and the gradient is rounded to the logits' dtype once; float64
     stays float64. The fused kernels compute the same way. Upsampling in bf16 instead would make CUDA's backward
-    accumulate the gradient in bf16 atomics (README, "The bf16 loss": scripts/loss_precision.py measures it).
+    accumulate the gradient in bf16 atomics (docs/gpu-and-clusters.md, "The bf16 loss":
+    scripts/loss_precision.py measures it).
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)

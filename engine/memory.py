@@ -1,10 +1,10 @@
 """Memory: what one training step needs, how many micro-batches make the recipe's batch fit a card, and what an
 out-of-memory error proposes.
 
-``STEP_GIB`` is the README's memory table, the one place its figures live (a test checks the README against
-it): per image and fixed GiB of one training step at 512x512 with the aux head (reference ops), measured by
-``scripts/benchmark.py --memory`` on the CPU, a stand-in until a GPU measures them. Everything that plans or
-advises memory (``train.accum_steps`` in an out-of-memory message, gpu_check.py's plan) estimates from it.
+``STEP_GIB`` is the memory table of docs/gpu-and-clusters.md, the one place its figures live (a test checks that
+page against it): per image and fixed GiB of one training step at 512x512 with the aux head (reference ops),
+measured by ``scripts/benchmark.py --memory`` on the CPU, a stand-in until a GPU measures them. Everything that plans
+or advises memory (``train.accum_steps`` in an out-of-memory message, gpu_check.py's plan) estimates from it.
 ``train.accum_steps: auto`` is measured instead: trial steps on this GPU (``choose_accum_steps``).
 """
 
@@ -119,7 +119,7 @@ def out_of_memory_message(where: str, config: dict[str, Any], amp: str, processe
         per_forward = tcfg["batch_size"] // (processes * tcfg["accum_steps"])
         ran = (f"{per_forward} images per forward (train.batch_size={tcfg['batch_size']} over {processes} process(es) "
                f"x train.accum_steps={tcfg['accum_steps']}), about {config_step_gib(config, per_forward):.1f} GiB by "
-               f"the README's memory table")
+               f"the memory table in docs/gpu-and-clusters.md")
     else:
         ran = f"mode {ecfg['mode']}, scales {ecfg['scales']}"
     advice = advice_text(memory_advice(where, config, amp, processes, device_type, available_gib), where)

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     samplers = {"this repository": project_sampler(dataset)}
     peer = mmseg_sampler(dataset)
     if isinstance(peer, str):
-        print(f"mmsegmentation is not importable ({peer}); timing this repository alone (README: how to install it)")
+        print(f"mmsegmentation is not importable ({peer}); timing this repository alone (how to install it: "
+              "docs/gpu-and-clusters.md, Data pipeline)")
     else:
         samplers["mmsegmentation"] = peer
     recipe = ", ".join(f"{key}={config['data'][key]}" for key in ("scale", "ratio_range", "crop_size",

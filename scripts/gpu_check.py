@@ -7,10 +7,11 @@ and gradients, within TOLERANCES); a whole-image and a slide evaluation of a 512
 Triton path; and one torch.compile of def-conv-v2. --full runs every combination (every precision the GPU has,
 both layouts, every model on every path, the reference ops too, four compiled models).
 
-Each training case takes the fewest micro-batches (train.accum_steps) with which the README's memory table says the
-batch of 16 fits the card (more where it still runs out of memory, as train.accum_steps=auto does); a case that
-cannot fit even at 2 images per forward is reported as "no fit" with the memory it needs. --plan prints the cases,
-their batch split and estimated time without running anything (no GPU needed: give --memory-gib).
+Each training case takes the fewest micro-batches (train.accum_steps) with which the memory table (engine/memory.py,
+shown in docs/gpu-and-clusters.md) says the batch of 16 fits the card (more where it still runs out of memory, as
+train.accum_steps=auto does); a case that cannot fit even at 2 images per forward is reported as "no fit" with the
+memory it needs. --plan prints the cases, their batch split and estimated time without running anything (no GPU
+needed: give --memory-gib).
 
 Each case runs on its own (a failure is a row of the table, not the end of the check); the table is rewritten to
 --out/gpu_check.json after every case. Exit status: 0 every case that fits passed, 1 a failure or a mismatch, 2 no
@@ -147,9 +148,9 @@ def plan_table(cases: list[dict[str, Any]], memories: list[float], shapes: dict[
         for m in memories:
             totals[m] += estimate_s(case) if case["kind"] != "train" or planned[m]["accum"] else 0
     lines.append(f"{'estimated time':<{width}}" + "".join(f"{_minutes(totals[m]):<18}" for m in memories))
-    lines.append(f"cells: images per forward x train.accum_steps (the step's GiB by the README's memory table, at most "
-                 f"{CARD_SHARE:.0%} of the card)\nseconds: estimates for an H100, not measured (ESTIMATE_S in "
-                 f"scripts/gpu_check.py)")
+    lines.append(f"cells: images per forward x train.accum_steps (the step's GiB by the memory table in "
+                 f"docs/gpu-and-clusters.md, at most {CARD_SHARE:.0%} of the card)\nseconds: estimates for an H100, not "
+                 f"measured (ESTIMATE_S in scripts/gpu_check.py)")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -261,7 +262,7 @@ def run_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo
     try:
         if case["kind"] == "train" and case["accum"] is None:
             row = {"status": "no fit", "detail": f"needs {case['need_gib']:.1f} GiB at {MIN_PER_FORWARD} images per "
-                                                 f"forward (the README's memory table)"}
+                                                 f"forward (the memory table in docs/gpu-and-clusters.md)"}
         else:
             row = RUNNERS[case["kind"]](case, device, device_info, shapes)
     except Exception as err:  # noqa: BLE001 - every failure is a finding of the check, reported in its row

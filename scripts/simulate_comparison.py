@@ -22,7 +22,7 @@ the recipe's drop for the class (plus the seed's shift of it). Every term is bou
 The table gives, for every row type compare.py prints, the share of its 95 % intervals that held the truth; in
 worlds where the recipes are equal (``null``), the share that excluded 0 (for the recipe on other images a false
 claim; for these checkpoints, and for the recipe on these images where there is a recipe-by-image effect, a true
-difference that is no evidence about the recipes). Example (the README's table):
+difference that is no evidence about the recipes). Example (the table in docs/statistics.md):
 
     python scripts/simulate_comparison.py --images 2000 --seeds 3 5 --repetitions 400
 """

@@ -127,7 +127,7 @@ def test_the_case_runner_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     (unfit,) = gpu_check.run_checks(cases[:1], torch.device("cpu"), read_device_info(), TINY, 1.0, tmp_path)
     assert unfit["status"] == "no fit" and unfit["seconds"] < 1  # nothing was built
-    assert unfit["detail"] == "needs 1.1 GiB at 2 images per forward (the README's memory table)"
+    assert unfit["detail"] == "needs 1.1 GiB at 2 images per forward (the memory table in docs/gpu-and-clusters.md)"
     assert "0 of 1 cases passed; do not fit this card: train norm-conv none contiguous;" in capsys.readouterr().out
     assert gpu_check.exit_code([unfit]) == 0
 
@@ -174,8 +174,8 @@ def test_without_cuda_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsy
     assert "--device cpu" not in err and "no CPU mode" in err
 
 
-def test_the_readme_shows_the_plan_as_printed(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_the_docs_show_the_plan_as_printed(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(gpu_check, "read_device_info", lambda: NO_GPU)
     assert gpu_check.main(["--plan", "--memory-gib", "16,24,40,80"]) == 0
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert f"$ python scripts/gpu_check.py --plan --memory-gib 16,24,40,80\n{capsys.readouterr().out}```" in readme
+    page = (Path(__file__).resolve().parents[1] / "docs" / "gpu-and-clusters.md").read_text(encoding="utf-8")
+    assert f"$ python scripts/gpu_check.py --plan --memory-gib 16,24,40,80\n{capsys.readouterr().out}```" in page

@@ -226,7 +226,7 @@ def test_every_signal_that_stops_a_job_asks_the_run_to_stop(monkeypatch: pytest.
 
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     forwarded = get_args_parser().get_default("signals_to_handle").split(",")
-    assert forwarded == ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"]  # the README names them, and its 30 s:
+    assert forwarded == ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"]  # docs/gpu-and-clusters.md names them, and its 30 s:
     assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1).shutdown_timeout == 30
     stopping = {signal.Signals[name] for name in forwarded} | {signal.SIGUSR1, signal.SIGUSR2}
     assert stopping <= set(signals.STOP_SIGNALS)

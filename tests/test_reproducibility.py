@@ -1,8 +1,8 @@
 """Reproducible numbers: the demo data under the locked environment, and bitwise-deterministic training.
 
-The README's demo figures hold for requirements-lock.txt's versions. A new numpy or pillow release can
+The demo figures of the README and docs/ hold for requirements-lock.txt's versions. A new numpy or pillow release can
 change the generated demo data (drawing, JPEG encoding), and with it every demo figure: the checksum
-below then fails, asking for a deliberate update of the lock, this checksum and the README figures.
+below then fails, asking for a deliberate update of the lock, this checksum and those figures.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_demo_data_checksum_under_the_locked_versions(tmp_path: Path) -> None:
     generate_demo_dataset(tmp_path / "demo", num_train=3, num_val=2)
     assert demo_digest(tmp_path / "demo") == DEMO_SHA256, (
         "the generated demo data changed (new numpy/pillow, or an edit of data/demo.py): update requirements-lock.txt "
-        "deliberately, then this checksum and the README's demo figures"
+        "deliberately, then this checksum and the demo figures of the README and docs/"
     )
 
 

@@ -124,10 +124,9 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(tree: Path, tmp_
     assert last["iteration"] == 8 and not any(k.startswith("module.") for k in last["model"])
 
 
-def readme_sbatch_script() -> str:
-    """The SLURM script of the README's "On a cluster", as it stands there."""
-    (script,) = re.findall(r"```bash\n(#!/bin/bash\n.*?)```", (REPO / "README.md").read_text(), re.S)
-    return script
+def sbatch_script() -> str:
+    """scripts/train.sbatch, the SLURM job of docs/gpu-and-clusters.md, as it stands."""
+    return (REPO / "scripts" / "train.sbatch").read_text(encoding="utf-8")
 
 
 def job_processes(shell: int) -> list[int]:
@@ -140,12 +139,12 @@ def job_processes(shell: int) -> list[int]:
     return found
 
 
-def test_the_readme_slurm_script_stops_cleanly_on_each_signal_a_job_gets(tree: Path, tmp_path: Path) -> None:
-    """The README's sbatch script as SLURM runs it (bash, in the clone, with its environment; a stub for scontrol),
+def test_the_sbatch_script_stops_cleanly_on_each_signal_a_job_gets(tree: Path, tmp_path: Path) -> None:
+    """scripts/train.sbatch as SLURM runs it (bash, in the clone, with its environment; a stub for scontrol),
     with 2 CPU processes and the demo config: SIGUSR1 to the batch shell (--signal=B:USR1), SIGUSR1 to every process
     of the job, SIGTERM to every process of the job. Each time the training processes save and exit 0, torchrun and
     the script exit 0, the log holds no traceback, and SIGUSR1 alone requeues the job."""
-    script = readme_sbatch_script().replace("--nproc_per_node=4", "--nproc_per_node=2").replace("def-conv-v2", "demo")
+    script = sbatch_script().replace("--nproc_per_node=4", "--nproc_per_node=2").replace("def-conv-v2", "demo")
     clone, stubs, work_dir, calls = tmp_path / "clone", tmp_path / "bin", tmp_path / "run", tmp_path / "scontrol.calls"
     (clone / ".venv" / "bin").mkdir(parents=True)
     (clone / ".venv" / "bin" / "activate").write_text(f'PATH="{Path(sys.executable).parent}:$PATH"\n')
@@ -156,8 +155,8 @@ def test_the_readme_slurm_script_stops_cleanly_on_each_signal_a_job_gets(tree: P
     (stubs / "scontrol").chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "OMP_NUM_THREADS": "1"}
-    args = ["--work-dir", str(work_dir), *overrides(tree, iters=100), "train.batch_size=2", "train.accum_steps=1",
-            "train.val_interval=100"]
+    args = ["--work-dir", str(work_dir), *overrides(tree, iters=100), "train.batch_size=4", "train.accum_steps=1",
+            "train.val_interval=100"]  # 2 images per forward in each process (BatchNorm)
     log = tmp_path / "slurm-demo.log"
     signals = (("shell", signal.SIGUSR1, 1), ("job", signal.SIGUSR1, 2), ("job", signal.SIGTERM, 2))
     for launch, (whom, sig, requeues) in enumerate(signals):
@@ -200,7 +199,7 @@ def test_torchrun_agrees_on_a_stop_during_validation_and_on_a_file_one_rank_cann
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert "stopped by SIGTERM at iteration 2" in out and "val mIoU" not in out, err[-3000:]
-    assert proc.returncode == 1 and "SignalException" in err  # torchrun's own ending (README: "On a cluster")
+    assert proc.returncode == 1 and "SignalException" in err  # torchrun's own ending (docs/gpu-and-clusters.md)
     assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
 
     image = sorted((tree / "images" / "training").glob("*.jpg"))[victim]

@@ -233,7 +233,8 @@ def test_false_discoveries_are_benjamini_hochberg() -> None:
 # ------------------------------------------------------------------------------------------- coverage
 # scripts/simulate_comparison.py simulates evaluations of two recipes (150 classes, per-image confusion counts with
 # false-positive blobs, seeds, a recipe-by-image effect) with known truths; its full table (2,000 images, 400
-# repetitions) is in the README. These are smaller versions that still tell a calibrated interval from a wrong one.
+# repetitions) is in docs/statistics.md. These are smaller versions that still tell a calibrated interval from a
+# wrong one.
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,7 @@ def test_classes_in_few_images_get_no_interval_because_they_are_covered_less(mon
                 bin_ = "10-19" if c["images"] < 20 else "20-29" if c["images"] < 30 else "30 or more"
                 hits[bin_].append(c["low"] <= truth[c["class"]] <= c["high"])
     measured = {k: float(np.mean(v)) for k, v in hits.items()}
-    with capsys.disabled():  # the README states these: python -m pytest -s -k few_images tests/test_statistics.py
+    with capsys.disabled():  # docs/statistics.md quotes: python -m pytest -s -k few_images tests/test_statistics.py
         print("\ncoverage of the 95% per-class image intervals by images with the class (300 images, 40 repetitions): "
               + ", ".join(f"{k} {v:.3f} ({len(hits[k])} intervals)" for k, v in measured.items()))
     assert measured["10-19"] < 0.93 <= measured["30 or more"]
