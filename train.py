@@ -12,8 +12,8 @@ with gradient accumulation, and the schedule). The operations around it run at t
 engine/signals.py (stop signals), engine/workdir.py (the work dir, its lock, start or resume), engine/checkpoint.py
 (writing and reading checkpoints), engine/device.py and engine/diagnosis.py (the device), engine/memory.py (what fits
 the card). Everything random derives from the config's seed and the iteration, so a run stopped anywhere and resumed
-ends where the uninterrupted run ends (bitwise on the CPU; on CUDA, cuDNN's benchmark mode and the deformable
-backward's atomic adds are not bitwise reproducible). Under torchrun rank 0 alone logs and writes files, and the
+ends where the uninterrupted run ends (bitwise on the CPU; on CUDA, cuDNN's benchmark mode and the atomic adds of
+the deformable op's and the upsampling's backward are not bitwise reproducible). Under torchrun rank 0 alone logs and writes files, and the
 ranks agree once per iteration whether to stop.
 """
 
