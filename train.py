@@ -13,8 +13,8 @@ engine/signals.py (stop signals), engine/workdir.py (the work dir, its lock, sta
 (writing and reading checkpoints), engine/device.py and engine/diagnosis.py (the device), engine/memory.py (what fits
 the card). Everything random derives from the config's seed and the iteration, so a run stopped anywhere and resumed
 ends where the uninterrupted run ends (bitwise on the CPU; on CUDA, cuDNN's benchmark mode and the atomic adds of
-the deformable op's and the upsampling's backward are not bitwise reproducible). Under torchrun rank 0 alone logs and writes files, and the
-ranks agree once per iteration whether to stop.
+the deformable op's and the upsampling's backward are not bitwise reproducible). Under torchrun rank 0 alone logs
+and writes files, and the ranks agree once per iteration whether to stop.
 """
 
 from __future__ import annotations
