@@ -228,8 +228,8 @@ def train(t: Training, stop: Stop) -> int:
                 images, labels, valid = next(t.batches)
             except UserError as err:  # a file that cannot be read: the run saves, then names it
                 unreadable = error_message(err)
-            except RuntimeError:  # loader workers ended by the stop signal too (a signal to the process group)
-                if stop.reason is None:
+            except (RuntimeError, OSError):  # loader workers the stop signal ended too (a signal to the process
+                if stop.reason is None:  # group): a worker error, or a connection reset while a batch was passed
                     raise
             if stopped := should_stop(t, stop.reason is not None or unreadable is not None):
                 break

@@ -72,7 +72,7 @@ def score(model: torch.nn.Module, loader: Any, device: torch.device, config: dic
         for _ in range(-(-len(loader.dataset.dataset) // world)):
             try:
                 name, pred, label = next(images, (None, None, None))
-            except RuntimeError as err:
+            except (RuntimeError, OSError) as err:  # OSError: a connection reset while a worker passed an image
                 if is_out_of_memory(err):
                     raise UserError(out_of_memory_message(where, config, amp, world, device.type, memory_gib(device),
                                                           context)) from None

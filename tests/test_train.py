@@ -254,6 +254,29 @@ def test_cuda_out_of_memory_proposes_accumulation_not_a_smaller_batch(
     assert "train.batch_size=1" not in err and "train.accum_steps=2" not in err  # BatchNorm needs 2 per forward
 
 
+@pytest.mark.parametrize("error", [RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated."),
+                                   ConnectionResetError(104, "Connection reset by peer")], ids=["worker", "reset"])
+def test_loader_workers_ended_by_the_stop_signal_are_the_stop(error: Exception, tree: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A signal to the process group ends the loader workers too; what the main process then reads from them (a
+    worker's error, or a connection reset while a batch was being passed) is the stop: last.pt saved, exit 0."""
+    real = train.build_train_loader
+
+    def dies_with_the_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise error
+            yield batch
+
+    monkeypatch.setattr(train, "build_train_loader", dies_with_the_signal)
+    work_dir = tmp_path / "run"
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)]) == 0
+    assert "stopped by SIGTERM at iteration 2 (saved)" in capsys.readouterr().out
+    assert load_checkpoint(work_dir / "last.pt")["iteration"] == 2
+
+
 def signal_the_group_when(work_dir: Path, overrides: list[str], ready: Callable[[int], bool]) -> str:
     """Start train.py in its own process group; once ``ready(pid)`` holds, SIGTERM the whole group, as a scheduler
     does; return stdout after checking that the run exited with 0."""
