@@ -232,7 +232,7 @@ def offset_figure(
     ``image_tensor`` is the normalised network input (3, h, w) made from ``original_rgb`` (HxWx3 uint8);
     ``points`` are (x, y) pixels of the original, checked by the caller (None picks a few on different predicted
     classes); ``num_layers`` stacked layers are traced (default: up to 3). ``observed`` is the (1/8 logits, layer
-    fields) of the image when the caller already ran the model (the trainer does); None runs it here.
+    fields) of the image when the caller already ran the model (TensorBoard's panels do); None runs it here.
     """
     orig_h, orig_w = original_rgb.shape[:2]
     logits, all_fields = observed if observed is not None else run_with_fields(model, image_tensor)
