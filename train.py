@@ -183,12 +183,12 @@ def set_up(config: dict[str, Any], work_dir: Path, resume: str | None, device_na
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if cuda else None)
     start = checkpoint["iteration"] if checkpoint else 0
+    train_loader = build_train_loader(config, rank, world_size, start_iter=start)
     training = Training(
         config, work_dir, rank, world_size, device, device_info, model, train_model, optimizer, scaler,
-        iter(build_train_loader(config, rank, world_size, start_iter=start)),
-        build_val_loader(config, "validation", rank, world_size, max_images=tcfg["val_max_images"]),
+        iter(train_loader), build_val_loader(config, "validation", rank, world_size, max_images=tcfg["val_max_images"]),
         config_changes=changes, environment={**describe(device), "device": describe_device(device, device_info),
-                                             "training_data": training_data(config)},
+                                             "training_data": training_data(train_loader.dataset)},
     )
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, scaler, config)

@@ -12,11 +12,11 @@ the batches an uninterrupted run would have seen. Validation is sharded without 
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import signal
 import warnings
 from collections.abc import Iterator
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any

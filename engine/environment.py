@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from data.dataset import list_split, prepare_dataset_root
+from data.dataset import SegmentationFolder
 
 # The packages whose versions can change a number: the direct dependencies and torch's compiler.
 PACKAGES = ("torch", "torchvision", "triton", "numpy", "scipy", "pillow", "pyyaml", "tensorboard", "tqdm", "matplotlib")
@@ -43,13 +43,11 @@ def describe(device: torch.device | None = None) -> dict[str, Any]:
             "cpu_count": torch.multiprocessing.cpu_count(), "gpu": gpu}
 
 
-def training_data(config: dict[str, Any]) -> dict[str, Any]:
-    """The training split a run reads: its folder, its number of images and the sha256 of its listing (each image's
-    and annotation's file name and size, in the listing's order)."""
-    root = prepare_dataset_root(config)
-    pairs, _ = list_split(root, "training")
+def training_data(dataset: SegmentationFolder) -> dict[str, Any]:
+    """The training split a run reads (its loader's dataset): its folder, its number of images and the sha256 of its
+    listing (each image's and annotation's file name and size, in the listing's order)."""
     digest = hashlib.sha256()
-    for pair in pairs:
+    for pair in zip(dataset.images, dataset.labels):
         for path in pair:
-            digest.update(f"{path.name if path else '-'} {path.stat().st_size if path else 0}\n".encode())
-    return {"root": str(root), "images": len(pairs), "sha256": digest.hexdigest()}
+            digest.update(f"{path.name} {path.stat().st_size}\n".encode())
+    return {"root": str(dataset.root), "images": len(dataset), "sha256": digest.hexdigest()}

@@ -109,7 +109,7 @@ def _modified(path: Path) -> float | None:
 def _on_this_host(path: Path) -> bool:
     """Whether the lock file ``path`` names a process of this host (whose liveness can be checked directly)."""
     try:
-        owner = json.loads(path.read_text())
+        owner = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(owner, dict) and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)

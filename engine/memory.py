@@ -130,7 +130,6 @@ def out_of_memory_message(where: str, config: dict[str, Any], amp: str, processe
             f"{advice + '; or ' if advice else ''}{last}.")
 
 
-
 def choose_accum_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                        config: dict[str, Any], world_size: int, synced: bool) -> tuple[int, str]:
     """train.accum_steps=auto: the fewest micro-batches whose training step fits this GPU, and why (1 on the CPU).

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import engine.comparison as comparison
+from data.dataset import build_train_loader
 from data.demo import ensure_demo_dataset
 from engine.checkpoint import load_checkpoint
 from engine.environment import training_data
@@ -270,7 +271,9 @@ def test_runs_trained_on_other_data_are_refused(runs: dict[str, Path], tmp_path:
     """The training data each run read is recorded at its start (folder, images, listing digest); a run trained on
     other data is no seed of the same recipe, whatever its data.root."""
     recorded = load_checkpoint(runs["v2_s0"] / "last.pt")["environment"]["training_data"]
-    assert recorded == training_data(load_checkpoint(runs["v2_s0"] / "last.pt")["config"]) and recorded["images"] == 400
+    config = load_checkpoint(runs["v2_s0"] / "last.pt")["config"]
+    assert recorded == training_data(build_train_loader(config, 0, 1, start_iter=0).dataset)
+    assert recorded["images"] == 400
     data = {**recorded, "images": 200, "sha256": "0" * 64}  # half the training images, the same folder name
     half = fake_run(tmp_path / "half-data", runs["v2_s1"], environment__training_data=data)
     code, stdout, stderr = run_compare([str(runs["v2_s0"]), str(half), "--no-eval"])

@@ -263,14 +263,19 @@ def test_loader_workers_ended_by_the_stop_signal_are_the_stop(error: Exception, 
     worker's error, or a connection reset while a batch was being passed) is the stop: last.pt saved, exit 0."""
     real = train.build_train_loader
 
-    def dies_with_the_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-                raise error
-            yield batch
+    class DiesWithTheSignal:
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            self.loader = real(*args, **kwargs)
+            self.dataset = self.loader.dataset
 
-    monkeypatch.setattr(train, "build_train_loader", dies_with_the_signal)
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i, batch in enumerate(self.loader):
+                if i == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    raise error
+                yield batch
+
+    monkeypatch.setattr(train, "build_train_loader", DiesWithTheSignal)
     work_dir = tmp_path / "run"
     assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *tiny_overrides(tree)]) == 0
     assert "stopped by SIGTERM at iteration 2 (saved)" in capsys.readouterr().out
