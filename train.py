@@ -5,8 +5,8 @@
     python train.py --config def-conv-v2.yaml --resume auto            # start, or continue from the newest checkpoint
 
 Read it top to bottom: ``set_up`` (config, device, model, optimizer, data, a resumed state), then ``train``, one loop
-counted in iterations (a batch, a step, the next step's learning rate; the losses, a validation and last.pt at their
-intervals). One iteration runs the recipe's code in six files: data/dataset.py and data/transforms.py (the data),
+counted in iterations (at the top, the point where the losses are checked and logged, the model validated and the
+checkpoints written at their intervals; then a batch, its learning rate, a step). One iteration runs the recipe's code in six files: data/dataset.py and data/transforms.py (the data),
 models/segmentor.py and models/deform_conv.py (the model), engine/loss.py (the loss) and engine/optim.py (the step
 with gradient accumulation, and the schedule). The operations around it run at the start and at the stop:
 engine/signals.py (stop signals), engine/workdir.py (the work dir, its lock, start or resume), engine/checkpoint.py
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from configs import UserError, batch_split_error, error_message, flatten, load_config
 from data.dataset import build_train_loader, build_val_loader, load_class_info, prepare_dataset_root
 from data.transforms import normalize_batch
-from engine.checkpoint import link_checkpoint, restore, save_checkpoint
+from engine.checkpoint import checkpoint_state, link_checkpoint, restore, save_checkpoint
 from engine.console import command_line
 from engine.device import advice_text, choose_device, describe_device, memory_format, nonfinite_advice, resolve_config
 from engine.diagnosis import DeviceInfo, read_device_info
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         with hold_work_dir(work_dir, env_rank()):
             training = set_up(config, work_dir, args.resume, device, device_info)
             try:
-                return train(training, stop)
-            except RuntimeError as err:  # out of memory in a step: the paragraph, after last.pt was saved
+                return finish(training, *train(training, stop))
+            except RuntimeError as err:  # out of memory in a step: the paragraph, after last.pt was saved (``train``)
                 if not is_out_of_memory(err):
                     raise
                 raise UserError(out_of_memory_message(
@@ -145,6 +145,8 @@ class Training:
     checkpointed: int = 0  # the iteration of the work dir's newest checkpoint, where --resume auto continues (0: none)
     config_changes: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    nonfinite_advice: str = ""  # what a non-finite loss message proposes (``NonFiniteLoss``)
+    metrics: dict[str, Any] | None = None  # the last complete validation's
     log: TensorBoard | None = None  # rank 0's
     samples: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the validation images shown in TensorBoard
 
@@ -189,12 +191,12 @@ def set_up(config: dict[str, Any], work_dir: Path, resume: str | None, device_na
         iter(train_loader), build_val_loader(config, "validation", rank, world_size, max_images=tcfg["val_max_images"]),
         config_changes=changes, environment={**describe(device), "device": describe_device(device, device_info),
                                              "training_data": training_data(train_loader.dataset)},
+        nonfinite_advice=advice_text(nonfinite_advice(config, device.type, device_info.capability), "training"),
     )
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, scaler, config)
         training.iteration = training.saved = training.checkpointed = start
         training.validated, training.best_miou = checkpoint["validated"], checkpoint["best_miou"]
-    set_learning_rate(optimizer, training.iteration, tcfg)  # from the config, also after a resume
     if rank == 0:  # the start succeeded: the work dir is this run's now
         write_record(work_dir, config)
         training.log = TensorBoard(work_dir, training.iteration)
@@ -202,62 +204,94 @@ def set_up(config: dict[str, Any], work_dir: Path, resume: str | None, device_na
     return training
 
 
-def train(t: Training, stop: Stop) -> int:
-    """Train to ``train.iters``: a step per iteration; the losses, a validation and last.pt at their intervals.
+def train(t: Training, stop: Stop) -> tuple[str | None, str | None]:
+    """Train to ``train.iters`` in nanoGPT's loop: each pass first reaches the point where, at their intervals, the
+    losses and weights are checked and logged, the model validated and the checkpoints written; then it trains one
+    iteration (a batch, its learning rate, a step with gradient accumulation).
 
-    Every way out of the loop (the end, a stop signal, a file that cannot be read, a non-finite loss, any error) passes
-    one ``finally``, which saves last.pt when the work since the last save is sound.
+    Every way out passes that point. The end and a stop (a signal, a file that cannot be read) leave the loop there,
+    after last.pt. Any other error is kept, the work since the last save checked and saved at the point, and the
+    error raised after it (under torchrun at once: the other ranks cannot take part). A non-finite loss or weight
+    saves nothing. Returns what stopped the run (None: it ended) and the message of a file that could not be read.
     """
-    config, tcfg = t.config, t.config["train"]
+    tcfg = t.config["train"]
     layout = memory_format(tcfg["channels_last"])
 
     def every(interval: int) -> bool:
         return t.iteration % interval == 0 or t.iteration == tcfg["iters"]
 
-    bar = tqdm(total=tcfg["iters"], initial=t.iteration, disable=t.rank != 0, dynamic_ncols=True)
-    losses, waited, window_start = [], 0.0, time.perf_counter()  # since the last logged iteration
-    unreadable, stopped, together, metrics = None, False, False, None
-    try:
-        if t.validated < t.iteration and every(tcfg["val_interval"]):  # a validation that a stop cut short
-            stopped = (metrics := validate(t, stop, last_follows=True)) is None
-            if not stopped:
-                save_last(t)
-        while not stopped and t.iteration < tcfg["iters"]:
-            asked = time.perf_counter()
+    losses, waited, window_start = [], 0.0, time.perf_counter()  # since the last point
+    stopping, unreadable, failure = False, None, None
+    with tqdm(total=tcfg["iters"], initial=t.iteration, disable=t.rank != 0, dynamic_ncols=True) as bar:
+        while True:
             try:
-                images, labels, valid = next(t.batches)
-            except UserError as err:  # a file that cannot be read: the run saves, then names it
-                unreadable = error_message(err)
-            except (RuntimeError, OSError):  # loader workers the stop signal ended too (a signal to the process
-                if stop.reason is None:  # group): a worker error, or a connection reset while a batch was passed
-                    raise
-            if stopped := should_stop(t, stop.reason is not None or unreadable is not None):
-                break
-            waited += time.perf_counter() - asked
-            images = normalize_batch(images.to(t.device, non_blocking=True).contiguous(memory_format=layout), valid)
-            labels = labels.to(t.device, non_blocking=True).long()
-            torch.manual_seed(iteration_seed(config["seed"], t.iteration, t.rank))  # dropout
-            losses.append(train_step(t.train_model, t.optimizer, t.scaler, images, labels, config))
-            t.iteration += 1
-            set_learning_rate(t.optimizer, t.iteration, tcfg)  # the next step's: the schedule is per iteration
-            bar.update(1)
-            if every(tcfg["log_interval"]) or every(tcfg["val_interval"]) or every(tcfg["ckpt_interval"]):
-                log_losses(t, losses, waited, time.perf_counter() - window_start, bar)  # NonFiniteLoss if one is
-                losses, waited, window_start = [], 0.0, time.perf_counter()
-            if every(tcfg["val_interval"]):
-                check_weights(t)  # a bad last update must reach neither best.pt nor last.pt
-                if stopped := (metrics := validate(t, stop, every(tcfg["ckpt_interval"]))) is None:
+                # The point: checks first (a bad update reaches no checkpoint), then validation, logs, checkpoints.
+                ending = stopping or failure is not None or t.iteration == tcfg["iters"]
+                values = None
+                if ending or any(every(tcfg[k]) for k in ("log_interval", "val_interval", "ckpt_interval")):
+                    values = checked_losses(t, losses, waited, time.perf_counter() - window_start)
+                    check_weights(t)
+                    losses, waited, window_start = [], 0.0, time.perf_counter()
+                validating = not stopping and failure is None and t.validated < t.iteration and every(
+                    tcfg["val_interval"])
+                validated = validating and validate(t, stop)
+                if validating and not validated:  # a stop signal cut the validation short
+                    stopping = ending = True
+                # last.pt at the checkpoint interval, at the end and at a stop; and after a validation made again at
+                # the iteration last.pt holds (one a stop had cut short), so that it is not made a third time
+                last = (t.iteration > t.saved and (ending or every(tcfg["ckpt_interval"]))
+                        or validated and t.iteration == t.saved)
+                best = validated and t.best_at == t.iteration and not last  # else best.pt is last.pt's second name
+                if t.rank == 0:
+                    if values is not None:
+                        t.log.write(log_train, t.iteration, values)
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
+                    if validated:
+                        names, palette = load_class_info()
+                        t.log.write(log_validation, t.iteration, t.metrics, names)
+                        t.log.write(log_samples, t.iteration, t.model, t.samples, palette, t.device)
+                    if last or best:
+                        state = checkpoint_state(t.model, t.optimizer, t.scaler, iteration=t.iteration,
+                                                 validated=t.validated, best_miou=t.best_miou, config=t.config,
+                                                 config_changes=t.config_changes, environment=t.environment)
+                        save_checkpoint(state, t.work_dir / ("last.pt" if last else "best.pt"))
+                    if last and t.best_at == t.iteration:  # the best weights are these: best.pt names the same file
+                        link_checkpoint(t.work_dir / "last.pt", t.work_dir / "best.pt")
+                t.saved = t.iteration if last else t.saved
+                t.checkpointed = t.iteration if last or best else t.checkpointed
+                if ending:
                     break
-            if every(tcfg["ckpt_interval"]):
-                save_last(t)
-        together = True  # every rank leaves the loop here together: at the end, or at a stop any of them asked for
-    finally:
-        bar.close()
-        if t.iteration > t.saved and (together or t.world_size == 1):  # one process may always save its own work
-            log_losses(t, losses, waited, time.perf_counter() - window_start, bar)
-            save_last(t)
-    return finish(t, (stop.reason or "a stop signal on another rank") if stopped else None,
-                  first_message(unreadable) if stopped else None, metrics)
+
+                # One iteration.
+                asked = time.perf_counter()
+                try:
+                    images, labels, valid = next(t.batches)
+                except UserError as err:  # a file that cannot be read: the run saves, then names it
+                    unreadable = error_message(err)
+                except (RuntimeError, OSError):  # loader workers the stop signal ended too (a signal to the process
+                    if stop.reason is None:  # group): a worker error, or a connection reset while a batch was passed
+                        raise
+                here = stop.reason is not None or unreadable is not None  # under torchrun: on any rank
+                if stopping := any_rank(here) if t.world_size > 1 else here:
+                    continue
+                waited += time.perf_counter() - asked
+                images = normalize_batch(images.to(t.device, non_blocking=True).contiguous(memory_format=layout), valid)
+                labels = labels.to(t.device, non_blocking=True).long()
+                torch.manual_seed(iteration_seed(t.config["seed"], t.iteration, t.rank))  # dropout
+                set_learning_rate(t.optimizer, t.iteration, tcfg)  # the schedule is per iteration
+                losses.append(train_step(t.train_model, t.optimizer, t.scaler, images, labels, t.config))
+                t.iteration += 1
+                bar.update(1)
+            except NonFiniteLoss:
+                raise  # nothing after the last good checkpoint is saved
+            except BaseException as err:  # any other error: saved at the point, then raised
+                if failure is not None or t.world_size > 1:
+                    raise
+                failure = err
+    if failure is not None:
+        raise failure
+    return ((stop.reason or "a stop signal on another rank") if stopping else None,
+            first_message(unreadable) if stopping else None)
 
 
 def iteration_seed(seed: int, iteration: int, rank: int) -> int:
@@ -265,18 +299,15 @@ def iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
 
 
-def should_stop(t: Training, here: bool) -> bool:
-    """Whether to stop now: ``here`` (a stop signal, an unreadable file) in this process or, under torchrun, in any."""
-    return any_rank(here) if t.world_size > 1 else here
+def checked_losses(t: Training, losses: list[dict[str, torch.Tensor]], waited: float,
+                   elapsed: float) -> dict[str, float] | None:
+    """The losses since the last point, averaged over ranks (one sync) and checked finite; the values to log on
+    rank 0 (None without losses, and on the other ranks).
 
-
-def log_losses(t: Training, losses: list[dict[str, torch.Tensor]], waited: float, elapsed: float, bar: tqdm) -> None:
-    """Check the losses since the last log (averaged over ranks: one sync) and log them with the speed on rank 0.
-
-    Raises NonFiniteLoss naming the first bad iteration, so nothing after it is saved.
+    Raises NonFiniteLoss naming the first bad iteration, so that nothing after it is saved.
     """
     if not losses:
-        return
+        return None
     stacked = torch.stack([torch.stack([w["total"], w["main"], w.get("aux", w["main"])]) for w in losses])
     if t.world_size > 1:
         dist.all_reduce(stacked)
@@ -284,9 +315,9 @@ def log_losses(t: Training, losses: list[dict[str, torch.Tensor]], waited: float
     stacked = stacked.float().cpu()
     bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
     if len(bad):
-        raise NonFiniteLoss(t.iteration - len(losses) + int(bad[0]) + 1, t.checkpointed, nonfinite_help(t))
+        raise NonFiniteLoss(t.iteration - len(losses) + int(bad[0]) + 1, t.checkpointed, t.nonfinite_advice)
     if t.rank != 0:
-        return
+        return None
     mean, group = stacked.mean(0), t.optimizer.param_groups[0]
     values = {"loss": mean[0].item(), "loss_main": mean[1].item(), "lr": group["lr"] / group["lr_mult"],
               "images_per_s": len(losses) * t.config["train"]["batch_size"] / elapsed, "data_wait_share": waited / elapsed}
@@ -294,8 +325,7 @@ def log_losses(t: Training, losses: list[dict[str, torch.Tensor]], waited: float
         values["loss_aux"] = mean[2].item()
     if t.device.type == "cuda":
         values["gpu_mem_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
-    t.log.write(log_train, t.iteration, values)
-    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
+    return values
 
 
 def check_weights(t: Training) -> None:
@@ -304,68 +334,27 @@ def check_weights(t: Training) -> None:
     if t.world_size > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
-        raise NonFiniteLoss(t.iteration, t.checkpointed, nonfinite_help(t), "the weights")
+        raise NonFiniteLoss(t.iteration, t.checkpointed, t.nonfinite_advice, "the weights")
 
 
-def nonfinite_help(t: Training) -> str:
-    """What a non-finite loss message proposes: settings this device accepts that are not in force."""
-    return advice_text(nonfinite_advice(t.config, t.device.type, t.device_info.capability), "training")
-
-
-def validate(t: Training, stop: Stop, last_follows: bool) -> dict[str, Any] | None:
-    """Validation metrics (logged on rank 0, best.pt kept), or None when a stop signal cut the validation short.
-
-    A new best is written to best.pt now, or, when last.pt follows at this iteration (``last_follows``), becomes
-    best.pt as a second name of that file (``save_last``): a run whose best is its end holds one file, not two.
-    """
+def validate(t: Training, stop: Stop) -> bool:
+    """Validate (``engine.evaluation.score``): the metrics and the best so far recorded in ``t``, the line printed on
+    rank 0. False when a stop signal cut the validation short."""
     scored = score(t.model, t.val_loader, t.device, t.config, t.config["train"]["amp"], "validation",
                    f"at iteration {t.iteration}", stop)
     if scored is None:
-        return None
-    metrics, seconds = scored[0].metrics(), scored[1]
-    t.validated, is_best, t.best_miou = t.iteration, metrics["mIoU"] > t.best_miou, max(t.best_miou, metrics["mIoU"])
-    if is_best:
-        t.best_at = t.iteration
+        return False
+    (matrix, seconds), t.validated = scored, t.iteration
+    t.metrics = matrix.metrics()
+    if t.metrics["mIoU"] > t.best_miou:
+        t.best_miou, t.best_at = t.metrics["mIoU"], t.iteration
     if t.rank == 0:
-        names, palette = load_class_info()
-        if t.samples is None:  # the fixed panel images, read once per run
+        if t.samples is None:  # the fixed images of the TensorBoard panels, read once per run
             t.samples = [t.val_loader.dataset[i][:2]
                          for i in range(min(t.config["train"]["tb_images"], len(t.val_loader.dataset)))]
-        t.log.write(log_validation, t.iteration, metrics, names)
-        t.log.write(log_samples, t.iteration, t.model, t.samples, palette, t.device)
-        tqdm.write(f"iter {t.iteration}: val mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc "
-                   f"{metrics['mAcc']:.2f}  ({seconds:.0f}s){'  new best' if is_best else ''}")
-        if is_best and not last_follows:
-            save_checkpoint(checkpoint_state(t), t.work_dir / "best.pt")
-    if is_best and not last_follows:
-        t.checkpointed = t.iteration
-    return metrics
-
-
-def save_last(t: Training) -> None:
-    """last.pt at the current iteration, once the weights are checked finite (best.pt too, when these are the best)."""
-    check_weights(t)
-    if t.rank == 0:
-        save_checkpoint(checkpoint_state(t), t.work_dir / "last.pt")
-        if t.best_at == t.iteration:  # the best weights are these: best.pt names the same file
-            link_checkpoint(t.work_dir / "last.pt", t.work_dir / "best.pt")
-    t.saved = t.checkpointed = t.iteration
-
-
-def checkpoint_state(t: Training) -> dict[str, Any]:
-    """The checkpoint: one plain dict (nanoGPT) of tensors and plain values. No RNG state: every iteration seeds
-    torch from the config seed and its number (``iteration_seed``), the data from the sample's position."""
-    return {
-        "model": t.model.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
-        "iteration": t.iteration,
-        "validated": t.validated,
-        "best_miou": t.best_miou,
-        "config": t.config,
-        "config_changes": t.config_changes,
-        "environment": t.environment,
-    }
+        tqdm.write(f"iter {t.iteration}: val mIoU {t.metrics['mIoU']:.2f}  aAcc {t.metrics['aAcc']:.2f}  mAcc "
+                   f"{t.metrics['mAcc']:.2f}  ({seconds:.0f}s){'  new best' if t.best_at == t.iteration else ''}")
+    return True
 
 
 def banner(t: Training, asked: dict[str, Any], deform_names: list[str], how: str, accum_note: str) -> str:
@@ -392,7 +381,7 @@ def banner(t: Training, asked: dict[str, Any], deform_names: list[str], how: str
     return "\n".join(lines)
 
 
-def finish(t: Training, stopped_by: str | None, unreadable: str | None, metrics: dict[str, Any] | None) -> int:
+def finish(t: Training, stopped_by: str | None, unreadable: str | None) -> int:
     """Say how the run ended; raise the error of a file that could not be read, after last.pt was saved."""
     saved = "saved" if t.iteration else "nothing trained yet"  # the loop's end saved the work since the last save
     if unreadable is not None:
@@ -403,10 +392,10 @@ def finish(t: Training, stopped_by: str | None, unreadable: str | None, metrics:
     if stopped_by:
         print(f"stopped by {stopped_by} at iteration {t.iteration} ({saved}). To continue, run the same command line "
               f"with --resume auto.")
-    elif metrics is None:
+    elif t.metrics is None:
         print(f"nothing to do: the run in {t.work_dir} is already at iteration {t.config['train']['iters']}.")
     else:
-        print(f"done: {t.iteration} iterations, final val mIoU {metrics['mIoU']:.2f} (best {t.best_miou:.2f}).\n"
+        print(f"done: {t.iteration} iterations, final val mIoU {t.metrics['mIoU']:.2f} (best {t.best_miou:.2f}).\n"
               f"  curves:    tensorboard --logdir {t.work_dir.parent}\n"
               f"  evaluate:  python evaluate.py --checkpoint {t.work_dir / 'last.pt'}")
     return 0

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE_INDEX
-from engine.device import AMP_DTYPES, autocast, memory_format, resolve_amp, resolve_config
+from engine.device import AMP_DTYPES, memory_format, resolve_amp, resolve_config
 from engine.diagnosis import DeviceInfo
 from engine.inference import predict_logits
 from engine.loss import reference_upsample_cross_entropy, upsample_cross_entropy
@@ -116,7 +116,8 @@ class TrainingCase:
     def infer(self) -> None:
         """Whole-image logits at the input size, as evaluation computes them (uncompiled, as evaluation runs)."""
         self.model.eval()
-        with torch.inference_mode(), autocast(self.device, self.config["train"]["amp"]):
+        amp = self.config["train"]["amp"]
+        with torch.inference_mode(), torch.autocast(self.device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
             predict_logits(self.model, self.images, tuple(self.images.shape[-2:]))
 
     def peak_bytes(self) -> int | None:
@@ -254,7 +255,7 @@ def op_errors(call: Callable[..., torch.Tensor], reference: Callable[..., torch.
     inputs (for one random output gradient), against ``reference`` in float64 on the same input values."""
     leaves = {k: t.detach().clone().requires_grad_() if t.is_floating_point() else t for k, t in inputs.items()}
     exact_leaves = {k: t.detach().double().requires_grad_() if t.is_floating_point() else t for k, t in inputs.items()}
-    with autocast(device, amp):
+    with torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
         out = call(**leaves)
     exact = reference(**exact_leaves)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
@@ -296,11 +297,11 @@ def _op_row(op: str, impl: str, shape: str, call: Callable, exact: Callable, inp
     leaves = {k: t.detach().clone().requires_grad_(t.is_floating_point()) for k, t in inputs.items()}
 
     def forward() -> None:
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
             call(**inputs)
 
     def forward_backward() -> None:
-        with autocast(device, amp):
+        with torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
             out = call(**leaves)
         out.float().sum().backward()
 

@@ -27,6 +27,15 @@ from models.segmentor import build_model
 REQUIRED_KEYS = ("model", "config")
 
 
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     **record: Any) -> dict[str, Any]:
+    """The checkpoint of a training: one plain dict (nanoGPT) of the model, optimizer and scaler states and
+    ``record`` (train.py's: iteration, validated, best_miou, config, config_changes, environment). No RNG state:
+    every iteration seeds torch from the config seed and its number, the data from the sample's position."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, **record}
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically: a uniquely named temporary file, fsync, rename, fsync of the folder.
 

@@ -7,7 +7,6 @@ falls back to the CPU without a word: ``choose_device`` stops with the reason. T
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import sys
@@ -130,12 +129,6 @@ def describe_device(device: torch.device, device_info: DeviceInfo) -> str:
     device_info = with_nvidia_smi(device_info)
     capability = f"capability {device_info.capability[0]}.{device_info.capability[1]}" if device_info.capability else "capability unknown"
     return f"{device_info.gpu} ({capability}), torch {device_info.torch}, CUDA {device_info.cuda}, driver {device_info.driver or 'unknown'}"
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for a resolved ``amp`` name (bf16, fp16) on ``device``, or a no-op for none."""
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

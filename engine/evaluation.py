@@ -65,29 +65,31 @@ def score(model: torch.nn.Module, loader: Any, device: torch.device, config: dic
     is the one paragraph of ``engine.memory`` (``where``: validation or evaluation; ``context``: at iteration N, of
     checkpoint X), not a traceback.
     """
-    world = dist.get_world_size() if is_initialized() else 1
-    matrix, start = ConfusionMatrix(config["model"]["num_classes"], device), time.perf_counter()
+    world, start = dist.get_world_size() if is_initialized() else 1, time.perf_counter()
     images = predictions(model, loader, device, config, amp)
-    with closing(images), tqdm(total=len(loader), desc="eval", disable=stop is not None or not is_rank0()) as bar:
-        for _ in range(-(-len(loader.dataset.dataset) // world)):
-            try:
-                name, pred, label = next(images, (None, None, None))
-            except (RuntimeError, OSError) as err:  # OSError: a connection reset while a worker passed an image
-                if is_out_of_memory(err):
-                    raise UserError(out_of_memory_message(where, config, amp, world, device.type, memory_gib(device),
-                                                          context)) from None
-                if stop is None or stop.reason is None:  # not the loader workers that the stop signal ended too
-                    raise
-            else:
-                if pred is not None:
-                    matrix.update(pred, label)
-                    matrix.num_images += 1
-                    bar.update()
-                    if on_image is not None:
-                        on_image(name, pred, label)
-            if stop is not None and any_rank(stop.reason is not None):
-                return None
-    matrix.all_reduce()
+    matrix = ConfusionMatrix(config["model"]["num_classes"], device)
+    try:
+        with closing(images), tqdm(total=len(loader), desc="eval", disable=stop is not None or not is_rank0()) as bar:
+            for _ in range(-(-len(loader.dataset.dataset) // world)):
+                try:
+                    name, pred, label = next(images, (None, None, None))
+                except (RuntimeError, OSError):  # OSError: a connection reset while a worker passed an image
+                    if stop is None or stop.reason is None:  # not the loader workers that the stop signal ended too
+                        raise
+                else:
+                    if pred is not None:
+                        matrix.update(pred, label)
+                        matrix.num_images += 1
+                        bar.update()
+                        if on_image is not None:
+                            on_image(name, pred, label)
+                if stop is not None and any_rank(stop.reason is not None):
+                    return None
+        matrix.all_reduce()
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise UserError(out_of_memory_message(where, config, amp, world, device.type, memory_gib(device), context)) from None
     return matrix, time.perf_counter() - start  # all_reduce waited for the slowest rank
 
 

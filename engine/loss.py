@@ -3,10 +3,9 @@
 Two implementations with the same value and gradient, chosen by ``train.loss_op``: ``reference``
 (``reference_upsample_cross_entropy`` below: ``F.interpolate`` + ``F.cross_entropy``) and ``triton``
 (engine/triton_loss.py, fused, never makes the full-size logits), imported at its first call, so that a run with
-the reference never imports the Triton modules; ``upsample_cross_entropy`` runs the reference where the kernels
-cannot run. Two
-normalisations, chosen by ``train.loss_norm``: ``labelled`` divides the summed cross-entropy by the labelled
-pixels (as torchvision's reference), ``all`` by all N*H*W pixels (mmsegmentation's ``avg_non_ignore=False``).
+the reference never imports the Triton modules (``engine.device.resolve_config`` keeps triton only where Triton
+runs). Two normalisations, chosen by ``train.loss_norm``: ``labelled`` divides the summed cross-entropy by the
+labelled pixels (as torchvision's reference), ``all`` by all N*H*W pixels (mmsegmentation's ``avg_non_ignore=False``).
 """
 
 from __future__ import annotations
@@ -37,14 +36,13 @@ def reference_upsample_cross_entropy(
 
 def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, op: str = "reference",
                            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The loss by ``op``: ``triton``, engine/triton_loss.py's fused kernels (imported here, at the first call) where
-    they run (``triton_loss.runs``), the reference everywhere else."""
-    if op == "triton":
-        from engine import triton_loss
+    """The loss by ``op``: ``reference`` (above), or ``triton``: engine/triton_loss.py's fused kernels, imported
+    here at the first call (a ValueError where they cannot run)."""
+    if op == "reference":
+        return reference_upsample_cross_entropy(logits, labels, ignore_index)
+    from engine import triton_loss
 
-        if triton_loss.runs(logits, labels):
-            return triton_loss.upsample_cross_entropy(logits, labels, ignore_index)
-    return reference_upsample_cross_entropy(logits, labels, ignore_index)
+    return triton_loss.upsample_cross_entropy(logits, labels, ignore_index)
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, op: str = "reference", norm: str = "labelled") -> torch.Tensor:
@@ -65,9 +63,7 @@ def compute_loss(
     norm: str = "labelled",
 ) -> dict[str, torch.Tensor]:
     """``main``, ``aux`` (when the model returned it) and ``total`` = main + ``aux_weight`` * aux."""
-    losses = {"main": segmentation_loss(outputs["out"], labels, op, norm)}
-    losses["total"] = losses["main"]
-    if "aux" in outputs:
-        losses["aux"] = segmentation_loss(outputs["aux"], labels, op, norm)
-        losses["total"] = losses["main"] + aux_weight * losses["aux"]
+    losses = {name: segmentation_loss(outputs[key], labels, op, norm)
+              for name, key in (("main", "out"), ("aux", "aux")) if key in outputs}
+    losses["total"] = losses["main"] + aux_weight * losses["aux"] if "aux" in losses else losses["main"]
     return losses

@@ -122,7 +122,8 @@ def out_of_memory_message(where: str, config: dict[str, Any], amp: str, processe
                f"the memory table in docs/gpu-and-clusters.md")
     else:
         ran = f"mode {ecfg['mode']}, scales {ecfg['scales']}"
-    advice = advice_text(memory_advice(where, config, amp, processes, device_type, available_gib), where)
+    proposals = memory_advice(where, config, amp, processes, device_type, available_gib)
+    advice = advice_text(proposals, where)
     last = ("a GPU, or a machine with more memory" if device_type != "cuda" else
             "more GPUs under torchrun" if where == "training" else "a GPU with more memory")
     again = "Run it again with" if where == "evaluation" else "Continue with --resume auto and"

@@ -84,11 +84,11 @@ def train_step(
     losses: dict[str, torch.Tensor] = {}
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
+        share = counted_pixels(y, tcfg["loss_norm"]) / total_pixels
         with model.no_sync() if ddp and i < accum - 1 else nullcontext():
             with torch.autocast(x.device.type, AMP_DTYPES[tcfg["amp"]] or torch.float32, tcfg["amp"] != "none"):
                 outputs = model(x)
             micro = compute_loss(outputs, y, config["model"]["aux_loss_weight"], tcfg["loss_op"], tcfg["loss_norm"])
-            share = counted_pixels(y, tcfg["loss_norm"]) / total_pixels
             scaler.scale(micro["total"] * share).backward()
         for key, value in micro.items():
             losses[key] = losses.get(key, 0) + value.detach() * share

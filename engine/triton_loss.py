@@ -15,10 +15,11 @@ upsample backward alone is a third of the GPU time. Here no (N, C, H, W) tensor 
   reduction along y is one dense torch matmul with the (H, h) row-interpolation matrix (it follows torch's fp32
   matmul precision setting: exact fp32 unless TF32 matmuls are allowed).
 
-Use ``upsample_cross_entropy`` where ``runs`` says the kernels run (engine/loss.py's ``upsample_cross_entropy``
-picks the reference elsewhere): not without triton, nor on CPU tensors without ``TRITON_INTERPRET=1`` (Triton's
-CPU interpreter, which the tests use when there is no GPU; it must be set before this module is imported), nor for
-widths downsampled by more than about 2x, which the backward's tiles are not sized for.
+``upsample_cross_entropy`` refuses (ValueError) what the kernels cannot do: Triton unusable on the tensors' device
+(no triton; CPU tensors without ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use when there is no
+GPU; it must be set before this module is imported), no labels, or a width downsampled by more than about 2x, which
+the backward's tiles are not sized for. Training never meets these: ``engine.device.resolve_config`` keeps
+``train.loss_op=triton`` only where Triton runs, and the logits are upsampled 8x.
 
 The kernels are launched from ``torch.library`` custom ops (``seg_triton::upsample_cross_entropy_sum`` and its
 backward; models/triton_support.py), so under ``torch.compile`` each launch is one opaque node and the loss compiles
@@ -50,7 +51,7 @@ BLOCK_C = 32
 BLOCK_X = 64
 NUM_WARPS = 4
 # The backward's [BLOCK_X, BLOCK_J] interpolation matrix must stay small: a block of output columns may touch at
-# most this many low-res columns, i.e. the width may be downsampled by up to about 2x; beyond, the reference runs.
+# most this many low-res columns, i.e. the width may be downsampled by up to about 2x.
 MAX_SPAN = 128
 
 
@@ -58,7 +59,7 @@ def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     """Cross-entropy of the bilinearly upsampled logits, averaged over labelled pixels (0 if there are none).
 
     Equal in value and gradient to engine/loss.py's ``reference_upsample_cross_entropy`` but without the
-    (N, C, H, W) tensor; only where ``runs(logits, labels)``.
+    (N, C, H, W) tensor; ValueError where the kernels cannot run (module docstring).
     ``logits`` (N, C, h, w) are float32, bfloat16, float16 or float64 with any strides (e.g. channels_last);
     ``labels`` (N, H, W) int64 in [0, C) or ``ignore_index``, of any size. Returns a 0-dim float32 tensor (float64
     for float64 logits).
@@ -66,15 +67,15 @@ def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits (N, C, h, w) and labels (N, H, W), got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
+    if not triton_available(logits.device):
+        raise ValueError(f"the fused loss cannot run on {logits.device}: Triton is not usable there (a CUDA GPU, or "
+                         f"TRITON_INTERPRET=1 on the CPU). Use train.loss_op=reference.")
+    if labels.numel() == 0 or _block_span(logits.shape[-1], labels.shape[-1]) > MAX_SPAN:
+        raise ValueError(f"the fused loss is not sized for logits {tuple(logits.shape)} and labels "
+                         f"{tuple(labels.shape)} (no labels, or a width downsampled by more than about 2x). Use the "
+                         f"reference loss (train.loss_op=reference).")
     total, _ = _loss_sum(logits, labels, ignore_index)
     return total / (labels != ignore_index).sum().clamp(min=1)
-
-
-def runs(logits: torch.Tensor, labels: torch.Tensor) -> bool:
-    """Whether the kernels run for these tensors: Triton usable on their device, some labels, and a width
-    downsampled by at most about 2x (``MAX_SPAN``)."""
-    return (triton_available(logits.device) and labels.numel() > 0
-            and _block_span(logits.shape[-1], labels.shape[-1]) <= MAX_SPAN)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:

@@ -40,7 +40,7 @@ from data import IGNORE_INDEX
 from engine.benchmark import (GIB, PATHS, VARIANTS, TrainingCase, case_config, conv_op, deform_inputs, loss_inputs,
                               op_errors, seconds_per_call)
 from engine.console import command_line
-from engine.device import autocast, describe_device, memory_format, resolve_amp
+from engine.device import AMP_DTYPES, describe_device, memory_format, resolve_amp
 from engine.diagnosis import DeviceInfo, cuda_unusable_message, cuda_usable, read_device_info, with_nvidia_smi
 from engine.inference import predict_logits
 from engine.loss import reference_upsample_cross_entropy, upsample_cross_entropy
@@ -161,7 +161,7 @@ def _minutes(seconds: float) -> str:
 def _config(case: dict[str, Any], device: torch.device, device_info: DeviceInfo) -> dict[str, Any]:
     """The recipe's config for ``case``, resolved for ``device``; an error where the Triton path cannot run."""
     if case.get("path") == "triton" and not triton_available(device):
-        raise RuntimeError("the Triton kernels cannot run here (Triton 3.2 or newer on CUDA): the path would fall back")
+        raise RuntimeError("the Triton kernels cannot run here (Triton 3.2 or newer on CUDA)")
     config = load_config(CONFIG)
     config["train"]["channels_last"] = case.get("channels_last", True)
     config["train"]["compile"] = case.get("compile", False)
@@ -231,6 +231,7 @@ def op_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo,
 def eval_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo, shapes: dict[str, Any]) -> dict:
     """``predict_logits`` of one image (whole or slide windows of the crop), as evaluation runs it."""
     config, size = _config(case, device, device_info), shapes["eval_size"]
+    amp = config["train"]["amp"]
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     layout = memory_format(config["train"]["channels_last"])
     model = build_model(config, load_pretrained=False)[0].to(device, memory_format=layout).eval()
@@ -238,7 +239,7 @@ def eval_case(case: dict[str, Any], device: torch.device, device_info: DeviceInf
     image = image.contiguous(memory_format=layout)
 
     def predict() -> torch.Tensor:
-        with torch.inference_mode(), autocast(device, config["train"]["amp"]):
+        with torch.inference_mode(), torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
             return predict_logits(model, image, size, case["mode"], crop=shapes["crop"], stride=shapes["crop"] * 2 // 3)
 
     if device.type == "cuda":

@@ -119,7 +119,7 @@ def test_resume_auto_continues_or_starts_over_in_every_state_a_kill_leaves(
     work_dir = tmp_path / "run"
     temporary = killed_run(work_dir, state, run)
     started: list[train.Training] = []
-    monkeypatch.setattr(train, "train", lambda training, stop: started.append(training) or 0)
+    monkeypatch.setattr(train, "train", lambda training, stop: started.append(training) or ("the test", None))
     assert train.main(["--config", "demo.yaml", "--work-dir", str(work_dir), *overrides(tree), "--resume", "auto"]) == 0
     out = capsys.readouterr().out
     assert f"removed what interrupted writes left in {work_dir}: {temporary}\n{STATES[state][3].format(dir=work_dir)}" in out

@@ -127,17 +127,17 @@ def test_low_precision_logits_under_autocast(dtype: torch.dtype) -> None:
 
 
 def triton_op(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss train.loss_op=triton computes: the kernels where they run, the reference elsewhere."""
+    """The loss train.loss_op=triton computes."""
     return loss_module.upsample_cross_entropy(logits, labels, "triton")
 
 
-def test_fallback_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_triton_the_op_is_refused_not_swapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where Triton cannot run, train.loss_op=triton is resolved to the reference before training
+    (engine.device.resolve_config, tests/test_train.py); called anyway, the op says so instead of running another."""
     logits, labels = make_inputs(2, 5, 4, 5, 13, 17)
     monkeypatch.setattr(triton_loss, "triton_available", lambda device: False)
-    assert not triton_loss.runs(logits, labels)
-    loss, grad = loss_and_grad(triton_op, logits, labels)
-    ref_loss, ref_grad = loss_and_grad(reference_upsample_cross_entropy, logits, labels)
-    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    with pytest.raises(ValueError, match="Triton is not usable there.*train.loss_op=reference"):
+        triton_op(logits, labels)
 
 
 def test_triton_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,22 +154,20 @@ def test_triton_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
 
 
-def test_strong_width_downsampling_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_strong_width_downsampling_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     logits, labels = make_inputs(1, 4, 3, 3 * MAX_SPAN, 2, 2)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the kernels ran on a shape they are not sized for")
 
     monkeypatch.setattr(triton_loss, "_loss_sum", refuse)
-    assert not triton_loss.runs(logits, labels)
-    loss, grad = loss_and_grad(triton_op, logits, labels)
-    ref_loss, ref_grad = loss_and_grad(reference_upsample_cross_entropy, logits, labels)
-    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    with pytest.raises(ValueError, match=r"not sized for logits \(1, 4, 3, 384\) and labels \(1, 2, 2\)"):
+        triton_op(logits, labels)
 
 
 @pytest.mark.parametrize("in_size", [1, 3, 7, 64, 65, 97, 128, 300, 1000])
 def test_block_span_is_the_axis_span(in_size: int) -> None:
-    """The fallback decision (Python floats, traceable by torch.compile) agrees with the kernels' fp32 axis."""
+    """The size check (Python floats, traceable by torch.compile) agrees with the kernels' fp32 axis."""
     for out_size in (1, 2, 5, 13, 63, 64, 65, 150, 512, 1024):
         expected = triton_loss._axis(in_size, out_size, torch.float32, torch.device("cpu")).span
         assert triton_loss._block_span(in_size, out_size) == expected, (in_size, out_size)
