@@ -6,15 +6,16 @@
 
 Read it top to bottom: ``set_up`` (config, device, model, optimizer, data, a resumed state), then ``train``, one loop
 counted in iterations (at the top, the point where the losses are checked and logged, the model validated and the
-checkpoints written at their intervals; then a batch, its learning rate, a step). One iteration runs the recipe's code in six files: data/dataset.py and data/transforms.py (the data),
-models/segmentor.py and models/deform_conv.py (the model), engine/loss.py (the loss) and engine/optim.py (the step
-with gradient accumulation, and the schedule). The operations around it run at the start and at the stop:
-engine/signals.py (stop signals), engine/workdir.py (the work dir, its lock, start or resume), engine/checkpoint.py
-(writing and reading checkpoints), engine/device.py and engine/diagnosis.py (the device), engine/memory.py (what fits
-the card). Everything random derives from the config's seed and the iteration, so a run stopped anywhere and resumed
-ends where the uninterrupted run ends (bitwise on the CPU; on CUDA, cuDNN's benchmark mode and the atomic adds of
-the deformable op's and the upsampling's backward are not bitwise reproducible). Under torchrun rank 0 alone logs
-and writes files, and the ranks agree once per iteration whether to stop.
+checkpoints written at their intervals; then a batch, its learning rate, a step). One iteration runs the recipe's
+code in six files: data/dataset.py and data/transforms.py (the data), models/segmentor.py and models/deform_conv.py
+(the model), engine/loss.py (the loss) and engine/optim.py (the step with gradient accumulation, and the schedule).
+The operations around it run at the start, at that point and at the stop: engine/signals.py (stop signals),
+engine/workdir.py (the work dir, its lock, start or resume), engine/checkpoint.py (writing and reading checkpoints),
+engine/device.py and engine/diagnosis.py (the device), engine/memory.py (what fits the card). Everything random
+derives from the config's seed and the iteration, so a run stopped anywhere and resumed ends where the
+uninterrupted run ends (bitwise on the CPU; on CUDA, cuDNN's benchmark mode and the atomic adds of the deformable
+op's and the upsampling's backward are not bitwise reproducible). Under torchrun rank 0 alone logs and writes
+files, and the ranks agree once per iteration whether to stop.
 """
 
 from __future__ import annotations

@@ -89,7 +89,8 @@ def score(model: torch.nn.Module, loader: Any, device: torch.device, config: dic
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
-        raise UserError(out_of_memory_message(where, config, amp, world, device.type, memory_gib(device), context)) from None
+        raise UserError(out_of_memory_message(where, config, amp, world, device.type, memory_gib(device),
+                                              context)) from None
     return matrix, time.perf_counter() - start  # all_reduce waited for the slowest rank
 
 
