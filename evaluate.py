@@ -21,7 +21,7 @@ from typing import Any
 from configs import UserError, load_config
 from data.perturb import HELP as PERTURB_HELP
 from engine.checkpoint import load_checkpoint
-from engine.console import command_line
+from engine.console import command_line, positive_numbers
 from engine.device import AMP_DTYPES, inference_device, resolve_amp
 from engine.diagnosis import read_device_info
 from engine.distributed import env_rank, init_distributed, shutdown
@@ -80,17 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_scales(text: str) -> list[float]:
-    """``0.5,1.0,1.5`` -> [0.5, 1.0, 1.5], or UserError for anything but positive numbers."""
-    try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        scales = []
-    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-        raise UserError(f"--scales must be positive numbers separated by commas, like 0.5,1.0,1.5; got '{text}'.")
-    return scales
-
-
 def checkpoint_names(paths: list[Path]) -> list[str]:
     """Short unique names: the file stem, or parent_stem where stems repeat (runs/a/best.pt -> a_best)."""
     stems = [p.stem for p in paths]
@@ -142,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     amp = resolve_amp(args.amp, device_name, device_info.capability, "--amp")
     if args.max_images is not None and args.max_images < 0:
         raise UserError(f"--max-images must be 0 (all) or a positive number, got {args.max_images}.")
-    changes = {"eval.scales": parse_scales(args.scales), "eval.flip": args.tta == "flip"}  # checked before any work
+    scales = positive_numbers(args.scales, "--scales", "0.5,1.0,1.5")  # checked before any work
+    changes = {"eval.scales": scales, "eval.flip": args.tta == "flip"}
     changes.update({"eval.mode": args.mode} if args.mode else {})
     changes.update({"data.root": args.data_root} if args.data_root else {})
     config_override = load_config(args.config) if args.config else None

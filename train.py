@@ -131,7 +131,6 @@ class Training:
     rank: int
     world_size: int
     device: torch.device
-    device_info: DeviceInfo
     model: torch.nn.Module
     train_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -145,7 +144,7 @@ class Training:
     saved: int = 0  # the iteration last.pt holds (where this process started, until it saves)
     checkpointed: int = 0  # the iteration of the work dir's newest checkpoint, where --resume auto continues (0: none)
     config_changes: list[dict[str, Any]] = field(default_factory=list)
-    environment: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)  # rank 0's, which writes the checkpoints
     nonfinite_advice: str = ""  # what a non-finite loss message proposes (``NonFiniteLoss``)
     metrics: dict[str, Any] | None = None  # the last complete validation's
     log: TensorBoard | None = None  # rank 0's
@@ -188,17 +187,18 @@ def set_up(config: dict[str, Any], work_dir: Path, resume: str | None, device_na
     start = checkpoint["iteration"] if checkpoint else 0
     train_loader = build_train_loader(config, rank, world_size, start_iter=start)
     training = Training(
-        config, work_dir, rank, world_size, device, device_info, model, train_model, optimizer, scaler,
-        iter(train_loader), build_val_loader(config, "validation", rank, world_size, max_images=tcfg["val_max_images"]),
-        config_changes=changes, environment={**describe(device), "device": describe_device(device, device_info),
-                                             "training_data": training_data(train_loader.dataset)},
+        config, work_dir, rank, world_size, device, model, train_model, optimizer, scaler, iter(train_loader),
+        build_val_loader(config, "validation", rank, world_size, max_images=tcfg["val_max_images"]),
+        config_changes=changes,
         nonfinite_advice=advice_text(nonfinite_advice(config, device.type, device_info.capability), "training"),
     )
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, scaler, config)
         training.iteration = training.saved = training.checkpointed = start
         training.validated, training.best_miou = checkpoint["validated"], checkpoint["best_miou"]
-    if rank == 0:  # the start succeeded: the work dir is this run's now
+    if rank == 0:  # the start succeeded: the work dir is this run's now; what its checkpoints record
+        training.environment = {**describe(device), "device": describe_device(device, device_info),
+                                "training_data": training_data(train_loader.dataset)}
         write_record(work_dir, config)
         training.log = TensorBoard(work_dir, training.iteration)
         print(banner(training, asked, deform_names, how, accum_note))
@@ -368,7 +368,7 @@ def banner(t: Training, asked: dict[str, Any], deform_names: list[str], how: str
         how,
         f"{t.config['config_name']}: {info['params']:,} parameters (inference), {info['deform_params']:,} in "
         f"offset/mask predictors; deformable layers: {', '.join(deform_names) or 'none'}",
-        f"  {t.world_size} process(es) on {describe_device(t.device, t.device_info)}; global batch {tcfg['batch_size']} "
+        f"  {t.world_size} process(es) on {t.environment['device']}; global batch {tcfg['batch_size']} "
         f"({per_forward} per forward x {tcfg['accum_steps']} micro-batch(es) per step in each"
         f"{'; train.accum_steps=' + accum_note if accum_note else ''})",
         f"  precision {tcfg['amp']}, layout {'channels_last' if tcfg['channels_last'] else 'contiguous'}, deform op "

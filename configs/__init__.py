@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -359,12 +359,16 @@ def _validate_deform(flat: dict[str, Any], source: str) -> None:
                         f"a divisor of the {STAGE_WIDTHS[stage]} input channels of {stage}'s conv2 (a power of 2)", groups)
 
 
+def differences(saved: dict[str, Any], wanted: dict[str, Any], keys: Iterable[str]) -> dict[str, list[Any]]:
+    """``{key: [saved value, wanted value]}`` for the dotted ``keys`` whose values differ between two configs."""
+    a, b = flatten(saved), flatten(wanted)
+    return {k: [a.get(k), b.get(k)] for k in keys if a.get(k) != b.get(k)}
+
+
 def check_same_model(saved: dict[str, Any], wanted: dict[str, Any], saved_name: str, wanted_name: str) -> None:
     """Raise UserError if two configs describe different architectures (``ARCHITECTURE_KEYS`` differ)."""
-    a, b = flatten(saved), flatten(wanted)
-    diffs = [k for k in ARCHITECTURE_KEYS if a.get(k) != b.get(k)]
-    if diffs:
-        details = "; ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in diffs)
+    if diffs := differences(saved, wanted, ARCHITECTURE_KEYS):
+        details = "; ".join(f"{k}: {old} vs {new}" for k, (old, new) in diffs.items())
         raise UserError(
             f"{saved_name} holds a model that does not match {wanted_name} ({details}). "
             f"Use the config the checkpoint was trained with."
@@ -377,8 +381,7 @@ def resume_changes(saved: dict[str, Any], wanted: dict[str, Any], source: str) -
     Raises UserError for keys in ``RESUME_FIXED`` (the model, or what a step sees: the run would become another
     experiment), naming them and what to do instead.
     """
-    a, b = flatten(saved), flatten(wanted)
-    changes = {k: [a.get(k), b.get(k)] for k in KEYS if a.get(k) != b.get(k)}
+    changes = differences(saved, wanted, KEYS)
     fixed = [k for k in changes if k in RESUME_FIXED]
     if fixed:
         details = "; ".join(f"{k}: {changes[k][0]} vs {changes[k][1]}" for k in fixed)

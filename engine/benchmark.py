@@ -8,8 +8,9 @@ the GPU and reports medians; the cases are timed in alternating rounds, so that 
 all of them alike. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step after a warm-up one;
 on the CPU the peak resident size of a fresh process that runs only that case (``process_peak``), which also
 counts the interpreter and torch's libraries (Linux: its VmHWM); there bf16 and fp16 run CPU autocast with
-torchvision's CUDA autocast rule for the deformable op (``deform_in_fp32_under_cpu_autocast``): the memory
-table's CPU stand-in for the GPU's autocast.
+torchvision's CUDA autocast rule for the deformable op (``deform_in_fp32_under_cpu_autocast``, registered in that
+process only): the memory table's CPU stand-in for the GPU's autocast. The speed and op cases have no such rule, and
+torchvision no bf16 or fp16 CPU kernel: scripts/benchmark.py runs them on the CPU in fp32 only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE_INDEX
-from engine.device import AMP_DTYPES, memory_format, resolve_amp, resolve_config
+from engine.device import AMP_DTYPES, AUTOCAST, memory_format, resolve_amp, resolve_config
 from engine.diagnosis import DeviceInfo
 from engine.inference import predict_logits
 from engine.loss import reference_upsample_cross_entropy, upsample_cross_entropy
@@ -117,7 +118,7 @@ class TrainingCase:
         """Whole-image logits at the input size, as evaluation computes them (uncompiled, as evaluation runs)."""
         self.model.eval()
         amp = self.config["train"]["amp"]
-        with torch.inference_mode(), torch.autocast(self.device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
+        with torch.inference_mode(), torch.autocast(self.device.type, **AUTOCAST[amp]):
             predict_logits(self.model, self.images, tuple(self.images.shape[-2:]))
 
     def peak_bytes(self) -> int | None:
@@ -220,7 +221,7 @@ def deform_inputs(geometry: dict[str, Any], batch: int, device: torch.device, am
     (c, h, w), (out_h, out_w) = geometry["in_shape"], geometry["out_size"]
     out_c, per_group, kh, kw = geometry["weight_shape"]
     taps = geometry["deform_groups"] * kh * kw
-    dtype, layout = AMP_DTYPES[amp] or torch.float32, memory_format(device.type == "cuda")
+    dtype, layout = AMP_DTYPES[amp], memory_format(device.type == "cuda")
     tensors = {"input": torch.randn(batch, c, h, w, generator=gen),
                "offset": 2 * torch.randn(batch, 2 * taps, out_h, out_w, generator=gen),
                "weight": torch.randn(out_c, per_group, kh, kw, generator=gen) / math.sqrt(per_group * kh * kw),
@@ -239,7 +240,7 @@ def loss_inputs(batch: int, crop: int, num_classes: int, device: torch.device, a
     layout = memory_format(device.type == "cuda")
     labels = synthetic_batch(batch, (crop, crop), num_classes, device, layout)[1]
     logits = 3 * torch.randn(batch, num_classes, crop // 8, crop // 8, generator=torch.Generator().manual_seed(1))
-    return {"logits": logits.to(device, AMP_DTYPES[amp] or torch.float32).contiguous(memory_format=layout),
+    return {"logits": logits.to(device, AMP_DTYPES[amp]).contiguous(memory_format=layout),
             "labels": labels}
 
 
@@ -255,7 +256,7 @@ def op_errors(call: Callable[..., torch.Tensor], reference: Callable[..., torch.
     inputs (for one random output gradient), against ``reference`` in float64 on the same input values."""
     leaves = {k: t.detach().clone().requires_grad_() if t.is_floating_point() else t for k, t in inputs.items()}
     exact_leaves = {k: t.detach().double().requires_grad_() if t.is_floating_point() else t for k, t in inputs.items()}
-    with torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
+    with torch.autocast(device.type, **AUTOCAST[amp]):
         out = call(**leaves)
     exact = reference(**exact_leaves)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
@@ -285,8 +286,8 @@ def op_rows(config: dict[str, Any], paths: list[str], batch: int, crop: int, dev
     inputs = loss_inputs(batch, crop, config["model"]["num_classes"], device, amp)
     shape = f"{' x '.join(map(str, inputs['logits'].shape))} -> {crop} x {crop}"
     for path in paths:
-        call = functools.partial(upsample_cross_entropy, op=path, ignore_index=IGNORE_INDEX)
-        exact = functools.partial(reference_upsample_cross_entropy, ignore_index=IGNORE_INDEX)
+        call = functools.partial(upsample_cross_entropy, op=path)
+        exact = reference_upsample_cross_entropy
         rows.append(row("upsample_cross_entropy", path, shape, call, exact, inputs, amp="none"))  # as in train_step
     return rows
 
@@ -297,11 +298,11 @@ def _op_row(op: str, impl: str, shape: str, call: Callable, exact: Callable, inp
     leaves = {k: t.detach().clone().requires_grad_(t.is_floating_point()) for k, t in inputs.items()}
 
     def forward() -> None:
-        with torch.no_grad(), torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
+        with torch.no_grad(), torch.autocast(device.type, **AUTOCAST[amp]):
             call(**inputs)
 
     def forward_backward() -> None:
-        with torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
+        with torch.autocast(device.type, **AUTOCAST[amp]):
             out = call(**leaves)
         out.float().sum().backward()
 
@@ -351,7 +352,7 @@ def memory_rows(config: dict[str, Any], variants: list[str], amps: list[str], ba
             try:
                 case = case_config(config, version, "reference", amp, device, device_info)
                 peaks = {b: training_peak(case, device, b, crop) for b in batches}
-            except RuntimeError as err:  # torch's errors: no bf16 CPU kernel, CUDA out of memory
+            except RuntimeError as err:  # CUDA out of memory; a CPU case's process that failed or died
                 rows.append(row | {"error": " ".join(str(err).split())[:200]})
                 continue
             rows.append(row | {"peak_gib": {b: p / GIB for b, p in peaks.items()}} | memory_fit(peaks))

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from configs import UserError, check_same_model, validate_config
+from configs import UserError, check_same_model, differences, validate_config
 from models.segmentor import build_model
 
 REQUIRED_KEYS = ("model", "config")
+TRAINING_KEYS = ("optimizer", "scaler", "iteration", "validated", "best_miou", "config_changes")  # to resume
+GROUPING_KEYS = ("model.deform.offset_lr_mult", "train.no_decay_norm_bias")  # they decide the optimizer's groups
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -136,11 +138,12 @@ def restore(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError:  # another offset_lr_mult merged or split the parameter groups
+    except ValueError:  # another offset_lr_mult or no_decay_norm_bias merged or split the parameter groups
+        changed = [f"{key} {old} -> {new}" for key, (old, new) in
+                   differences(checkpoint["config"], config, GROUPING_KEYS).items()]
         raise UserError(
-            f"--resume: model.deform.offset_lr_mult={config['model']['deform']['offset_lr_mult']} groups the "
-            f"parameters differently from the checkpoint's value, so its optimizer state does not fit. Resume with the "
-            f"checkpoint's offset_lr_mult, or start a new run."
+            f"--resume: {', '.join(changed) or 'the parameter groups'} groups the parameters differently from the "
+            f"checkpoint, so its optimizer state does not fit. Resume with the checkpoint's value, or start a new run."
         ) from None
     for group, settings in zip(optimizer.param_groups, fresh):
         group.update(settings)
@@ -158,7 +161,7 @@ def newest_checkpoint(paths: list[Path]) -> Path | None:
         try:
             return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
         except Exception:  # whatever is wrong with the file, the reader says it in its own words
-            return int(load_checkpoint(path)["iteration"])
+            return int(load_checkpoint(path).get("iteration", 0))  # none: start_or_resume refuses it
 
     return max((path for path in paths if path.is_file()), key=iteration, default=None)
 

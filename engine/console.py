@@ -3,13 +3,14 @@
 ``@command_line`` wraps a script's ``main``. Its stdout and stderr write a character their encoding cannot show (a
 Latin-1 or ASCII locale) as an escape (``\\xb1``) instead of ending the command in a ``UnicodeEncodeError``, and a
 ``UserError`` prints ``error: <paragraph>`` on stderr (``[rank N] error: ...`` under torchrun) and returns its
-``exit_code`` (2; a non-finite training loss, 1).
+``exit_code`` (2; a non-finite training loss, 1). ``positive_numbers`` reads a flag's comma-separated positive numbers.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import math
 import sys
 from collections.abc import Callable
 
@@ -33,3 +34,15 @@ def command_line(main: Callable[..., int]) -> Callable[..., int]:
             return err.exit_code
 
     return run
+
+
+def positive_numbers(text: str, flag: str, example: str) -> list[float]:
+    """``0.5,1.0,1.5`` -> [0.5, 1.0, 1.5]; UserError naming ``flag`` (with ``example``) for anything but finite
+    positive numbers."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise UserError(f"{flag} must be positive numbers separated by commas, like {example}; got '{text}'.")
+    return values

@@ -18,7 +18,9 @@ import torch
 from configs import UserError
 from engine.diagnosis import DeviceInfo, cuda_unusable_message, cuda_usable, likely_cause, with_nvidia_smi
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+# ``torch.autocast(device_type, **AUTOCAST[amp])`` for a resolved train.amp (or evaluate.py's --amp): off for none
+AUTOCAST: dict[str, dict[str, Any]] = {amp: {"dtype": dtype, "enabled": amp != "none"} for amp, dtype in AMP_DTYPES.items()}
 # evaluate.py's flags for the config keys a proposal may name (the messages of evaluate.py spell them so)
 EVALUATE_FLAGS = {"train.amp": "--amp", "eval.mode": "--mode", "eval.scales": "--scales"}
 

@@ -53,11 +53,7 @@ def env_rank() -> int:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (every rank must call it at the same point)."""
-    if not is_initialized():
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
-    return bool(value.item())
+    return bool(largest(int(flag)))
 
 
 def first_message(message: str | None) -> str | None:

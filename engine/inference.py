@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.device import AMP_DTYPES, memory_format
+from engine.device import AUTOCAST, memory_format
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -105,7 +105,7 @@ def predictions(
         for image, label, names in loader:
             image = image.to(device, non_blocking=True).contiguous(memory_format=layout)
             label = label.to(device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
+            with torch.inference_mode(), torch.autocast(device.type, **AUTOCAST[amp]):
                 scores = predict_logits(net, image, tuple(label.shape[-2:]), ecfg["mode"], ecfg["scales"], ecfg["flip"],
                                         ecfg["slide_crop"], ecfg["slide_stride"], num_classes)
             yield from zip(names, scores.argmax(1), label)

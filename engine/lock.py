@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from configs import UserError
 
@@ -106,23 +107,27 @@ def _modified(path: Path) -> float | None:
         return None
 
 
-def _on_this_host(path: Path) -> bool:
-    """Whether the lock file ``path`` names a process of this host (whose liveness can be checked directly)."""
+def _owner(path: Path) -> dict[str, Any] | None:
+    """The lock file's JSON object (pid, host), or None where it cannot be read as one."""
     try:
         owner = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(owner, dict) and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _on_this_host(path: Path) -> bool:
+    """Whether the lock file ``path`` names a process of this host (whose liveness can be checked directly)."""
+    owner = _owner(path)
+    return owner is not None and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
 
 
 def lock_holder(path: Path) -> str | None:
     """Who holds the lock file ``path`` ("process P on HOST, refreshed N s ago"), or None: no lock, or a stale one."""
-    try:
-        owner, age = json.loads(path.read_text(encoding="utf-8")), time.time() - path.stat().st_mtime
-    except (OSError, ValueError):
+    owner, age = _owner(path), time.time() - (_modified(path) or 0)
+    if owner is None:
         if not path.exists():
             return None
-        age = time.time() - (_modified(path) or 0)
         return None if age > Lock.stale_s else f"an unknown process (the lock file names none), made {age:.0f} s ago"
     pid, host = owner.get("pid"), owner.get("host")
     same_host = host == socket.gethostname() and isinstance(pid, int)

@@ -85,8 +85,8 @@ def memory_advice(where: str, config: dict[str, Any], amp: str, processes: int, 
                   available_gib: float) -> list[Proposal]:
     """What makes ``where`` (training, validation or evaluation) of a resolved ``config`` in precision ``amp`` fit.
 
-    Training: more micro-batches (the fewest the memory table says fit ``available_gib``, or the next accepted
-    value where it says the present one should), then autocast. Validation and evaluation: autocast, sliding
+    Training: more micro-batches (the fewest the memory table says fit ``available_gib``; the most accepted where
+    it says none does), then autocast. Validation and evaluation: autocast, sliding
     windows, no test scale above 1.
     """
     tcfg, ecfg, proposals = config["train"], config["eval"], []

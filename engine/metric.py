@@ -93,6 +93,6 @@ def metrics_from_counts(intersection: np.ndarray, union: np.ndarray, gt: np.ndar
         "aAcc": a_acc,
         "mAcc": float(mean_iou(acc)),
         "score": (a_acc + m_iou) / 2,
-        "iou": [None if math.isnan(v) else float(v) for v in iou],
-        "acc": [None if math.isnan(v) else float(v) for v in acc],
+        "iou": [json_value(v) for v in iou],
+        "acc": [json_value(v) for v in acc],
     }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.device import AMP_DTYPES
+from engine.device import AUTOCAST
 from engine.loss import compute_loss, counted_pixels
 from models.segmentor import offset_parameters
 
@@ -86,7 +86,7 @@ def train_step(
     for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
         share = counted_pixels(y, tcfg["loss_norm"]) / total_pixels
         with model.no_sync() if ddp and i < accum - 1 else nullcontext():
-            with torch.autocast(x.device.type, AMP_DTYPES[tcfg["amp"]] or torch.float32, tcfg["amp"] != "none"):
+            with torch.autocast(x.device.type, **AUTOCAST[tcfg["amp"]]):
                 outputs = model(x)
             micro = compute_loss(outputs, y, config["model"]["aux_loss_weight"], tcfg["loss_op"], tcfg["loss_norm"])
             scaler.scale(micro["total"] * share).backward()

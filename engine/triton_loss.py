@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from data import IGNORE_INDEX
 from models.triton_support import HAVE_TRITON, define_op_with_backward, triton_available
 
 if HAVE_TRITON:
@@ -55,7 +56,7 @@ NUM_WARPS = 4
 MAX_SPAN = 128
 
 
-def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Cross-entropy of the bilinearly upsampled logits, averaged over labelled pixels (0 if there are none).
 
     Equal in value and gradient to engine/loss.py's ``reference_upsample_cross_entropy`` but without the
@@ -228,10 +229,11 @@ if HAVE_TRITON:
     @triton.jit
     def _tile_setup(
         labels_ptr, y0_ptr, y1_ptr, ly_ptr, x0_ptr, x1_ptr, lx_ptr, x_block, y, n, W, ignore_index,
-        stride_lh, stride_tn, stride_th, stride_tw, BLOCK_X: tl.constexpr,
+        stride_lh, stride_lw, stride_tn, stride_th, stride_tw, BLOCK_X: tl.constexpr,
     ):
         """A program's output columns and where they sample: output row y interpolates low-res rows (offsets
-        row0, row1, weight ly of row1); output column x low-res columns x0[x], x1[x] (weight lx of x1); labels."""
+        row0, row1, weight ly of row1); output column x low-res columns x0[x], x1[x] (offsets col0, col1, weight lx
+        of x1); labels."""
         xs = x_block * BLOCK_X + tl.arange(0, BLOCK_X)
         x_mask = xs < W
         ly = tl.load(ly_ptr + y)
@@ -241,7 +243,7 @@ if HAVE_TRITON:
         x0 = tl.load(x0_ptr + xs, mask=x_mask, other=0)
         x1 = tl.load(x1_ptr + xs, mask=x_mask, other=0)
         label = tl.load(labels_ptr + n * stride_tn + y * stride_th + xs * stride_tw, mask=x_mask, other=ignore_index)
-        return xs, x_mask, ly, row0, row1, lx, x0, x1, label
+        return xs, x_mask, ly, row0, row1, lx, x0, x1, x0 * stride_lw, x1 * stride_lw, label
 
     @triton.jit
     def _forward_kernel(
@@ -258,12 +260,10 @@ if HAVE_TRITON:
         (0 on ignored pixels).
         """
         x_block, y, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        xs, x_mask, ly, row0, row1, lx, x0, x1, label = _tile_setup(
+        xs, x_mask, ly, row0, row1, lx, _, _, col0, col1, label = _tile_setup(
             labels_ptr, y0_ptr, y1_ptr, ly_ptr, x0_ptr, x1_ptr, lx_ptr, x_block, y, n, W, ignore_index,
-            stride_lh, stride_tn, stride_th, stride_tw, BLOCK_X,
+            stride_lh, stride_lw, stride_tn, stride_th, stride_tw, BLOCK_X,
         )
-        col0 = x0 * stride_lw
-        col1 = x1 * stride_lw
 
         # Online log-sum-exp over chunks of classes: m is the running max, s the running sum of exp(logit - m).
         m = tl.full([BLOCK_X], float("-inf"), ACC)
@@ -304,12 +304,10 @@ if HAVE_TRITON:
         neighbouring blocks can share their edge columns, hence the atomic add.
         """
         x_block, y, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        xs, x_mask, ly, row0, row1, lx, x0, x1, label = _tile_setup(
+        xs, x_mask, ly, row0, row1, lx, x0, x1, col0, col1, label = _tile_setup(
             labels_ptr, y0_ptr, y1_ptr, ly_ptr, x0_ptr, x1_ptr, lx_ptr, x_block, y, n, W, ignore_index,
-            stride_lh, stride_tn, stride_th, stride_tw, BLOCK_X,
+            stride_lh, stride_lw, stride_tn, stride_th, stride_tw, BLOCK_X,
         )
-        col0 = x0 * stride_lw
-        col1 = x1 * stride_lw
         pixel = (n * H + y) * W + xs
         lse = tl.load(lse_ptr + pixel, mask=x_mask, other=0.0)
         # Per-column factor grad_output / count, 0 on ignored and out-of-range columns (so their gradient is 0).

@@ -1,7 +1,8 @@
 """The work dir of a run: whether a start may use it, where a restart resumes, its lock, and its record.
 
-train.py calls two functions here, at its start: ``hold_work_dir`` (rank 0 holds the folder: writable, locked, the
-leftovers of interrupted writes removed) and ``start_or_resume`` (the checkpoint a run continues from, or a refusal).
+train.py calls three functions here, at its start: ``hold_work_dir`` (rank 0 holds the folder: writable, locked, the
+leftovers of interrupted writes removed), ``start_or_resume`` (the checkpoint a run continues from, or a refusal)
+and, once the start succeeded, ``write_record`` (config.yaml).
 
 A work dir holding a checkpoint (last.pt, best.pt) or the record of a run belongs to that run: a new run is
 refused there, and ``--resume`` continues it from its newest checkpoint (the one at the highest iteration: last.pt,
@@ -41,8 +42,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from configs import RESUME_FIXED, UserError, flatten, resume_changes
-from engine.checkpoint import load_checkpoint, newest_checkpoint
+from configs import KEYS, RESUME_FIXED, UserError, differences, resume_changes
+from engine.checkpoint import TRAINING_KEYS, load_checkpoint, newest_checkpoint
 from engine.lock import Lock
 
 ARTEFACTS = ("config.yaml", "last.pt", "best.pt", "tb")
@@ -81,6 +82,10 @@ def start_or_resume(work_dir: Path, mode: str | None, config: dict[str, Any],
         note = check_work_dir(work_dir, config) if rank == 0 else None
         return None, [], note or f"starting a new run in {work_dir}"
     checkpoint = load_checkpoint(point)
+    if missing := [key for key in TRAINING_KEYS if key not in checkpoint]:
+        raise UserError(f"{point} holds no {', '.join(repr(key) for key in missing)}: it is not a training checkpoint of "
+                        f"train.py (weights alone?), so no run can continue from it. Move it out of {work_dir} to start "
+                        f"a new run there, or resume from a last.pt or best.pt that train.py wrote.")
     if config["train"]["accum_steps"] == "auto":
         config["train"]["accum_steps"] = checkpoint["config"]["train"]["accum_steps"]
     changes = list(checkpoint["config_changes"])
@@ -128,9 +133,7 @@ def check_work_dir(work_dir: Path, config: dict[str, Any]) -> str | None:
             f"the work dir {work_dir} already holds {', '.join(found)} but no readable config.yaml, so it is not known "
             f"which run wrote them. Give --work-dir DIR for this run, or delete {work_dir}. Nothing was overwritten."
         )
-    recorded, wanted = flatten(saved), flatten(config)
-    differ = [key for key in RESUME_FIXED if recorded.get(key) != wanted.get(key)]
-    if differ:
+    if differ := differences(saved, config, RESUME_FIXED):
         raise UserError(
             f"the work dir {work_dir} already holds the record ({work_dir / 'config.yaml'}) of a start of another "
             f"experiment that never reached a checkpoint ({', '.join(differ)} differ). To start this run, give "
@@ -150,10 +153,8 @@ def remove_temporaries(work_dir: Path) -> list[str]:
 
 def _same_config(saved: dict[str, Any], config: dict[str, Any]) -> bool:
     """Whether the record ``saved`` is of ``config`` (``train.accum_steps: auto`` matches the number it chose)."""
-    recorded, wanted = flatten(saved), flatten(config)
-    if wanted["train.accum_steps"] == "auto":
-        recorded["train.accum_steps"] = "auto"
-    return recorded == wanted
+    auto = {"train.accum_steps"} if config["train"]["accum_steps"] == "auto" else set()
+    return set(differences(saved, config, KEYS)) <= auto
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -3,7 +3,10 @@
 They run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before the kernels were defined (the tests do this when there is no GPU). They need Triton 3.2 or newer (older
 interpreters mis-execute loops whose bodies branch) and torch 2.4 or newer (``torch.library.custom_op``).
-Elsewhere the callers use the reference implementations.
+Elsewhere ``engine.device.resolve_config`` runs a config's triton ops as the references. Past that, the two ops
+differ on purpose: the deformable convolution is part of the model, which runs at any image size and on any device
+a checkpoint is moved to, so a call its kernels cannot serve runs torchvision's op; the fused loss runs only in
+training, at the crop size, after that resolution, so a call its kernels cannot serve is a ValueError.
 """
 
 import os

@@ -1,6 +1,8 @@
 """Benchmark norm-conv, def-conv-v1 and def-conv-v2: training and inference speed, peak memory, the ops.
 
-The command line around ``engine.benchmark`` (what is timed and how: its docstring).
+The command line around ``engine.benchmark`` (what is timed and how: its docstring). On the CPU, --amp bf16 or fp16
+runs only with --memory (CPU autocast, the memory table's stand-in for a GPU's): torchvision's deformable op has no
+bf16 or fp16 CPU kernel for the speed and --ops tables.
 
     python scripts/benchmark.py --config def-conv-v2.yaml --ops
     python scripts/benchmark.py --config def-conv-v2.yaml --memory --amp none,bf16
@@ -20,7 +22,7 @@ from engine.benchmark import PATHS, VARIANTS, memory_rows, model_rows, op_rows, 
 from engine.console import command_line
 from engine.device import choose_device, describe_device
 from engine.diagnosis import read_device_info
-from engine.memory import CARD_SHARE, CARDS_GIB
+from engine.memory import CARD_SHARE, CARDS_GIB, is_out_of_memory
 from engine.workdir import write_json
 from models.triton_support import triton_available
 
@@ -43,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16, the recipe's)")
     parser.add_argument("--crop", type=int, default=512, help="square input size (default 512, the recipe's)")
     parser.add_argument("--amp", help="comma-separated precisions among auto,bf16,fp16,none (default: the config's "
-                        "train.amp); on the CPU bf16/fp16 run CPU autocast, for --memory's stand-in figures")
+                        "train.amp); on the CPU bf16/fp16 only with --memory (CPU autocast: the memory table's "
+                        "stand-in figures)")
     parser.add_argument("--variants", default="norm,v1,v2", help="comma-separated subset of norm,v1,v2 (default all)")
     parser.add_argument("--paths", help="comma-separated subset of reference,triton: the ops model.deform_op and "
                         "train.loss_op run (triton needs CUDA). Default: both where Triton runs, else reference")
@@ -81,6 +84,10 @@ def run(args: argparse.Namespace) -> dict:
     variants = choices(args.variants, list(VARIANTS), "--variants")
     amps = choices(args.amp or config["train"]["amp"], ("auto", "bf16", "fp16", "none"), "--amp")
     amps = list(dict.fromkeys(run_amp(amp, device, device_info) for amp in amps))
+    autocast = [amp for amp in amps if amp != "none"]
+    if device.type == "cpu" and autocast and not args.memory:
+        raise UserError(f"--amp {','.join(autocast)} on the CPU is for --memory only: torchvision's deformable op has "
+                        f"no bf16 or fp16 CPU kernel to time. Use --amp none on the CPU, add --memory, or run on a GPU.")
     fast = triton_available(device)
     paths = choices(args.paths or ("reference,triton" if fast else "reference"), PATHS, "--paths")
     if "triton" in paths and not fast:
@@ -140,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"CUDA out of memory at --batch-size {args.batch_size} with every case resident at once. Use a "
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise UserError(f"out of memory at --batch-size {args.batch_size} with every case resident at once. Use a "
                         f"smaller --batch-size, or fewer --variants, --paths or --amp per run.") from None
     print(report(result), end="")
     if args.json is not None:

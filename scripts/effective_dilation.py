@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from engine.diagnosis import read_device_info
 from engine.inference import predictions
 from engine.offsets import capture_offsets, effective_dilation
 from engine.statistics import DILATION_BUCKETS, FRAGMENT, dilation_table, region_sums
-from engine.workdir import write_json
+from engine.workdir import make_writable_folder, write_json, write_whole
 from models.segmentor import deformable_layers
 
 # ADE20K's stuff classes (0-based), as in its panoptic version (Zhou et al. 2017; Mask2Former's ADE20K_150_CATEGORIES
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto (default): CUDA when usable, else the CPU with a note saying why")
     parser.add_argument("--classes", action="store_true", help="also print the mean per class")
-    parser.add_argument("--out", type=Path, metavar="PNG", help="draw the table as a figure here")
+    parser.add_argument("--out", type=Path, metavar="PNG", help="draw the table as a PNG figure here")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every number here")
     return parser.parse_args(argv)
 
@@ -124,7 +125,8 @@ def markdown(result: dict[str, Any], per_class: bool) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Bars per bucket and layer (mean, whiskers ± std), the plain dilation of each layer as a dashed line."""
+    """Bars per bucket and layer (mean, whiskers ± std), the plain dilation of each layer as a dashed line, as a PNG
+    in ``path``."""
     import matplotlib.pyplot as plt
 
     plt.switch_backend("Agg")
@@ -146,21 +148,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8, loc="upper center", ncol=count)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    write_whole(path, buffer.getvalue())
 
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with a message for user errors)."""
     args = parse_args(argv)
+    for flag, path in (("--out", args.out), ("--json", args.json)):  # fail now, not after the measurement
+        if path is not None:
+            make_writable_folder(path.parent, f"Give {flag} a path in a folder you can write to; nothing was measured.")
     result = measure(args)
     if args.out is not None:
-        try:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            plot(result, args.out)
-        except (OSError, ValueError) as err:
-            raise UserError(f"could not write {args.out} ({err}). Give a writable path ending in .png.") from None
+        plot(result, args.out)
     if args.json is not None:
         write_json(args.json, result)
     print(markdown(result, args.classes), end="")

@@ -36,16 +36,15 @@ from typing import Any
 import torch
 
 from configs import MIN_PER_FORWARD, UserError, load_config
-from data import IGNORE_INDEX
 from engine.benchmark import (GIB, PATHS, VARIANTS, TrainingCase, case_config, conv_op, deform_inputs, loss_inputs,
                               op_errors, seconds_per_call)
-from engine.console import command_line
-from engine.device import AMP_DTYPES, describe_device, memory_format, resolve_amp
+from engine.console import command_line, positive_numbers
+from engine.device import AUTOCAST, describe_device, memory_format, resolve_amp
 from engine.diagnosis import DeviceInfo, cuda_unusable_message, cuda_usable, read_device_info, with_nvidia_smi
 from engine.inference import predict_logits
 from engine.loss import reference_upsample_cross_entropy, upsample_cross_entropy
 from engine.memory import CARD_SHARE, accum_choices, fewest_that_fit, is_out_of_memory, memory_gib, step_gib
-from engine.workdir import write_json
+from engine.workdir import make_writable_folder, write_json
 from models.deform_conv import DEFORM_OPS
 from models.segmentor import build_model
 from models.triton_support import triton_available
@@ -115,6 +114,12 @@ def estimate_s(case: dict[str, Any]) -> int:
     return ESTIMATE_S[f"op {case['impl']}"] if case["kind"] == "op" else ESTIMATE_S["eval"]
 
 
+def counted(case: dict[str, Any], accum: int | None) -> bool:
+    """Whether a case counts toward the estimated time: every case but a training one that does not fit (``accum``
+    None)."""
+    return case["kind"] != "train" or accum is not None
+
+
 def plan_case(case: dict[str, Any], memory: float, shapes: dict[str, Any]) -> dict[str, Any]:
     """How a case runs on a card of ``memory`` GiB: for training, ``accum`` (the fewest train.accum_steps the memory
     table says fit; None: not even at 2 images per forward) and ``need_gib`` (the table's estimate of that step)."""
@@ -146,7 +151,7 @@ def plan_table(cases: list[dict[str, Any]], memories: list[float], shapes: dict[
         lines.append(f"{case['name']:<{width}}" + "".join(f"{plan_cell(case, planned[m], shapes):<18}" for m in memories)
                      + f"{estimate_s(case):>6}")
         for m in memories:
-            totals[m] += estimate_s(case) if case["kind"] != "train" or planned[m]["accum"] else 0
+            totals[m] += estimate_s(case) if counted(case, planned[m]["accum"]) else 0
     lines.append(f"{'estimated time':<{width}}" + "".join(f"{_minutes(totals[m]):<18}" for m in memories))
     lines.append(f"cells: images per forward x train.accum_steps (the step's GiB by the memory table in "
                  f"docs/gpu-and-clusters.md, at most {CARD_SHARE:.0%} of the card)\nseconds: estimates for an H100, not "
@@ -158,10 +163,15 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
+def _need_triton(path: str, device: torch.device) -> None:
+    """An error (the case's FAIL row) where ``path`` is the Triton one and its kernels cannot run on ``device``."""
+    if path == "triton" and not triton_available(device):
+        raise RuntimeError("the Triton kernels cannot run here (Triton 3.2 or newer on CUDA)")
+
+
 def _config(case: dict[str, Any], device: torch.device, device_info: DeviceInfo) -> dict[str, Any]:
     """The recipe's config for ``case``, resolved for ``device``; an error where the Triton path cannot run."""
-    if case.get("path") == "triton" and not triton_available(device):
-        raise RuntimeError("the Triton kernels cannot run here (Triton 3.2 or newer on CUDA)")
+    _need_triton(case.get("path", "reference"), device)
     config = load_config(CONFIG)
     config["train"]["channels_last"] = case.get("channels_last", True)
     config["train"]["compile"] = case.get("compile", False)
@@ -175,7 +185,7 @@ def train_case(case: dict[str, Any], device: torch.device, device_info: DeviceIn
     for accum in [n for n in accum_choices(batch, 1) if n >= case["accum"]]:
         config["train"]["accum_steps"] = accum
         try:
-            return _train_row(config, device, shapes, case["compile"], case["accum"])
+            return _train_row(config, device, shapes, case["accum"])
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
@@ -184,10 +194,9 @@ def train_case(case: dict[str, Any], device: torch.device, device_info: DeviceIn
     return {"status": "no fit", "detail": f"out of memory even at {batch // accum} images per forward"}
 
 
-def _train_row(config: dict[str, Any], device: torch.device, shapes: dict[str, Any], compile: bool,
-               planned: int) -> dict:
+def _train_row(config: dict[str, Any], device: torch.device, shapes: dict[str, Any], planned: int) -> dict:
     """One training case's row at the config's train.accum_steps (``planned``: the plan's)."""
-    if compile:
+    if config["train"]["compile"]:
         torch.compiler.reset()
     accum, batch = config["train"]["accum_steps"], shapes["batch"]
     split = f"{batch // accum}x{accum}" + (f" (planned {batch // planned}x{planned})" if accum != planned else "")
@@ -204,13 +213,11 @@ def _train_row(config: dict[str, Any], device: torch.device, shapes: dict[str, A
 def op_case(case: dict[str, Any], device: torch.device, device_info: DeviceInfo, shapes: dict[str, Any]) -> dict:
     """The op's output and gradients against float64 on the same inputs, at layer4's conv2 / the heads' logits."""
     impl, amp, batch, crop = case["impl"], case["amp"], shapes["op_batch"], shapes["crop"]
-    if impl == "triton" and not triton_available(device):
-        raise RuntimeError("the Triton kernels cannot run here (Triton 3.2 or newer on CUDA)")
+    _need_triton(impl, device)
     if case["op"] == "loss":  # as in train_step: the loss runs outside autocast, on the heads' logits
         inputs = loss_inputs(batch, crop, 150, device, amp)
-        call = functools.partial(upsample_cross_entropy, op=impl, ignore_index=IGNORE_INDEX)
-        errors = op_errors(call, functools.partial(reference_upsample_cross_entropy, ignore_index=IGNORE_INDEX),
-                           inputs, device, "none")
+        call = functools.partial(upsample_cross_entropy, op=impl)
+        errors = op_errors(call, reference_upsample_cross_entropy, inputs, device, "none")
     else:
         width = shapes["width"]
         geometry = {"in_shape": (width, crop // 8, crop // 8), "out_size": (crop // 8, crop // 8), "stride": (1, 1),
@@ -239,7 +246,7 @@ def eval_case(case: dict[str, Any], device: torch.device, device_info: DeviceInf
     image = image.contiguous(memory_format=layout)
 
     def predict() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, AMP_DTYPES[amp] or torch.float32, amp != "none"):
+        with torch.inference_mode(), torch.autocast(device.type, **AUTOCAST[amp]):
             return predict_logits(model, image, size, case["mode"], crop=shapes["crop"], stride=shapes["crop"] * 2 // 3)
 
     if device.type == "cuda":
@@ -286,17 +293,17 @@ def run_checks(cases: list[dict[str, Any]], device: torch.device, device_info: D
                memory: float, out: Path) -> list[dict[str, Any]]:
     """Plan every case for a card of ``memory`` GiB, run it, print the table line by line and rewrite
     ``out``/gpu_check.json after each case."""
-    out.mkdir(parents=True, exist_ok=True)
     cases = [case | plan_case(case, memory, shapes) for case in cases]
-    estimate = sum(estimate_s(case) for case in cases if case["kind"] != "train" or case["accum"])
-    print(f"{describe_device(device, device_info)}, planned for {memory:.3g} GiB; shapes {shapes}; {len(cases)} cases, "
+    estimate = sum(estimate_s(case) for case in cases if counted(case, case["accum"]))
+    device_name = describe_device(device, device_info)
+    print(f"{device_name}, planned for {memory:.3g} GiB; shapes {shapes}; {len(cases)} cases, "
           f"estimated {_minutes(estimate)} on an H100")
     print(f"{'case':<52} {'status':<8} {'img/s':>8} {'peak GiB':>8} {'s':>6}  detail", flush=True)
     rows: list[dict[str, Any]] = []
     for case in cases:
         rows.append(run_case(case, device, device_info, shapes))
         print(format_row(rows[-1]), flush=True)
-        record = {"device": describe_device(device, device_info), "device_info": dataclasses.asdict(device_info), "shapes": shapes,
+        record = {"device": device_name, "device_info": dataclasses.asdict(device_info), "shapes": shapes,
                   "memory_gib": memory, "tolerances": TOLERANCES, "rows": rows, "cases_left": len(cases) - len(rows)}
         write_json(out / "gpu_check.json", record)  # whole: an interrupted check leaves the cases done
     bad = [row["case"] for row in rows if row["status"] not in ("ok", "no fit")]
@@ -311,16 +318,6 @@ def run_checks(cases: list[dict[str, Any]], device: torch.device, device_info: D
 def exit_code(rows: list[dict[str, Any]]) -> int:
     """0 when every case that fits passed, 1 otherwise."""
     return 0 if all(row["status"] in ("ok", "no fit") for row in rows) else 1
-
-
-def _numbers(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise UserError(f"{flag} must be positive numbers separated by commas, like 24 or 16,24,40,80; got '{text}'.")
-    return values
 
 
 def _capability(text: str) -> tuple[int, int]:
@@ -349,7 +346,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments; print the plan, or run the check on GPU 0; the exit status."""
-    memories = _numbers(args.memory_gib, "--memory-gib") if args.memory_gib else None
+    memories = positive_numbers(args.memory_gib, "--memory-gib", "24 or 16,24,40,80") if args.memory_gib else None
     if args.capability and not args.plan:
         raise UserError("--capability plans for another GPU: give it with --plan (a check runs on this GPU's).")
     if memories and len(memories) > 1 and not args.plan:
@@ -370,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
     if not usable:
         instead = "This check has no CPU mode: run it on the machine with the GPU you will train on."
         raise UserError(cuda_unusable_message(device_info, "gpu_check.py checks a GPU", instead))
+    make_writable_folder(args.out, "Give --out a folder you can write to; nothing was checked.")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True  # as train.py
     rows = run_checks(check_cases(device_info.capability, args.full), device, device_info, RECIPE,

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from engine.console import command_line
 from engine.offset_figure import offset_figure
 from engine.offsets import DEFAULT_LAYERS, MAX_LAYERS, check_num_layers
+from engine.workdir import make_writable_folder, write_whole
 from models.segmentor import deformable_layers
 
 
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", required=True, type=Path, help="image to draw on (any size; resized as in evaluation)")
     parser.add_argument("--points", nargs="+", default=None, metavar="X,Y",
                         help="output positions in pixels of the original image (default: a few on different classes)")
-    parser.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    parser.add_argument("--out", required=True, type=Path, help="file to write the figure to, as a PNG")
     parser.add_argument("--layers", type=int, default=None, metavar="N",
                         help=f"trace the last N deformable layers (default: up to {DEFAULT_LAYERS}, at most {MAX_LAYERS})")
     return parser.parse_args(argv)
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     rgb = load_image(args.image)
     if points is not None:
         check_points(points, rgb.shape[1], rgb.shape[0])
+    make_writable_folder(args.out.parent, "Give --out a path in a folder you can write to; nothing was drawn.")
     checkpoint = load_checkpoint(args.checkpoint)
     model, config = build_model_from_checkpoint(checkpoint, args.checkpoint)
     if not deformable_layers(model):
@@ -116,11 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     image_tensor = ValTransform(config["data"])(Image.fromarray(rgb))
     figure = offset_figure(model, image_tensor, rgb, points, num_layers=args.layers,
                            iteration=checkpoint.get("iteration"), image_name=args.image.name)
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(figure).save(args.out, format="PNG")
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not write {args.out} ({err}). Give a writable path ending in .png.") from None
+    buffer = io.BytesIO()
+    Image.fromarray(figure).save(buffer, format="PNG")
+    write_whole(args.out, buffer.getvalue())
     print(f"wrote {args.out}")
     return 0
 

@@ -60,6 +60,19 @@ def write_ade_tree(root: Path, num_train: int = 4, num_val: int = 2, size: tuple
     return root
 
 
+def tiny_run(tree: Path, *more: str) -> list[str]:
+    """train.py's arguments for a def-conv-v2 run (demo.yaml) on 32x32 crops of the tiny ADE tree ``tree``: seconds
+    on the CPU (--device=cpu deliberately: ADE20K data asks for a GPU). ``more`` (key=value) win over these."""
+    return ["--device=cpu", f"data.root={tree}", "data.dataset=ade20k", "data.num_workers=0", "data.scale=[48,48]",
+            "data.crop_size=32", "train.log_interval=1", "train.tb_images=0", *more]
+
+
+@pytest.fixture(scope="module")
+def tree(module_dir: Path) -> Path:
+    """A tiny ADE tree shared by a module's training runs (``tiny_run``): 6 training and 2 validation images."""
+    return write_ade_tree(module_dir / "ade" / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
+
+
 @pytest.fixture
 def make_ade_tree(tmp_path: Path) -> Callable[..., Path]:
     """Factory writing a small ADE20K-format tree (``write_ade_tree``); the root defaults to tmp_path."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from conftest import write_ade_tree
+from conftest import tiny_run, write_ade_tree
 from torch import nn
 
 import train
@@ -63,9 +63,7 @@ def tree(module_dir: Path) -> Path:
 
 def overrides(tree: Path, *more: str) -> list[str]:
     """A def-conv-v2 run (demo.yaml) on 32x32 crops with a batch of 8, for seconds on a CPU."""
-    return ["--device=cpu", f"data.root={tree}", "data.dataset=ade20k", "data.num_workers=0", "data.scale=[48,48]",
-            "data.crop_size=32", "train.batch_size=8", "train.iters=2", "train.log_interval=1",
-            "train.val_interval=2", "train.ckpt_interval=2", "train.tb_images=0", *more]
+    return tiny_run(tree, "train.batch_size=8", "train.iters=2", "train.val_interval=2", "train.ckpt_interval=2", *more)
 
 
 def test_auto_finds_the_fewest_micro_batches_that_fit_records_them_and_a_resume_keeps_them(
@@ -135,7 +133,8 @@ def test_under_torchrun_every_rank_takes_the_largest_number_any_rank_needed(tmp_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, (8, 2), tmp_path), nprocs=2)
+    fork_ok = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()  # as tests/test_metric.py
+    mp.start_processes(_rank, args=(port, (8, 2), tmp_path), nprocs=2, start_method="fork" if fork_ok else "spawn")
     (chosen0, why0, seen0), (chosen1, why1, seen1) = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert chosen0 == chosen1 == 4
     assert seen0 == [8, 8] and seen1 == [8, 4, 2, 2]  # each rank's own trials

@@ -105,12 +105,39 @@ def test_cpu_memory_rows_measure_a_process_peak_that_grows_with_the_batch() -> N
         (["--rounds", "0"], "--rounds"),
         (["--memory", "--memory-batches", "2"], "--memory-batches"),
         (["--config", "no-such-config"], "no-such-config"),
+        (["--amp", "bf16"], "--amp bf16 on the CPU is for --memory only"),  # before: a traceback from torchvision
+        (["--amp", "none,fp16", "--ops"], "--amp fp16 on the CPU is for --memory only"),
     ],
 )
 def test_bad_arguments_are_user_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert benchmark.main(["--config", "demo.yaml", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cpu_bf16_still_runs_the_memory_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--memory is where CPU bf16 runs (the deformable op in fp32 in each case's process): not refused."""
+    asked = []
+    monkeypatch.setattr(benchmark, "memory_rows", lambda config, variants, amps, *rest: asked.append(amps) or [])
+    assert benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--amp", "bf16", "--memory"]) == 0
+    assert asked == [["bf16"]]
+
+
+def test_out_of_memory_on_either_device_is_one_paragraph(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """The CPU allocator's refusal is treated as CUDA's (engine.memory.is_out_of_memory); other errors pass."""
+    error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    def run(args: object) -> dict:
+        raise error
+
+    monkeypatch.setattr(benchmark, "run", run)
+    assert benchmark.main(["--config", "demo.yaml", "--device", "cpu", "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory at --batch-size 64") and err.count("\n") == 1
+    error = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        benchmark.main(["--config", "demo.yaml", "--device", "cpu"])
 
 
 def test_triton_path_without_triton_is_a_user_error(monkeypatch: pytest.MonkeyPatch,

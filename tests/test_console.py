@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from configs import UserError
-from engine.console import command_line
+from engine.console import command_line, positive_numbers
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND_LINES = sorted((REPO / "scripts").glob("*.py")) + [REPO / "train.py", REPO / "evaluate.py"]
@@ -53,3 +53,11 @@ def test_help_and_cpu_timing_print_no_cuda_home_warning(tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "CUDA_HOME" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1.0,-inf", "0", "-1", "1,x", ""])
+def test_positive_numbers_refuse_anything_but_finite_positive_numbers(text: str) -> None:
+    """evaluate.py's --scales and gpu_check.py's --memory-gib: NaN and infinity were accepted by gpu_check.py's copy."""
+    assert positive_numbers("0.5, 1,1.5", "--scales", "0.5,1.0") == [0.5, 1.0, 1.5]
+    with pytest.raises(UserError, match=r"^--scales must be positive numbers separated by commas, like 0.5,1.0; got"):
+        positive_numbers(text, "--scales", "0.5,1.0")

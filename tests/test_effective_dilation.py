@@ -122,3 +122,15 @@ def test_the_script_on_a_zero_offset_checkpoint_reports_the_plain_dilations(mode
     torch.save({"model": build_model(plain)[0].state_dict(), "config": plain, "iteration": 0}, tmp_path / "plain.pt")
     assert cli.main(["--checkpoint", str(tmp_path / "plain.pt")]) == 2
     assert "holds a plain model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_an_unwritable_output_is_refused_before_the_measurement(flag: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Checked first: the checkpoint (missing here) is never read."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["--checkpoint", str(tmp_path / "missing.pt"), flag, str(blocker / "d.x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write to {blocker}: it is a file") and f"Give {flag} a path" in err
+    assert "nothing was measured" in err and err.count("\n") == 1

@@ -83,6 +83,8 @@ def test_the_plan_splits_the_batch_as_the_memory_table_says(monkeypatch: pytest.
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--plan", "--memory-gib", "0"], "--memory-gib must be positive"),
+                                               (["--plan", "--memory-gib", "nan"], "--memory-gib must be positive"),
+                                               (["--plan", "--memory-gib", "24,inf"], "like 24 or 16,24,40,80"),
                                                (["--plan", "--memory-gib", "24", "--capability", "8"], "--capability"),
                                                (["--capability", "8.0"], "give it with --plan"),
                                                (["--memory-gib", "16,24"], "a check runs on one card")])
@@ -92,6 +94,19 @@ def test_bad_arguments_are_one_line(argv: list[str], message: str, monkeypatch: 
     assert gpu_check.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_an_unwritable_out_is_refused_before_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """--out under a file: one paragraph before any case runs (before: a traceback from mkdir)."""
+    monkeypatch.setattr(gpu_check, "read_device_info", lambda: A100)
+    monkeypatch.setattr(gpu_check, "with_nvidia_smi", lambda info: info)
+    monkeypatch.setattr(gpu_check, "run_checks", lambda *args: pytest.fail("a case ran"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert gpu_check.main(["--out", str(blocker / "check")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to ") and "nothing was checked" in err and err.count("\n") == 1
 
 
 def test_help_is_plain_text(capsys: pytest.CaptureFixture) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_ade_tree
+from conftest import tiny_run
 
 import train
 from configs import UserError, load_config
@@ -34,14 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def overrides(tree: Path, iters: int = 3) -> list[str]:
     """def-conv-v2 (demo.yaml) on 32x32 crops of a tiny ADE tree, a validation (one image) and last.pt every step."""
-    return ["--device=cpu", f"data.root={tree}", "data.dataset=ade20k", "data.num_workers=0", "data.scale=[48,48]",
-            "data.crop_size=32", "train.batch_size=2", f"train.iters={iters}", "train.log_interval=1",
-            "train.val_interval=1", "train.ckpt_interval=1", "train.val_max_images=1", "train.tb_images=0"]
-
-
-@pytest.fixture(scope="module")
-def tree(module_dir: Path) -> Path:
-    return write_ade_tree(module_dir / "ade" / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
+    return tiny_run(tree, "train.batch_size=2", f"train.iters={iters}", "train.val_interval=1", "train.ckpt_interval=1",
+                    "train.val_max_images=1")
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +190,14 @@ def test_a_lock_that_cannot_be_removed_is_said_in_one_line(tmp_path: Path, monke
     assert path.exists() and lock_holder(path) is None  # names this process, which no longer holds it
 
 
+def test_a_lock_file_that_names_no_process_is_an_unknown_holder(tmp_path: Path) -> None:
+    """Any JSON that is not the lock's object (a list, a number) reads as unparsable text does: an unknown process."""
+    path = tmp_path / ".lock"
+    for text in ("[1]", "7", "not json"):
+        path.write_text(text)
+        assert lock_holder(path).startswith("an unknown process (the lock file names none), made ")
+
+
 def test_a_lock_whose_heartbeat_stopped_is_waited_for_then_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture) -> None:
     """A job requeued onto another node after a node crash finds the crashed node's lock: it waits, saying for whom
@@ -210,12 +212,22 @@ def test_a_lock_whose_heartbeat_stopped_is_waited_for_then_taken_over(tmp_path: 
     assert out.startswith(f"waiting for the lock {path}, held by process 1 on crashed-node, refreshed 0 s ago")
     assert out.count("waiting") == 1 and "in at most 1 s" in out
 
+    monkeypatch.setattr(Lock, "stale_s", 30.0)  # the refusal comes at the first heartbeat seen, whenever it comes
     path.write_text(json.dumps({"pid": 1, "host": "live-node"}))
-    beating = threading.Timer(0.3, os.utime, (path,))  # the holder's heartbeat
+    stopped = threading.Event()
+
+    def heartbeat() -> None:  # the holder's, every 0.1 s
+        while not stopped.wait(0.1):
+            os.utime(path)
+
+    beating = threading.Thread(target=heartbeat)
     beating.start()
-    with pytest.raises(UserError, match="in use by process 1 on live-node"):
-        Lock(path, "the work dir").__enter__()
-    beating.join()
+    try:
+        with pytest.raises(UserError, match="in use by process 1 on live-node"):
+            Lock(path, "the work dir").__enter__()
+    finally:
+        stopped.set()
+        beating.join()
 
 
 def test_every_signal_that_stops_a_job_asks_the_run_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_ade_tree
+from conftest import tiny_run, write_ade_tree
 from torch import nn
 
 import train
@@ -33,14 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def overrides(tree: Path, iters: int) -> list[str]:
     """A def-conv-v2 run on 32x32 crops, batch 4 in two micro-batches of 2, a checkpoint every 2 iterations."""
-    return ["--device=cpu", f"data.root={tree}", "data.dataset=ade20k", "data.num_workers=0", "data.scale=[48,48]",
-            "data.crop_size=32", "train.batch_size=4", "train.accum_steps=2", f"train.iters={iters}",
-            "train.log_interval=1", "train.val_interval=2", "train.ckpt_interval=2", "train.tb_images=0"]
-
-
-@pytest.fixture(scope="module")
-def tree(module_dir: Path) -> Path:
-    return write_ade_tree(module_dir / "ade" / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
+    return tiny_run(tree, "train.batch_size=4", "train.accum_steps=2", f"train.iters={iters}", "train.val_interval=2",
+                    "train.ckpt_interval=2")
 
 
 def wait_for_a_new_checkpoint(proc: subprocess.Popen, last: Path, after: float) -> None:

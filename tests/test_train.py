@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_ade_tree
+from conftest import tiny_run, write_ade_tree
 
 import train
 from configs import load_config
@@ -31,27 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(tree: Path, iters: int = 6) -> list[str]:
-    """A def-conv-v2 run (demo.yaml) on 32x32 crops of a tiny ADE tree: seconds per run on a CPU (deliberately:
-    ADE20K data asks for a GPU)."""
-    return [
-        "--device=cpu",
-        f"data.root={tree}",
-        "data.dataset=ade20k",
-        "data.num_workers=0",
-        "data.scale=[48,48]",
-        "data.crop_size=32",
-        "train.batch_size=2",
-        f"train.iters={iters}",
-        "train.log_interval=1",
-        "train.val_interval=2",
-        "train.ckpt_interval=2",
-        "train.tb_images=0",  # TensorBoard's panels and offset figure: only the reference run draws them
-    ]
-
-
-@pytest.fixture(scope="module")
-def tree(module_dir: Path) -> Path:
-    return write_ade_tree(module_dir / "ade" / "ADEChallengeData2016", num_train=6, num_val=2, size=(48, 40))
+    """``tiny_run`` with a batch of 2, a validation and last.pt every 2 iterations (TensorBoard's panels and offset
+    figure off: only the reference run draws them)."""
+    return tiny_run(tree, "train.batch_size=2", f"train.iters={iters}", "train.val_interval=2", "train.ckpt_interval=2")
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +324,34 @@ def test_refused_resume_leaves_the_record_alone(tree: Path, reference_run: Path,
                        "model.deform.version=0"])
     assert code == 2 and "model.deform.version" in capsys.readouterr().err
     assert (run / "config.yaml").read_text() == before and not (run / ".lock").exists()
+
+
+def test_a_resume_that_regroups_the_parameters_names_the_key(tree: Path, reference_run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """train.no_decay_norm_bias may change on resume, but not the optimizer's parameter groups: the refusal names
+    that key and its two values (it used to blame model.deform.offset_lr_mult, which had not changed)."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(reference_run, run)
+    overrides = [*tiny_overrides(tree, iters=8), "train.no_decay_norm_bias=true"]
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(run), "--resume", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "train.no_decay_norm_bias False -> True groups the parameters differently" in err
+    assert "offset_lr_mult" not in err and "Traceback" not in err
+
+
+def test_a_checkpoint_without_training_state_is_refused_by_name(tree: Path, reference_run: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A weights-only file as last.pt (model and config, as load_checkpoint requires): one paragraph naming the file
+    and the missing entries, not a KeyError."""
+    run = tmp_path / "weights_only"
+    run.mkdir()
+    last = load_checkpoint(reference_run / "last.pt")
+    torch.save({"model": last["model"], "config": last["config"]}, run / "last.pt")
+    assert train.main(["--config", "demo.yaml", "--work-dir", str(run), "--resume", *tiny_overrides(tree)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'last.pt'} holds no 'optimizer', 'scaler', 'iteration'" in err and "Traceback" not in err
 
 
 def test_resume_applies_a_new_learning_rate_and_records_it(tree: Path, reference_run: Path, tmp_path: Path,

@@ -141,17 +141,23 @@ def test_without_triton_the_op_is_refused_not_swapped(monkeypatch: pytest.Monkey
 
 
 def test_triton_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the reference made to raise, a result can only come from the kernels."""
+    """With the reference made to raise, and the kernels' launcher counted, the result comes from the kernels."""
     logits, labels = make_inputs(2, 5, 4, 5, 13, 17)
     ref_loss, ref_grad = loss_and_grad(reference_upsample_cross_entropy, logits, labels)
+    launches, launch = [], triton_loss._loss_sum
 
     def refuse(*args, **kwargs):
         raise AssertionError("the reference ran instead of the Triton kernels")
 
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return launch(*args, **kwargs)
+
     monkeypatch.setattr(loss_module, "reference_upsample_cross_entropy", refuse)
+    monkeypatch.setattr(triton_loss, "_loss_sum", counted)
     assert triton_available(DEVICE)
     loss, grad = loss_and_grad(triton_op, logits, labels)
-    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+    assert launches == [1] and rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
 
 
 def test_strong_width_downsampling_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -398,3 +398,20 @@ def test_plain_checkpoint_exits_2(files: dict[str, Path], capsys: pytest.Capture
     err = capsys.readouterr().err
     assert code == 2 and "this checkpoint has no deformable layers" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_an_unwritable_out_is_refused_before_the_model_runs(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """--out under a file: refused before the checkpoint is read; --out a folder: refused at the write, no traceback."""
+    monkeypatch.setattr(cli, "load_checkpoint", lambda path: pytest.fail("the checkpoint was read"))
+    blocker = files["root"] / "blocker"
+    blocker.write_text("")
+    code = cli.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(blocker / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: cannot write to {blocker}") and "nothing was drawn" in err
+    monkeypatch.undo()
+    folder = files["root"] / "a_folder"
+    folder.mkdir()
+    code = cli.main(["--checkpoint", str(files["v2"]), "--image", str(files["image"]), "--out", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: could not write {folder}") and err.count("\n") == 1
